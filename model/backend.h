@@ -1,0 +1,75 @@
+/* backend.h — the contract between the engine and a compute backend.
+ * The engine owns sequences, block tables and sampling; a backend owns the
+ * resident weights, the KV pool's memory and the math of one forward step.
+ * The CPU backend (model/cpu_*.c) is the reference; kernels/ implements the
+ * same table in CUDA. A backend is driven by one thread at a time. */
+#ifndef DS_BACKEND_H
+#define DS_BACKEND_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "model/err.h"
+#include "model/model.h"
+
+typedef struct ds_backend ds_backend;
+
+typedef struct ds_backend_config {
+	int threads;        /* CPU threads; 0 = all cores */
+	int kv_blocks;      /* blocks in the KV pool */
+	int block_tokens;   /* tokens per block */
+	int device;         /* GPU ordinal */
+	double gpu_kv_fraction; /* of free memory after weights, when kv_blocks == 0 */
+} ds_backend_config;
+
+/* One forward step over a batch of sequences. Sequence i contributes n_new[i]
+ * new tokens at positions pos0[i] .. pos0[i]+n_new[i]-1; its KV for positions
+ * < pos0[i] is already in the pool at the slots its block table names, and
+ * this step writes the new positions' KV there. Token j of sequence i is
+ * tokens[off_i + j] with off_i = sum of n_new before i.
+ * Logits: rows are written for each sequence's new tokens from index
+ * logits_from[i] (n_new[i] = none) to the end, in sequence order.
+ * mtp > 0 runs MTP layer mtp-1 instead of the main model: token j is then
+ * the token after position pos0+j and hidden_in[off_i + j] is the main
+ * model's final-normed hidden state at that position. */
+typedef struct ds_batch {
+	int n_seqs;
+	const int *n_new;
+	const int *pos0;
+	const int32_t *tokens;
+	const int32_t *const *block_tables; /* per sequence */
+	const int *logits_from;
+	int mtp;
+	const float *hidden_in;            /* [sum n_new][hidden], mtp only */
+} ds_batch;
+
+typedef struct ds_step_out {
+	float *logits;     /* [rows][vocab], rows as described above */
+	/* Optional: [sum n_new][hidden]. Main model: hidden state after the
+	 * final norm (the MTP input). MTP: its output before shared_head.norm
+	 * (the input of a chained MTP step). */
+	float *hidden;
+} ds_step_out;
+
+typedef struct ds_backend_ops {
+	const char *name;
+	int (*create)(const ds_model *m, const ds_backend_config *cfg, ds_backend **out, ds_err *e);
+	void (*destroy)(ds_backend *b);
+	int (*forward)(ds_backend *b, const ds_batch *batch, ds_step_out *out, ds_err *e);
+	/* Optional (NULL = unsupported): copy one KV block (copy-on-write). */
+	int (*kv_copy)(ds_backend *b, int32_t dst, int32_t src);
+	/* Optional: memory report. */
+	size_t (*weight_bytes)(const ds_backend *b);
+} ds_backend_ops;
+
+/* Bytes of one KV block across all layers (main + MTP) in float32. */
+size_t ds_kv_block_bytes(const ds_model *m, int block_tokens);
+
+extern const ds_backend_ops ds_cpu_backend;
+#ifdef DS_HAVE_CUDA
+extern const ds_backend_ops ds_cuda_backend;
+#endif
+/* "cpu", "cuda"; NULL when unknown or not built. */
+const ds_backend_ops *ds_backend_find(const char *name);
+
+#endif

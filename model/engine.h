@@ -1,0 +1,83 @@
+/* engine.h — the batch API every user of the model goes through (dsd
+ * generate/logits, the daemon's batcher, speculative decoding).
+ * An engine owns a backend and the KV block pool; a ds_seq owns its block
+ * table and the blocks in it. One thread drives an engine and its seqs. */
+#ifndef DS_ENGINE_H
+#define DS_ENGINE_H
+
+#include <stdint.h>
+
+#include "cache/kv_pool.h"
+#include "model/backend.h"
+#include "model/err.h"
+#include "model/model.h"
+
+typedef struct ds_engine ds_engine;
+typedef struct ds_seq ds_seq;
+
+typedef struct ds_engine_config {
+	const char *backend;   /* "cpu" (default) or "cuda" */
+	int threads;           /* CPU threads, 0 = all cores */
+	int block_tokens;      /* default 64 */
+	int kv_blocks;         /* 0: derive from kv_bytes (CPU) or gpu_kv_fraction */
+	size_t kv_bytes;       /* CPU pool size; 0 = room for 8 full contexts, at most 1 GiB */
+	int device;
+	double gpu_kv_fraction;
+} ds_engine_config;
+
+void ds_engine_config_default(ds_engine_config *c);
+
+/* The engine keeps m (not owned); m must outlive it. */
+int ds_engine_create(const ds_model *m, const ds_engine_config *c, ds_engine **out, ds_err *e);
+ds_engine *ds_engine_free(ds_engine *eng);
+const ds_model *ds_engine_model(const ds_engine *eng);
+ds_kv_pool *ds_engine_pool(ds_engine *eng);
+const char *ds_engine_backend_name(const ds_engine *eng);
+
+int ds_seq_new(ds_engine *eng, ds_seq **out);
+/* Returns the seq's block references to the pool. Accepts NULL. */
+ds_seq *ds_seq_free(ds_seq *s);
+/* Positions whose main-model KV is cached. */
+int ds_seq_len(const ds_seq *s);
+/* Positions whose MTP-layer KV is cached (lags the main model by one). */
+int ds_seq_mtp_len(const ds_seq *s);
+/* Forget KV beyond position n (rollback of rejected draft tokens); blocks
+ * no longer needed go back to the pool. */
+int ds_seq_truncate(ds_seq *s, int n);
+/* The block table (ds_seq_blocks_count entries); the cache manager uses it
+ * to share prefix blocks. */
+const int32_t *ds_seq_blocks(const ds_seq *s, int *count);
+/* Starts s with n_tokens positions already cached in the given blocks (a
+ * prefix-cache hit); takes a reference on each. s must be empty. */
+int ds_seq_adopt_blocks(ds_seq *s, const int32_t *blocks, int n_blocks, int n_tokens);
+
+enum { DS_LOGITS_NONE = 0, DS_LOGITS_LAST = 1, DS_LOGITS_ALL = 2 };
+
+typedef struct ds_step_item {
+	ds_seq *seq;
+	const int32_t *tokens;
+	int n;          /* >= 1 */
+	int logits;     /* DS_LOGITS_* */
+} ds_step_item;
+
+/* Runs one forward step; appends each item's tokens to its seq. logits gets
+ * the rows asked for, item by item ([rows][vocab]); hidden, if non-NULL, gets
+ * [sum n][hidden] final-normed hidden states (the MTP input).
+ * -ENOSPC when the pool cannot hold the new positions: nothing changed, the
+ * caller preempts and retries. Other errors leave the seqs unchanged too. */
+int ds_engine_step(ds_engine *eng, const ds_step_item *items, int n_items,
+		   float *logits, float *hidden, ds_err *e);
+
+/* One MTP step (layer `depth`, 0-based): item i's tokens are the tokens at
+ * positions seq_mtp_len+1 .. +n and hidden_in the main model's hidden states
+ * at positions seq_mtp_len .. +n-1. logits rows as for ds_engine_step;
+ * hidden_out (optional) is the MTP output for chaining. */
+int ds_engine_mtp_step(ds_engine *eng, int depth, const ds_step_item *items, int n_items,
+		       const float *hidden_in, float *logits, float *hidden_out, ds_err *e);
+/* Forget MTP KV beyond position n. */
+int ds_seq_mtp_truncate(ds_seq *s, int n);
+
+/* Rows of logits ds_engine_step will write for these items. */
+int ds_engine_logit_rows(const ds_step_item *items, int n_items);
+
+#endif

@@ -1,0 +1,2 @@
+# model/: config, safetensors, weights, the CPU reference engine, sampler, tokenizer.
+LIB_SRCS += $(sort $(wildcard model/*.c))
