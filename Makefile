@@ -119,7 +119,7 @@ check-run:
 	[ $$fail -eq 0 ]
 
 # libFuzzer harnesses: clang, -fsanitize=fuzzer,address,undefined, LIB_SRCS compiled again.
-FUZZ_BUILD := build-fuzz
+FUZZ_BUILD ?= $(BUILD)-fuzz
 FUZZ_CFLAGS := -std=c11 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
 	-I. -D_GNU_SOURCE -DDS_FUZZ=1 -Wall -Wextra -Werror -Wno-unused-parameter $(PKG_CFLAGS)
 FUZZ_SECONDS ?= 15
@@ -150,8 +150,8 @@ bundle: all
 	@for l in $(BUNDLE_LIBS); do cp -L /usr/lib/x86_64-linux-gnu/$$l $(BUILD)/lib/; done
 
 clean:
-	rm -rf build build-san build-fuzz
+	rm -rf build build-san build-fuzz build-san-fuzz
 
 .PHONY: bundle all deps check check-run fuzz fuzz-run clean
 
--include $(shell find $(BUILD) build-fuzz -name '*.d' 2>/dev/null)
+-include $(shell find $(BUILD) -name '*.d' 2>/dev/null)
