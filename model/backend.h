@@ -66,9 +66,7 @@ typedef struct ds_backend_ops {
 size_t ds_kv_block_bytes(const ds_model *m, int block_tokens);
 
 extern const ds_backend_ops ds_cpu_backend;
-#ifdef DS_HAVE_CUDA
-extern const ds_backend_ops ds_cuda_backend;
-#endif
+/* kernels/ defines ds_cuda_backend when built with CUDA. */
 /* "cpu", "cuda"; NULL when unknown or not built. */
 const ds_backend_ops *ds_backend_find(const char *name);
 

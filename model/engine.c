@@ -1,0 +1,371 @@
+#include "model/engine.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct ds_engine {
+	const ds_model *m;
+	const ds_backend_ops *ops;
+	ds_backend *be;
+	ds_kv_pool *pool;
+	int block_tokens;
+	/* step scratch */
+	int *n_new, *pos0, *logits_from;
+	const int32_t **tables;
+	int32_t *tokens;
+	int cap_seqs, cap_tokens;
+};
+
+struct ds_seq {
+	ds_engine *eng;
+	int32_t *blocks;
+	int n_blocks, cap_blocks;
+	int n_tokens; /* main-model positions cached */
+	int n_mtp;    /* MTP positions cached */
+};
+
+void ds_engine_config_default(ds_engine_config *c)
+{
+	memset(c, 0, sizeof(*c));
+	c->backend = "cpu";
+	c->block_tokens = 64;
+	c->gpu_kv_fraction = 0.9;
+}
+
+int ds_engine_create(const ds_model *m, const ds_engine_config *cfg, ds_engine **out, ds_err *e)
+{
+	ds_engine_config dflt;
+	if (!cfg) {
+		ds_engine_config_default(&dflt);
+		cfg = &dflt;
+	}
+	const ds_backend_ops *ops = ds_backend_find(cfg->backend);
+	if (!ops)
+		return ds_errf(e, -ENOTSUP, "backend '%s' is not built in (cpu%s)", cfg->backend ? cfg->backend : "",
+			       ds_backend_find("cuda") ? ", cuda" : "");
+	ds_engine *eng = calloc(1, sizeof(*eng));
+	if (!eng)
+		return -ENOMEM;
+	eng->m = m;
+	eng->ops = ops;
+	eng->block_tokens = cfg->block_tokens > 0 ? cfg->block_tokens : 64;
+	ds_backend_config bc = {
+		.threads = cfg->threads,
+		.block_tokens = eng->block_tokens,
+		.kv_blocks = cfg->kv_blocks,
+		.device = cfg->device,
+		.gpu_kv_fraction = cfg->gpu_kv_fraction,
+	};
+	if (bc.kv_blocks <= 0 && !strcmp(ops->name, "cpu")) {
+		size_t per = ds_kv_block_bytes(m, eng->block_tokens);
+		size_t bytes = cfg->kv_bytes;
+		if (!bytes) {
+			/* Eight full contexts, capped at 1 GiB. */
+			bytes = per * (size_t)(8 * ((m->cfg.max_position_embeddings + eng->block_tokens - 1) /
+						  eng->block_tokens));
+			if (bytes > ((size_t)1 << 30))
+				bytes = (size_t)1 << 30;
+		}
+		bc.kv_blocks = (int)(bytes / per);
+		if (bc.kv_blocks < 1) {
+			free(eng);
+			return ds_errf(e, -EINVAL, "KV pool of %zu bytes holds no %zu-byte block", bytes, per);
+		}
+	}
+	int rc = ops->create(m, &bc, &eng->be, e);
+	if (rc) {
+		free(eng);
+		return rc;
+	}
+	/* A backend that sized the pool itself reports the count back in bc. */
+	rc = ds_kv_pool_new(bc.kv_blocks, eng->block_tokens, &eng->pool);
+	if (rc) {
+		ops->destroy(eng->be);
+		free(eng);
+		return ds_errf(e, rc, "cannot create a KV pool of %d blocks", bc.kv_blocks);
+	}
+	*out = eng;
+	return 0;
+}
+
+ds_engine *ds_engine_free(ds_engine *eng)
+{
+	if (!eng)
+		return NULL;
+	if (eng->be)
+		eng->ops->destroy(eng->be);
+	ds_kv_pool_free(eng->pool);
+	free(eng->n_new);
+	free(eng->pos0);
+	free(eng->logits_from);
+	free(eng->tables);
+	free(eng->tokens);
+	free(eng);
+	return NULL;
+}
+
+const ds_model *ds_engine_model(const ds_engine *eng) { return eng->m; }
+ds_kv_pool *ds_engine_pool(ds_engine *eng) { return eng->pool; }
+const char *ds_engine_backend_name(const ds_engine *eng) { return eng->ops->name; }
+
+int ds_seq_new(ds_engine *eng, ds_seq **out)
+{
+	ds_seq *s = calloc(1, sizeof(*s));
+	if (!s)
+		return -ENOMEM;
+	s->eng = eng;
+	*out = s;
+	return 0;
+}
+
+ds_seq *ds_seq_free(ds_seq *s)
+{
+	if (!s)
+		return NULL;
+	for (int i = 0; i < s->n_blocks; i++)
+		ds_kv_pool_unref(s->eng->pool, s->blocks[i]);
+	free(s->blocks);
+	free(s);
+	return NULL;
+}
+
+int ds_seq_len(const ds_seq *s) { return s->n_tokens; }
+int ds_seq_mtp_len(const ds_seq *s) { return s->n_mtp; }
+
+const int32_t *ds_seq_blocks(const ds_seq *s, int *count)
+{
+	if (count)
+		*count = s->n_blocks;
+	return s->blocks;
+}
+
+static int reserve_blocks(ds_seq *s, int n)
+{
+	if (n <= s->cap_blocks)
+		return 0;
+	int cap = s->cap_blocks ? s->cap_blocks * 2 : 8;
+	while (cap < n)
+		cap *= 2;
+	int32_t *nb = realloc(s->blocks, sizeof(int32_t) * (size_t)cap);
+	if (!nb)
+		return -ENOMEM;
+	s->blocks = nb;
+	s->cap_blocks = cap;
+	return 0;
+}
+
+static void drop_blocks_after(ds_seq *s, int keep)
+{
+	while (s->n_blocks > keep)
+		ds_kv_pool_unref(s->eng->pool, s->blocks[--s->n_blocks]);
+}
+
+int ds_seq_truncate(ds_seq *s, int n)
+{
+	if (n < 0 || n > s->n_tokens)
+		return -EINVAL;
+	s->n_tokens = n;
+	if (s->n_mtp > n)
+		s->n_mtp = n;
+	const int bt = s->eng->block_tokens;
+	drop_blocks_after(s, (n + bt - 1) / bt);
+	return 0;
+}
+
+int ds_seq_mtp_truncate(ds_seq *s, int n)
+{
+	if (n < 0 || n > s->n_mtp)
+		return -EINVAL;
+	s->n_mtp = n;
+	return 0;
+}
+
+int ds_seq_adopt_blocks(ds_seq *s, const int32_t *blocks, int n_blocks, int n_tokens)
+{
+	const int bt = s->eng->block_tokens;
+	if (s->n_tokens || s->n_blocks || n_tokens < 0 || n_blocks != (n_tokens + bt - 1) / bt)
+		return -EINVAL;
+	int rc = reserve_blocks(s, n_blocks);
+	if (rc)
+		return rc;
+	for (int i = 0; i < n_blocks; i++) {
+		ds_kv_pool_ref(s->eng->pool, blocks[i]);
+		s->blocks[i] = blocks[i];
+	}
+	s->n_blocks = n_blocks;
+	s->n_tokens = n_tokens;
+	return 0;
+}
+
+/* Makes blocks for positions [from, to) present and private to s: new
+ * blocks are allocated, shared ones about to be written are copied.
+ * *added counts new blocks so a failed step can give them back. */
+static int prepare_blocks(ds_seq *s, int from, int to, int *added)
+{
+	ds_engine *eng = s->eng;
+	const int bt = eng->block_tokens;
+	int need = (to + bt - 1) / bt;
+	int rc = reserve_blocks(s, need);
+	if (rc)
+		return rc;
+	for (int i = from / bt; i < s->n_blocks && i < need; i++) {
+		if (ds_kv_pool_refcount(eng->pool, s->blocks[i]) <= 1)
+			continue;
+		if (!eng->ops->kv_copy)
+			return -ENOTSUP;
+		int32_t nb = ds_kv_pool_alloc(eng->pool);
+		if (nb < 0)
+			return nb;
+		rc = eng->ops->kv_copy(eng->be, nb, s->blocks[i]);
+		if (rc) {
+			ds_kv_pool_unref(eng->pool, nb);
+			return rc;
+		}
+		ds_kv_pool_unref(eng->pool, s->blocks[i]);
+		s->blocks[i] = nb;
+	}
+	while (s->n_blocks < need) {
+		int32_t nb = ds_kv_pool_alloc(eng->pool);
+		if (nb < 0)
+			return nb;
+		s->blocks[s->n_blocks++] = nb;
+		(*added)++;
+	}
+	return 0;
+}
+
+int ds_engine_logit_rows(const ds_step_item *items, int n)
+{
+	int rows = 0;
+	for (int i = 0; i < n; i++)
+		rows += items[i].logits == DS_LOGITS_ALL ? items[i].n : items[i].logits == DS_LOGITS_LAST ? 1 : 0;
+	return rows;
+}
+
+static int grow_scratch(ds_engine *eng, int n_seqs, int n_tokens)
+{
+	if (n_seqs > eng->cap_seqs) {
+		int c = n_seqs * 2;
+		int *a = realloc(eng->n_new, sizeof(int) * (size_t)c);
+		if (a)
+			eng->n_new = a;
+		int *b = realloc(eng->pos0, sizeof(int) * (size_t)c);
+		if (b)
+			eng->pos0 = b;
+		int *d = realloc(eng->logits_from, sizeof(int) * (size_t)c);
+		if (d)
+			eng->logits_from = d;
+		const int32_t **t = realloc(eng->tables, sizeof(*t) * (size_t)c);
+		if (t)
+			eng->tables = t;
+		if (!a || !b || !d || !t)
+			return -ENOMEM;
+		eng->cap_seqs = c;
+	}
+	if (n_tokens > eng->cap_tokens) {
+		int c = n_tokens * 2;
+		int32_t *t = realloc(eng->tokens, sizeof(int32_t) * (size_t)c);
+		if (!t)
+			return -ENOMEM;
+		eng->tokens = t;
+		eng->cap_tokens = c;
+	}
+	return 0;
+}
+
+static int run_step(ds_engine *eng, int mtp, const ds_step_item *items, int n_items, const float *hidden_in,
+		    float *logits, float *hidden, ds_err *e)
+{
+	const ds_model *m = eng->m;
+	int total = 0;
+	if (n_items <= 0)
+		return ds_errf(e, -EINVAL, "empty step");
+	for (int i = 0; i < n_items; i++) {
+		const ds_seq *s = items[i].seq;
+		if (!s || s->eng != eng || items[i].n < 1 || !items[i].tokens)
+			return ds_errf(e, -EINVAL, "step item %d: needs a sequence of this engine and n >= 1", i);
+		int base = mtp ? s->n_mtp : s->n_tokens;
+		if (mtp && base + items[i].n > s->n_tokens)
+			return ds_errf(e, -EINVAL, "step item %d: MTP positions %d..%d are beyond the cached %d", i,
+				       base, base + items[i].n - 1, s->n_tokens);
+		if (base + items[i].n > m->cfg.max_position_embeddings)
+			return ds_errf(e, -E2BIG, "step item %d: %d positions exceed the model's context (%d)", i,
+				       base + items[i].n, m->cfg.max_position_embeddings);
+		for (int j = 0; j < i; j++)
+			if (items[j].seq == s)
+				return ds_errf(e, -EINVAL, "step items %d and %d name the same sequence", j, i);
+		total += items[i].n;
+	}
+	int rc = grow_scratch(eng, n_items, total);
+	if (rc)
+		return ds_errf(e, rc, "out of memory");
+	/* Blocks first, for every item, so a shortage changes nothing. */
+	int *added = calloc((size_t)n_items, sizeof(int));
+	if (!added)
+		return -ENOMEM;
+	for (int i = 0; i < n_items && !mtp; i++) {
+		ds_seq *s = items[i].seq;
+		rc = prepare_blocks(s, s->n_tokens, s->n_tokens + items[i].n, &added[i]);
+		if (rc) {
+			for (int j = 0; j <= i; j++)
+				drop_blocks_after(items[j].seq, items[j].seq->n_blocks - added[j]);
+			free(added);
+			return rc == -ENOSPC ? ds_errf(e, rc, "KV pool full") : ds_errf(e, rc, "KV block setup failed");
+		}
+	}
+	int off = 0;
+	for (int i = 0; i < n_items; i++) {
+		const ds_seq *s = items[i].seq;
+		eng->n_new[i] = items[i].n;
+		eng->pos0[i] = mtp ? s->n_mtp : s->n_tokens;
+		eng->tables[i] = s->blocks;
+		eng->logits_from[i] = items[i].logits == DS_LOGITS_ALL ? 0
+				      : items[i].logits == DS_LOGITS_LAST ? items[i].n - 1
+									 : items[i].n;
+		memcpy(eng->tokens + off, items[i].tokens, sizeof(int32_t) * (size_t)items[i].n);
+		off += items[i].n;
+	}
+	ds_batch b = {
+		.n_seqs = n_items,
+		.n_new = eng->n_new,
+		.pos0 = eng->pos0,
+		.tokens = eng->tokens,
+		.block_tables = eng->tables,
+		.logits_from = eng->logits_from,
+		.mtp = mtp,
+		.hidden_in = hidden_in,
+	};
+	ds_step_out o = { .logits = logits, .hidden = hidden };
+	rc = eng->ops->forward(eng->be, &b, &o, e);
+	if (rc) {
+		for (int j = 0; j < n_items; j++)
+			drop_blocks_after(items[j].seq, items[j].seq->n_blocks - added[j]);
+		free(added);
+		return rc;
+	}
+	free(added);
+	for (int i = 0; i < n_items; i++) {
+		if (mtp)
+			items[i].seq->n_mtp += items[i].n;
+		else
+			items[i].seq->n_tokens += items[i].n;
+	}
+	return 0;
+}
+
+int ds_engine_step(ds_engine *eng, const ds_step_item *items, int n_items, float *logits, float *hidden,
+		   ds_err *e)
+{
+	return run_step(eng, 0, items, n_items, NULL, logits, hidden, e);
+}
+
+int ds_engine_mtp_step(ds_engine *eng, int depth, const ds_step_item *items, int n_items, const float *hidden_in,
+		       float *logits, float *hidden_out, ds_err *e)
+{
+	if (depth < 0 || depth >= eng->m->n_mtp)
+		return ds_errf(e, -EINVAL, "the model has %d MTP layers; depth %d asked", eng->m->n_mtp, depth);
+	if (!hidden_in)
+		return ds_errf(e, -EINVAL, "an MTP step needs the main model's hidden states");
+	return run_step(eng, depth + 1, items, n_items, hidden_in, logits, hidden_out, e);
+}

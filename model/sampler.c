@@ -1,0 +1,242 @@
+#include "model/sampler.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct ds_sampler {
+	ds_sampling p;
+	int vocab;
+	uint64_t s[4];       /* xoshiro256** state */
+	uint32_t *out_count; /* per token: times generated */
+	unsigned char *seen; /* per token: in prompt or output */
+	float *probs;
+	int32_t *order;
+};
+
+void ds_sampling_default(ds_sampling *s)
+{
+	memset(s, 0, sizeof(*s));
+	s->temperature = 1.0f;
+	s->top_p = 1.0f;
+	s->repetition_penalty = 1.0f;
+}
+
+int ds_sampling_validate(const ds_sampling *s, const char **why)
+{
+	const char *w = NULL;
+	if (!(s->temperature >= 0 && s->temperature <= 100))
+		w = "temperature must be in [0, 100]";
+	else if (s->top_k < 0)
+		w = "top_k must be >= 0";
+	else if (!(s->top_p > 0 && s->top_p <= 1))
+		w = "top_p must be in (0, 1]";
+	else if (!(s->min_p >= 0 && s->min_p <= 1))
+		w = "min_p must be in [0, 1]";
+	else if (!(s->repetition_penalty > 0 && s->repetition_penalty <= 10))
+		w = "repetition_penalty must be in (0, 10]";
+	else if (!(s->presence_penalty >= -2 && s->presence_penalty <= 2))
+		w = "presence_penalty must be in [-2, 2]";
+	else if (!(s->frequency_penalty >= -2 && s->frequency_penalty <= 2))
+		w = "frequency_penalty must be in [-2, 2]";
+	if (why)
+		*why = w;
+	return w ? -EINVAL : 0;
+}
+
+static uint64_t splitmix(uint64_t *x)
+{
+	uint64_t z = (*x += 0x9e3779b97f4a7c15ull);
+	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+	z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+	return z ^ (z >> 31);
+}
+
+static inline uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+
+static uint64_t next(ds_sampler *s)
+{
+	uint64_t *q = s->s;
+	uint64_t r = rotl(q[1] * 5, 7) * 9, t = q[1] << 17;
+	q[2] ^= q[0];
+	q[3] ^= q[1];
+	q[1] ^= q[2];
+	q[0] ^= q[3];
+	q[2] ^= t;
+	q[3] = rotl(q[3], 45);
+	return r;
+}
+
+double ds_sampler_uniform(ds_sampler *s) { return (double)(next(s) >> 11) * 0x1.0p-53; }
+
+int ds_sampler_new(const ds_sampling *p, int vocab, ds_sampler **out)
+{
+	if (vocab <= 0 || ds_sampling_validate(p, NULL))
+		return -EINVAL;
+	ds_sampler *s = calloc(1, sizeof(*s));
+	if (!s)
+		return -ENOMEM;
+	s->p = *p;
+	s->vocab = vocab;
+	uint64_t x = p->seed;
+	for (int i = 0; i < 4; i++)
+		s->s[i] = splitmix(&x);
+	s->out_count = calloc((size_t)vocab, sizeof(uint32_t));
+	s->seen = calloc((size_t)vocab, 1);
+	s->probs = malloc(sizeof(float) * (size_t)vocab);
+	s->order = malloc(sizeof(int32_t) * (size_t)vocab);
+	if (!s->out_count || !s->seen || !s->probs || !s->order) {
+		ds_sampler_free(s);
+		return -ENOMEM;
+	}
+	*out = s;
+	return 0;
+}
+
+ds_sampler *ds_sampler_free(ds_sampler *s)
+{
+	if (s) {
+		free(s->out_count);
+		free(s->seen);
+		free(s->probs);
+		free(s->order);
+		free(s);
+	}
+	return NULL;
+}
+
+void ds_sampler_add_prompt(ds_sampler *s, const int32_t *ids, int n)
+{
+	for (int i = 0; i < n; i++)
+		if (ids[i] >= 0 && ids[i] < s->vocab)
+			s->seen[ids[i]] = 1;
+}
+
+void ds_sampler_accept(ds_sampler *s, int32_t tok)
+{
+	if (tok >= 0 && tok < s->vocab) {
+		s->out_count[tok]++;
+		s->seen[tok] = 1;
+	}
+}
+
+static void penalize(ds_sampler *s, float *l)
+{
+	const ds_sampling *p = &s->p;
+	if (p->repetition_penalty == 1 && p->presence_penalty == 0 && p->frequency_penalty == 0)
+		return;
+	for (int i = 0; i < s->vocab; i++) {
+		if (s->seen[i] && p->repetition_penalty != 1)
+			l[i] = l[i] > 0 ? l[i] / p->repetition_penalty : l[i] * p->repetition_penalty;
+		if (s->out_count[i])
+			l[i] -= p->presence_penalty + p->frequency_penalty * (float)s->out_count[i];
+	}
+}
+
+static int argmax(const float *l, int n)
+{
+	int b = 0;
+	for (int i = 1; i < n; i++)
+		if (l[i] > l[b])
+			b = i;
+	return b;
+}
+
+static int cmp_desc(const void *a, const void *b, void *base)
+{
+	const float *pr = base;
+	float x = pr[*(const int32_t *)a], y = pr[*(const int32_t *)b];
+	if (x != y)
+		return x > y ? -1 : 1;
+	return *(const int32_t *)a - *(const int32_t *)b;
+}
+
+/* probs[] <- filtered, renormalized distribution over logits l (already
+ * penalized). Greedy puts all mass on the argmax. */
+static void distribution(ds_sampler *s, const float *l, float *probs)
+{
+	const ds_sampling *p = &s->p;
+	const int V = s->vocab;
+	if (p->temperature == 0) {
+		memset(probs, 0, sizeof(float) * (size_t)V);
+		probs[argmax(l, V)] = 1;
+		return;
+	}
+	float m = l[argmax(l, V)];
+	double sum = 0;
+	for (int i = 0; i < V; i++) {
+		probs[i] = expf((l[i] - m) / p->temperature);
+		sum += probs[i];
+	}
+	for (int i = 0; i < V; i++)
+		probs[i] = (float)(probs[i] / sum);
+	int keep = V;
+	int need_sort = (p->top_k > 0 && p->top_k < V) || p->top_p < 1;
+	if (need_sort) {
+		for (int i = 0; i < V; i++)
+			s->order[i] = i;
+		qsort_r(s->order, (size_t)V, sizeof(int32_t), cmp_desc, probs);
+		if (p->top_k > 0 && p->top_k < keep)
+			keep = p->top_k;
+		if (p->top_p < 1) {
+			double c = 0;
+			for (int i = 0; i < keep; i++) {
+				c += probs[s->order[i]];
+				if (c >= p->top_p) {
+					keep = i + 1;
+					break;
+				}
+			}
+		}
+		for (int i = keep; i < V; i++)
+			probs[s->order[i]] = 0;
+	}
+	if (p->min_p > 0) {
+		float pmax = probs[argmax(probs, V)];
+		for (int i = 0; i < V; i++)
+			if (probs[i] < p->min_p * pmax)
+				probs[i] = 0;
+	}
+	sum = 0;
+	for (int i = 0; i < V; i++)
+		sum += probs[i];
+	for (int i = 0; i < V; i++)
+		probs[i] = (float)(probs[i] / sum);
+}
+
+void ds_sampler_probs(ds_sampler *s, const float *logits, float *probs)
+{
+	memcpy(s->probs, logits, sizeof(float) * (size_t)s->vocab);
+	penalize(s, s->probs);
+	distribution(s, s->probs, probs);
+}
+
+int32_t ds_sampler_draw(ds_sampler *s, const float *probs)
+{
+	double u = ds_sampler_uniform(s), c = 0;
+	int last = 0;
+	for (int i = 0; i < s->vocab; i++) {
+		if (probs[i] <= 0)
+			continue;
+		last = i;
+		c += probs[i];
+		if (u < c)
+			return i;
+	}
+	return last;
+}
+
+int32_t ds_sampler_sample(ds_sampler *s, float *logits)
+{
+	penalize(s, logits);
+	int32_t tok;
+	if (s->p.temperature == 0) {
+		tok = argmax(logits, s->vocab);
+	} else {
+		distribution(s, logits, s->probs);
+		tok = ds_sampler_draw(s, s->probs);
+	}
+	ds_sampler_accept(s, tok);
+	return tok;
+}
