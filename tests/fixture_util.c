@@ -1,0 +1,145 @@
+#include "tests/fixture_util.h"
+
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <ftw.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "model/npy.h"
+
+const char *fx_srcdir(void)
+{
+	const char *s = getenv("DS_SRCDIR");
+	return s ? s : ".";
+}
+
+static char *slurp(const char *path, size_t *len)
+{
+	FILE *f = fopen(path, "rb");
+	if (!f)
+		return NULL;
+	fseek(f, 0, SEEK_END);
+	long n = ftell(f);
+	fseek(f, 0, SEEK_SET);
+	char *b = malloc((size_t)n + 1);
+	if (b && fread(b, 1, (size_t)n, f) != (size_t)n) {
+		free(b);
+		b = NULL;
+	}
+	fclose(f);
+	if (b) {
+		b[n] = 0;
+		*len = (size_t)n;
+	}
+	return b;
+}
+
+static int ids_from(const cJSON *a, int32_t **out)
+{
+	int n = cJSON_GetArraySize(a);
+	*out = malloc(sizeof(int32_t) * (size_t)(n ? n : 1));
+	for (int i = 0; i < n; i++)
+		(*out)[i] = (int32_t)cJSON_GetArrayItem(a, i)->valuedouble;
+	return n;
+}
+
+int fx_load(const char *name, fx_ref *r)
+{
+	memset(r, 0, sizeof(*r));
+	snprintf(r->dir, sizeof(r->dir), "%s/tests/fixtures/%s", fx_srcdir(), name);
+	char path[600];
+	snprintf(path, sizeof(path), "%s/ref/ref.json", r->dir);
+	size_t len;
+	char *text = slurp(path, &len);
+	if (!text)
+		return -ENOENT;
+	cJSON *root = cJSON_ParseWithLength(text, len);
+	free(text);
+	const cJSON *seqs = cJSON_GetObjectItem(root, "sequences");
+	if (!cJSON_IsArray(seqs)) {
+		cJSON_Delete(root);
+		return -EINVAL;
+	}
+	r->n_seqs = cJSON_GetArraySize(seqs);
+	r->seqs = calloc((size_t)r->n_seqs, sizeof(fx_seq));
+	for (int i = 0; i < r->n_seqs; i++) {
+		const cJSON *s = cJSON_GetArrayItem(seqs, i);
+		fx_seq *q = &r->seqs[i];
+		const cJSON *v;
+		if ((v = cJSON_GetObjectItem(s, "name")) && cJSON_IsString(v))
+			snprintf(q->name, sizeof(q->name), "%s", v->valuestring);
+		q->n = ids_from(cJSON_GetObjectItem(s, "ids"), &q->ids);
+		if ((v = cJSON_GetObjectItem(s, "logits")) && cJSON_IsString(v))
+			snprintf(q->logits, sizeof(q->logits), "%s", v->valuestring);
+		if ((v = cJSON_GetObjectItem(s, "mtp_logits")) && cJSON_IsString(v))
+			snprintf(q->mtp_logits, sizeof(q->mtp_logits), "%s", v->valuestring);
+		const cJSON *g = cJSON_GetObjectItem(s, "greedy");
+		if (cJSON_IsObject(g)) {
+			q->greedy_prompt_len = (int)cJSON_GetObjectItem(g, "prompt_len")->valuedouble;
+			q->n_greedy = ids_from(cJSON_GetObjectItem(g, "ids"), &q->greedy_ids);
+			const cJSON *m = cJSON_GetObjectItem(g, "margins");
+			q->greedy_margins = calloc((size_t)(q->n_greedy ? q->n_greedy : 1), sizeof(float));
+			for (int j = 0; j < q->n_greedy && j < cJSON_GetArraySize(m); j++)
+				q->greedy_margins[j] = (float)cJSON_GetArrayItem(m, j)->valuedouble;
+		}
+	}
+	cJSON_Delete(root);
+	return 0;
+}
+
+void fx_free(fx_ref *r)
+{
+	for (int i = 0; i < r->n_seqs; i++) {
+		free(r->seqs[i].ids);
+		free(r->seqs[i].greedy_ids);
+		free(r->seqs[i].greedy_margins);
+	}
+	free(r->seqs);
+	memset(r, 0, sizeof(*r));
+}
+
+int fx_npy(const fx_ref *r, const char *file, float **data, size_t *rows, size_t *cols)
+{
+	char path[700];
+	snprintf(path, sizeof(path), "%s/ref/%s", r->dir, file);
+	return ds_npy_read_f32(path, data, rows, cols, NULL);
+}
+
+int fx_tmpdir(char *out, size_t len)
+{
+	const char *t = getenv("TMPDIR");
+	snprintf(out, len, "%s/dsd-test-XXXXXX", t ? t : "/tmp");
+	return mkdtemp(out) ? 0 : -errno;
+}
+
+static int rm_one(const char *p, const struct stat *sb, int flag, struct FTW *ftw)
+{
+	(void)sb;
+	(void)flag;
+	(void)ftw;
+	return remove(p);
+}
+
+void fx_rmtree(const char *dir)
+{
+	nftw(dir, rm_one, 16, FTW_DEPTH | FTW_PHYS);
+}
+
+int fx_copy_file(const char *from, const char *to)
+{
+	FILE *a = fopen(from, "rb"), *b = fopen(to, "wb");
+	int rc = (a && b) ? 0 : -errno;
+	char buf[65536];
+	size_t n;
+	while (!rc && (n = fread(buf, 1, sizeof(buf), a)) > 0)
+		if (fwrite(buf, 1, n, b) != n)
+			rc = -EIO;
+	if (a)
+		fclose(a);
+	if (b && fclose(b))
+		rc = -EIO;
+	return rc;
+}

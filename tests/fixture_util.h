@@ -1,0 +1,38 @@
+/* fixture_util.h — helpers shared by tests that read the transformers
+ * fixtures under tests/fixtures/ (see tools/make_fixtures.py). */
+#ifndef DS_TEST_FIXTURE_UTIL_H
+#define DS_TEST_FIXTURE_UTIL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct {
+	char name[32];
+	int32_t *ids;
+	int n;
+	char logits[64], mtp_logits[64];
+	int greedy_prompt_len;
+	int32_t *greedy_ids;
+	float *greedy_margins;
+	int n_greedy;
+} fx_seq;
+
+typedef struct {
+	char dir[512];
+	fx_seq *seqs;
+	int n_seqs;
+} fx_ref;
+
+/* Root of the source tree (tests run from it; DS_SRCDIR overrides). */
+const char *fx_srcdir(void);
+/* Loads <srcdir>/tests/fixtures/<name>/ref/ref.json; 0 or -errno. */
+int fx_load(const char *name, fx_ref *out);
+void fx_free(fx_ref *r);
+/* Loads a .npy from the fixture's ref/ folder. */
+int fx_npy(const fx_ref *r, const char *file, float **data, size_t *rows, size_t *cols);
+/* A fresh temporary directory (mkdtemp); caller removes it with fx_rmtree. */
+int fx_tmpdir(char *out, size_t len);
+void fx_rmtree(const char *dir);
+int fx_copy_file(const char *from, const char *to);
+
+#endif
