@@ -34,6 +34,7 @@ void ds_cpu_weight_row(float *dst, const ds_wmat *W, int r)
 		break;
 	case DS_DT_BF16: {
 		const uint16_t *src = (const uint16_t *)W->w->data + (size_t)r * n;
+#pragma omp simd
 		for (int i = 0; i < n; i++) {
 			uint32_t u = (uint32_t)src[i] << 16;
 			memcpy(&dst[i], &u, 4);
@@ -52,6 +53,7 @@ void ds_cpu_weight_row(float *dst, const ds_wmat *W, int r)
 		for (int b = 0; b < sc; b++) {
 			float s = scale_at(W->scale_inv, (r / 128) * sc + b);
 			int end = (b + 1) * 128 < n ? (b + 1) * 128 : n;
+#pragma omp simd
 			for (int i = b * 128; i < end; i++)
 				dst[i] = ds_fp8e4m3_lut[src[i]] * s;
 		}
