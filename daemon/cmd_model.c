@@ -12,6 +12,7 @@
 #include "model/engine.h"
 #include "model/npy.h"
 #include "model/sampler.h"
+#include "model/spec.h"
 
 static double now_s(void)
 {
@@ -233,10 +234,11 @@ int ds_cmd_generate(int argc, char **argv)
 		{ "top-k", required_argument, 0, 'K' },     { "min-p", required_argument, 0, 'N' },
 		{ "seed", required_argument, 0, 's' },      { "json", no_argument, 0, 'j' },
 		{ "backend", required_argument, 0, 'b' },   { "threads", required_argument, 0, 't' },
+		{ "mtp", required_argument, 0, 'D' },       { "no-mtp", no_argument, 0, 'X' },
 		{ "help", no_argument, 0, 'h' },            { 0 }
 	};
 	const char *dir = NULL, *ids_s = NULL, *prompt = NULL, *backend = NULL;
-	int max_tokens = 64, json = 0, threads = 0, c;
+	int max_tokens = 64, json = 0, threads = 0, depth = 1, c;
 	ds_sampling sp;
 	ds_sampling_default(&sp);
 	while ((c = getopt_long(argc, argv, "m:i:p:n:T:P:K:N:s:jb:t:h", opts, NULL)) != -1) {
@@ -253,15 +255,23 @@ int ds_cmd_generate(int argc, char **argv)
 		case 'j': json = 1; break;
 		case 'b': backend = optarg; break;
 		case 't': threads = atoi(optarg); break;
+		case 'D': depth = atoi(optarg); break;
+		case 'X': depth = 0; break;
 		default:
 			fprintf(c == 'h' ? stdout : stderr,
 				"usage: dsd generate --model DIR (--prompt TEXT | --ids LIST) [--max-tokens N]\n"
 				"       [--temperature T] [--top-p P] [--top-k K] [--min-p P] [--seed S] [--json]\n"
-				"       [--backend cpu|cuda] [--threads N]\n");
+				"       [--backend cpu|cuda] [--threads N] [--mtp DEPTH | --no-mtp]\n"
+				"  speculative decoding with the model's MTP module is on (depth 1) when the\n"
+				"  model has one; the output is the same as with --no-mtp for greedy decoding\n");
 			return c == 'h' ? 0 : 2;
 		}
 	}
 	const char *why;
+	if (depth < 0 || depth > DS_SPEC_MAX_DEPTH) {
+		fprintf(stderr, "dsd generate: --mtp must be in [0, %d]\n", DS_SPEC_MAX_DEPTH);
+		return 2;
+	}
 	if (!dir || (!ids_s == !prompt) || max_tokens < 1 || ds_sampling_validate(&sp, &why)) {
 		fprintf(stderr, "dsd generate: %s\n",
 			!dir ? "--model is required" : (!ids_s == !prompt) ? "give exactly one of --prompt and --ids"
@@ -294,44 +304,56 @@ int ds_cmd_generate(int argc, char **argv)
 	}
 	ds_sampler_add_prompt(smp, ids, n);
 	ds_err e = { { 0 } };
+	ds_spec_req req;
+	if (ds_spec_req_init(&req, eng, s, smp, sp.temperature == 0, depth)) {
+		fprintf(stderr, "dsd: out of memory\n");
+		goto out;
+	}
+	ds_spec_req *rp = &req;
 	const char *finish = "length";
 	double t0 = now_s(), t_first = 0;
-	int produced = 0;
-	int32_t tok = 0;
-	ds_step_item it = { .seq = s, .tokens = ids, .n = n, .logits = DS_LOGITS_LAST };
-	for (;;) {
-		int rc = ds_engine_step(eng, &it, 1, logits, NULL, &e);
-		if (rc == -E2BIG)
-			break; /* context full: finish "length" */
-		if (rc) {
-			fprintf(stderr, "dsd: %s\n", e.msg[0] ? e.msg : strerror(-rc));
-			goto out;
+	int produced = 0, rc;
+	const int32_t *pp = ids;
+	rc = ds_spec_prefill(eng, &rp, &pp, &n, 1, &e);
+	t_first = now_s();
+	while (rc == 0) {
+		int stop = 0;
+		for (int i = 0; i < req.n_out && !stop; i++) {
+			int32_t tok = req.out[i];
+			produced++;
+			if (json)
+				printf("{\"id\":%d,\"text\":null}\n", tok);
+			else
+				printf("%s%d", produced > 1 ? " " : "", tok);
+			if (tok == m->cfg.eos_token_id) {
+				finish = "stop";
+				stop = 1;
+			} else if (produced >= max_tokens) {
+				stop = 1;
+			}
 		}
-		tok = ds_sampler_sample(smp, logits);
-		produced++;
-		if (produced == 1)
-			t_first = now_s();
-		if (json)
-			printf("{\"id\":%d,\"text\":null}\n", tok);
-		else
-			printf("%s%d", produced > 1 ? " " : "", tok);
 		fflush(stdout);
-		if (tok == m->cfg.eos_token_id) {
-			finish = "stop";
+		if (stop)
 			break;
-		}
-		if (produced >= max_tokens)
-			break;
-		it = (ds_step_item){ .seq = s, .tokens = &tok, .n = 1, .logits = DS_LOGITS_LAST };
+		if (ds_seq_len(s) + 1 >= m->cfg.max_position_embeddings)
+			break; /* context full: "length" */
+		rc = ds_spec_step(eng, &rp, 1, &e);
+	}
+	if (rc) {
+		fprintf(stderr, "dsd: %s\n", e.msg[0] ? e.msg : strerror(-rc));
+		ds_spec_req_clear(&req);
+		goto out;
 	}
 	double t1 = now_s();
 	double decode_s = t1 - t_first;
 	if (json)
 		printf("{\"done\":true,\"finish_reason\":\"%s\",\"prompt_tokens\":%d,\"generated_tokens\":%d,"
-		       "\"prefill_s\":%.6f,\"tokens_per_s\":%.2f}\n",
-		       finish, n, produced, t_first - t0, produced > 1 ? (produced - 1) / decode_s : 0.0);
+		       "\"prefill_s\":%.6f,\"tokens_per_s\":%.2f,\"mtp_depth\":%d,\"drafted\":%llu,\"accepted\":%llu}\n",
+		       finish, n, produced, t_first - t0, produced > 1 ? (produced - 1) / decode_s : 0.0, req.depth,
+		       (unsigned long long)req.drafted, (unsigned long long)req.accepted);
 	else
 		printf("\n");
+	ds_spec_req_clear(&req);
 	ret = 0;
 out:
 	ds_sampler_free(smp);

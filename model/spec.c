@@ -1,0 +1,297 @@
+#include "model/spec.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+int ds_spec_req_init(ds_spec_req *r, const ds_engine *eng, ds_seq *seq, ds_sampler *smp, int greedy, int depth)
+{
+	const ds_model *m = ds_engine_model(eng);
+	memset(r, 0, sizeof(*r));
+	if (depth < 0 || depth > DS_SPEC_MAX_DEPTH)
+		return -EINVAL;
+	r->seq = seq;
+	r->smp = smp;
+	r->greedy = greedy;
+	r->depth = m->n_mtp > 0 ? depth : 0;
+	if (r->depth) {
+		r->q = malloc(sizeof(float) * (size_t)r->depth * m->cfg.vocab_size);
+		if (!r->q)
+			return -ENOMEM;
+	}
+	return 0;
+}
+
+void ds_spec_req_clear(ds_spec_req *r)
+{
+	free(r->q);
+	r->q = NULL;
+}
+
+static int32_t argmax(const float *p, int n)
+{
+	int b = 0;
+	for (int i = 1; i < n; i++)
+		if (p[i] > p[b])
+			b = i;
+	return b;
+}
+
+/* Draws from p (or takes its argmax when greedy) with the request's RNG. */
+static int32_t pick(ds_spec_req *r, const float *p, int V)
+{
+	return r->greedy ? argmax(p, V) : ds_sampler_draw(r->smp, p);
+}
+
+typedef struct {
+	ds_step_item *items;
+	float *logits, *hidden, *hidden2, *probs;
+	int32_t *toks;
+	int *idx, *nt;
+	const int32_t **tk;
+	const float **hp;
+} scratch;
+
+static void scratch_free(scratch *s)
+{
+	free(s->items);
+	free(s->logits);
+	free(s->hidden);
+	free(s->hidden2);
+	free(s->probs);
+	free(s->toks);
+	free(s->idx);
+	free(s->nt);
+	free(s->tk);
+	free(s->hp);
+}
+
+/* MTP over positions [n_mtp, ds_seq_len) of each request whose tokens (the
+ * token after each position) are in toks/ntok and whose main hidden states
+ * are rows of hid; then drafts r->depth tokens, chaining the module on its
+ * own output for depth > 1. */
+static int draft(ds_engine *eng, ds_spec_req **reqs, int n, const int32_t *const *toks, const int *ntok,
+		 const float *const *hid, scratch *s, ds_err *e)
+{
+	const ds_model *m = ds_engine_model(eng);
+	const int V = m->cfg.vocab_size, H = m->cfg.hidden_size;
+	int k = 0, rows = 0;
+	int *idx = s->idx;
+	for (int i = 0; i < n; i++) {
+		ds_spec_req *r = reqs[i];
+		r->n_draft = 0;
+		if (!r->depth || ds_seq_len(r->seq) + 1 + r->depth > m->cfg.max_position_embeddings)
+			continue;
+		s->items[k] = (ds_step_item){ .seq = r->seq, .tokens = toks[i], .n = ntok[i], .logits = DS_LOGITS_LAST };
+		memcpy(s->hidden2 + (size_t)rows * H, hid[i], sizeof(float) * (size_t)H * ntok[i]);
+		rows += ntok[i];
+		idx[k++] = i;
+	}
+	if (!k)
+		return 0;
+	float *hout = s->hidden;
+	int rc = ds_engine_mtp_step(eng, 0, s->items, k, s->hidden2, s->logits, hout, e);
+	if (rc)
+		return rc;
+	/* hout rows: the last row of each item is the chain's input */
+	for (int d = 0;; d++) {
+		int row = 0;
+		for (int j = 0; j < k; j++) {
+			ds_spec_req *r = reqs[idx[j]];
+			row += s->items[j].n;
+			float *q = r->q + (size_t)d * V;
+			ds_sampler_probs(r->smp, s->logits + (size_t)j * V, q);
+			r->draft[d] = pick(r, q, V);
+			r->n_draft = d + 1;
+			r->drafted++;
+			memcpy(s->hidden2 + (size_t)j * H, hout + (size_t)(row - 1) * H, sizeof(float) * (size_t)H);
+		}
+		int maxd = 0;
+		for (int j = 0; j < k; j++)
+			maxd = reqs[idx[j]]->depth > maxd ? reqs[idx[j]]->depth : maxd;
+		if (d + 1 >= maxd)
+			break;
+		/* chained drafting: only requests that want another draft */
+		int k2 = 0;
+		for (int j = 0; j < k; j++) {
+			ds_spec_req *r = reqs[idx[j]];
+			if (r->depth <= d + 1)
+				continue;
+			s->items[k2] = (ds_step_item){ .seq = r->seq, .tokens = &r->draft[d], .n = 1, .logits = DS_LOGITS_LAST };
+			memmove(s->hidden2 + (size_t)k2 * H, s->hidden2 + (size_t)j * H, sizeof(float) * (size_t)H);
+			idx[k2++] = idx[j];
+		}
+		if (!k2)
+			break;
+		k = k2;
+		if ((rc = ds_engine_mtp_step(eng, 0, s->items, k, s->hidden2, s->logits, hout, e)))
+			return rc;
+	}
+	return 0;
+}
+
+static int scratch_init(scratch *s, const ds_model *m, int n, int rows)
+{
+	const int V = m->cfg.vocab_size, H = m->cfg.hidden_size;
+	memset(s, 0, sizeof(*s));
+	s->items = calloc((size_t)n, sizeof(ds_step_item));
+	s->logits = malloc(sizeof(float) * (size_t)V * rows);
+	s->hidden = malloc(sizeof(float) * (size_t)H * rows);
+	s->hidden2 = malloc(sizeof(float) * (size_t)H * rows);
+	s->probs = malloc(sizeof(float) * (size_t)V);
+	s->toks = malloc(sizeof(int32_t) * (size_t)rows);
+	s->idx = malloc(sizeof(int) * (size_t)n);
+	s->nt = malloc(sizeof(int) * (size_t)n);
+	s->tk = malloc(sizeof(*s->tk) * (size_t)n);
+	s->hp = malloc(sizeof(*s->hp) * (size_t)n);
+	if (!s->items || !s->logits || !s->hidden || !s->hidden2 || !s->probs || !s->toks || !s->idx || !s->nt ||
+	    !s->tk || !s->hp) {
+		scratch_free(s);
+		return -ENOMEM;
+	}
+	return 0;
+}
+
+int ds_spec_prefill(ds_engine *eng, ds_spec_req **reqs, const int32_t *const *prompts, const int *lens, int n,
+		    ds_err *e)
+{
+	const ds_model *m = ds_engine_model(eng);
+	const int V = m->cfg.vocab_size, H = m->cfg.hidden_size;
+	int rows = 0;
+	for (int i = 0; i < n; i++)
+		rows += lens[i];
+	scratch s;
+	if (scratch_init(&s, m, n, rows + n))
+		return -ENOMEM;
+	for (int i = 0; i < n; i++)
+		s.items[i] = (ds_step_item){ .seq = reqs[i]->seq, .tokens = prompts[i], .n = lens[i], .logits = DS_LOGITS_LAST };
+	float *hid = malloc(sizeof(float) * (size_t)H * rows);
+	int rc = hid ? ds_engine_step(eng, s.items, n, s.logits, hid, e) : -ENOMEM;
+	if (rc)
+		goto out;
+	const int32_t **tk = s.tk;
+	int *nt = s.nt;
+	const float **hp = s.hp;
+	int32_t *tbuf = malloc(sizeof(int32_t) * (size_t)rows);
+	if (!tbuf) {
+		rc = -ENOMEM;
+		goto out;
+	}
+	for (int i = 0, off = 0; i < n; i++) {
+		ds_spec_req *r = reqs[i];
+		ds_sampler_probs(r->smp, s.logits + (size_t)i * V, s.probs);
+		r->last = pick(r, s.probs, V);
+		ds_sampler_accept(r->smp, r->last);
+		r->out[0] = r->last;
+		r->n_out = 1;
+		/* MTP inputs: tokens 1..len-1 of the prompt, then the sampled one */
+		memcpy(tbuf + off, prompts[i] + 1, sizeof(int32_t) * (size_t)(lens[i] - 1));
+		tbuf[off + lens[i] - 1] = r->last;
+		tk[i] = tbuf + off;
+		nt[i] = lens[i];
+		hp[i] = hid + (size_t)off * H;
+		off += lens[i];
+	}
+	rc = draft(eng, reqs, n, tk, nt, hp, &s, e);
+	free(tbuf);
+out:
+	free(hid);
+	scratch_free(&s);
+	return rc;
+}
+
+int ds_spec_step(ds_engine *eng, ds_spec_req **reqs, int n, ds_err *e)
+{
+	const ds_model *m = ds_engine_model(eng);
+	const int V = m->cfg.vocab_size, H = m->cfg.hidden_size;
+	int rows = 0;
+	for (int i = 0; i < n; i++)
+		rows += 1 + reqs[i]->n_draft;
+	scratch s;
+	if (scratch_init(&s, m, n, rows))
+		return -ENOMEM;
+	int32_t *in = malloc(sizeof(int32_t) * (size_t)rows);
+	float *hid = malloc(sizeof(float) * (size_t)H * rows);
+	int rc = (in && hid) ? 0 : -ENOMEM;
+	if (rc)
+		goto out;
+	for (int i = 0, off = 0; i < n; i++) {
+		ds_spec_req *r = reqs[i];
+		in[off] = r->last;
+		memcpy(in + off + 1, r->draft, sizeof(int32_t) * (size_t)r->n_draft);
+		s.items[i] = (ds_step_item){ .seq = r->seq, .tokens = in + off, .n = 1 + r->n_draft, .logits = DS_LOGITS_ALL };
+		off += 1 + r->n_draft;
+	}
+	if ((rc = ds_engine_step(eng, s.items, n, s.logits, hid, e)))
+		goto out;
+	const int32_t **tk = s.tk;
+	int *nt = s.nt;
+	const float **hp = s.hp;
+	for (int i = 0, off = 0; i < n; i++) {
+		ds_spec_req *r = reqs[i];
+		const int L = ds_seq_len(r->seq) - 1 - r->n_draft; /* position of `last` */
+		int j = 0;
+		int32_t x = -1;
+		for (; j < r->n_draft; j++) {
+			ds_sampler_probs(r->smp, s.logits + (size_t)(off + j) * V, s.probs);
+			const int32_t d = r->draft[j];
+			const float *q = r->q + (size_t)j * V;
+			int ok;
+			if (r->greedy) {
+				x = argmax(s.probs, V);
+				ok = x == d;
+			} else {
+				/* accept d with probability min(1, p(d)/q(d)); otherwise draw from
+				 * the normalized residual max(0, p - q) */
+				ok = ds_sampler_uniform(r->smp) * q[d] < s.probs[d];
+				if (!ok) {
+					double z = 0;
+					for (int v = 0; v < V; v++) {
+						float dv = s.probs[v] - q[v];
+						s.probs[v] = dv > 0 ? dv : 0;
+						z += s.probs[v];
+					}
+					if (z > 0) {
+						for (int v = 0; v < V; v++)
+							s.probs[v] = (float)(s.probs[v] / z);
+						x = ds_sampler_draw(r->smp, s.probs);
+					} else {
+						x = d; /* p == q: cannot reject */
+						ok = 1;
+					}
+				}
+			}
+			if (!ok)
+				break;
+			r->out[j] = d;
+			ds_sampler_accept(r->smp, d);
+			r->accepted++;
+		}
+		if (j == r->n_draft) { /* all drafts accepted: the bonus token */
+			ds_sampler_probs(r->smp, s.logits + (size_t)(off + j) * V, s.probs);
+			x = pick(r, s.probs, V);
+		}
+		ds_sampler_accept(r->smp, x);
+		r->out[j] = x;
+		r->n_out = j + 1;
+		r->steps++;
+		/* keep `last` and the accepted drafts in the cache, drop the rest */
+		if ((rc = ds_seq_truncate(r->seq, L + 1 + j)))
+			goto out;
+		if ((rc = ds_seq_mtp_truncate(r->seq, L < ds_seq_mtp_len(r->seq) ? L : ds_seq_mtp_len(r->seq))))
+			goto out;
+		r->last = x;
+		/* MTP positions L .. L+j take the tokens after them: drafts 1..j, x */
+		memcpy(s.toks + off, r->out, sizeof(int32_t) * (size_t)(j + 1));
+		tk[i] = s.toks + off;
+		nt[i] = j + 1;
+		hp[i] = hid + (size_t)off * H;
+		off += 1 + r->n_draft;
+	}
+	rc = draft(eng, reqs, n, tk, nt, hp, &s, e);
+out:
+	free(in);
+	free(hid);
+	scratch_free(&s);
+	return rc;
+}

@@ -1,0 +1,49 @@
+/* spec.h — speculative decoding with the model's own MTP module.
+ * A ds_spec_req wraps one generating sequence (its ds_seq and sampler); each
+ * ds_spec_step verifies every request's pending draft together with its last
+ * token in one engine step, emits the accepted tokens plus one, rolls back
+ * the KV of rejected drafts, and drafts again from the MTP module. Greedy
+ * output equals plain decoding; with sampling, rejection sampling keeps the
+ * main model's distribution. Engine thread only. */
+#ifndef DS_SPEC_H
+#define DS_SPEC_H
+
+#include <stdint.h>
+
+#include "model/engine.h"
+#include "model/sampler.h"
+
+#define DS_SPEC_MAX_DEPTH 4
+
+typedef struct ds_spec_req {
+	ds_seq *seq;
+	ds_sampler *smp;
+	int greedy;          /* temperature 0: drafts and checks by argmax */
+	int depth;           /* drafts per step, 0 = plain decoding */
+	/* state: KV holds positions < ds_seq_len; `last` is the newest emitted
+	 * token, not yet in the cache; drafts follow it */
+	int32_t last;
+	int32_t draft[DS_SPEC_MAX_DEPTH];
+	int n_draft;
+	float *q;            /* [depth][vocab] draft distributions (sampling) */
+	/* output of the latest call */
+	int32_t out[DS_SPEC_MAX_DEPTH + 1];
+	int n_out;
+	/* counters */
+	uint64_t drafted, accepted, steps;
+} ds_spec_req;
+
+/* Prepares r for seq/smp (depth 0..DS_SPEC_MAX_DEPTH, and 0 when the model
+ * has no MTP layer). */
+int ds_spec_req_init(ds_spec_req *r, const ds_engine *eng, ds_seq *seq, ds_sampler *smp, int greedy, int depth);
+void ds_spec_req_clear(ds_spec_req *r);
+
+/* Prefill: runs the prompt (all of it, on empty seqs), samples the first
+ * token of each request (r->out[0]) and, with depth > 0, runs the MTP module
+ * over the prompt and drafts. */
+int ds_spec_prefill(ds_engine *eng, ds_spec_req **reqs, const int32_t *const *prompts, const int *lens, int n,
+		    ds_err *e);
+/* One decode step for n requests: each gets 1 .. depth+1 tokens in out. */
+int ds_spec_step(ds_engine *eng, ds_spec_req **reqs, int n, ds_err *e);
+
+#endif
