@@ -1,5 +1,6 @@
 # Engine core: model loading, CPU reference against transformers fixtures, sampler.
-TESTS += test_engine test_model_errors test_sampler
+TESTS += test_engine test_model_errors test_sampler test_spec
+test_spec_SRCS := tests/test_spec.c tests/fixture_util.c
 test_engine_SRCS := tests/test_engine.c tests/fixture_util.c
 test_model_errors_SRCS := tests/test_model_errors.c tests/fixture_util.c
 test_sampler_SRCS := tests/test_sampler.c
