@@ -22,7 +22,9 @@ CPPFLAGS += -I. -D_GNU_SOURCE
 CFLAGS += -std=c11 $(OPT) -g -march=$(CPU_ARCH) -fopenmp -fPIC \
 	-Wall -Wextra -Werror -Wno-unused-parameter -Wshadow -Wvla \
 	-MMD -MP $(PKG_CFLAGS)
-LDFLAGS += -fopenmp -Wl,-rpath,'$$ORIGIN/../lib'
+# The packages build with RPATH= CUDA_RPATH= (installed binaries use ld.so's paths).
+RPATH ?= -Wl,-rpath,'$$ORIGIN/../lib'
+LDFLAGS += -fopenmp $(RPATH)
 # msgpack-c and liburing are linked statically: the GPU machine has neither.
 STATIC_LIBS := -Wl,-Bstatic -lmsgpackc -luring -Wl,-Bdynamic
 LDLIBS += $(STATIC_LIBS) -lcjson -lpcre2-8 -linih -lsystemd -lm -lpthread
@@ -34,6 +36,7 @@ endif
 
 NVCC ?= $(or $(shell command -v nvcc 2>/dev/null),$(wildcard /usr/local/cuda/bin/nvcc))
 CUDA_HOME ?= $(if $(NVCC),$(patsubst %/bin/nvcc,%,$(NVCC)))
+CUDA_RPATH ?= -Wl,-rpath,$(CUDA_HOME)/lib64
 # sm_90a SASS for Hopper plus compute_90 PTX so newer GPUs can JIT.
 NVCC_ARCH ?= -gencode=arch=compute_90a,code=sm_90a -gencode=arch=compute_90,code=compute_90
 NVCCFLAGS ?= -O3 -std=c++17 $(NVCC_ARCH) -Xcompiler -fPIC,-Wall,-Werror -I. --expt-relaxed-constexpr
@@ -52,7 +55,7 @@ include $(sort $(wildcard */module.mk))
 
 ifeq ($(CUDA),1)
 CPPFLAGS += -DDS_HAVE_CUDA=1 -I$(CUDA_HOME)/include
-LDLIBS += -L$(CUDA_HOME)/lib64 -lcublasLt -lcublas -lcudart -lstdc++ -Wl,-rpath,$(CUDA_HOME)/lib64
+LDLIBS += -L$(CUDA_HOME)/lib64 -lcublasLt -lcublas -lcudart -lstdc++ $(CUDA_RPATH)
 LIB_OBJS_CUDA := $(CUDA_SRCS:%.cu=$(BUILD)/obj/%.o)
 else
 LIB_OBJS_CUDA :=
