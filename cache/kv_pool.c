@@ -64,8 +64,10 @@ int32_t ds_kv_pool_alloc(ds_kv_pool *p)
 
 void ds_kv_pool_ref(ds_kv_pool *p, int32_t b)
 {
-	if (b >= 0 && b < p->n_blocks)
-		p->refs[b]++;
+	if (b < 0 || b >= p->n_blocks || p->in_free[b])
+		return;
+	if (p->refs[b]++ == 0 && p->hooks.on_acquire)
+		p->hooks.on_acquire(p->hooks.ctx, b);
 }
 
 void ds_kv_pool_release(ds_kv_pool *p, int32_t b)

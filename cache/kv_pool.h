@@ -27,11 +27,15 @@ int ds_kv_pool_free_count(const ds_kv_pool *p);
 /* Hooks for the prefix cache: on_release(block) is called when a block's
  * count drops to zero; returning 1 means "the cache keeps it" (it stays out
  * of the free list until ds_kv_pool_release). reclaim() is called when the
- * free list is empty and should ds_kv_pool_release some blocks. */
+ * free list is empty and should ds_kv_pool_release some blocks.
+ * on_acquire(block) (optional) is called when a kept zero-reference block
+ * is referenced again (a prefix-cache hit), so the cache stops counting it
+ * as evictable. */
 typedef struct ds_kv_pool_hooks {
 	void *ctx;
 	int (*on_release)(void *ctx, int32_t block);
 	int (*reclaim)(void *ctx, int want);
+	void (*on_acquire)(void *ctx, int32_t block);
 } ds_kv_pool_hooks;
 void ds_kv_pool_set_hooks(ds_kv_pool *p, const ds_kv_pool_hooks *h);
 /* Returns a zero-reference block kept by the cache to the free list. */

@@ -1,0 +1,3 @@
+# cache/: prefix cache and scheduling policy, tested without the engine.
+TESTS += test_prefix
+test_prefix_SRCS := tests/test_prefix.c
