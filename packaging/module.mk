@@ -1,0 +1,62 @@
+# packaging/: `make install` (DESTDIR and PREFIX aware), `make deb`, `make rpm`
+# and `make check-packaging` (builds, installs and purges the .deb: root only).
+
+PREFIX ?= /usr/local
+BINDIR ?= $(PREFIX)/bin
+SBINDIR ?= $(PREFIX)/sbin
+LIBDIR ?= $(PREFIX)/lib
+INCLUDEDIR ?= $(PREFIX)/include
+DATADIR ?= $(PREFIX)/share
+MANDIR ?= $(DATADIR)/man
+SYSCONFDIR ?= $(if $(filter /usr,$(PREFIX)),/etc,$(PREFIX)/etc)
+UNITDIR ?= $(PREFIX)/lib/systemd/system
+SYSUSERSDIR ?= $(PREFIX)/lib/sysusers.d
+MODELDIR ?= $(DATADIR)/dsd/models
+DEFAULT_MODEL := dsv3-tiny
+
+DS_VERSION := $(shell sed -n '1s/^dsd (\([^)]*\)).*/\1/p' packaging/debian/changelog)
+DSCLIENT_SO ?= $(BUILD)/lib/libdsclient.so.0
+PKG_MANPAGES := $(wildcard packaging/man/*.[1-8])
+
+# What `make install` installs, built without the tests and benchmarks.
+install-bins: $(BUILD)/bin/dsd $(BUILD)/bin/dsctl $(DSCLIENT_SO)
+
+install: install-bins
+	@set -e; d='$(DESTDIR)'; \
+	install -d "$$d$(BINDIR)" "$$d$(SBINDIR)" "$$d$(LIBDIR)/pkgconfig" "$$d$(INCLUDEDIR)" \
+		"$$d$(SYSCONFDIR)/dsd" "$$d$(UNITDIR)" "$$d$(SYSUSERSDIR)" "$$d$(MODELDIR)/$(DEFAULT_MODEL)"; \
+	install -m 0755 $(BUILD)/bin/dsd "$$d$(SBINDIR)/dsd"; \
+	install -m 0755 $(BUILD)/bin/dsctl "$$d$(BINDIR)/dsctl"; \
+	install -m 0644 $(DSCLIENT_SO) "$$d$(LIBDIR)/libdsclient.so.0"; \
+	ln -sf libdsclient.so.0 "$$d$(LIBDIR)/libdsclient.so"; \
+	install -m 0644 client-lib/dsclient.h "$$d$(INCLUDEDIR)/dsclient.h"; \
+	sed -e 's|@PREFIX@|$(PREFIX)|g' -e 's|@LIBDIR@|$(LIBDIR)|g' -e 's|@INCLUDEDIR@|$(INCLUDEDIR)|g' \
+		-e 's|@VERSION@|$(DS_VERSION)|g' packaging/dsclient.pc.in > "$$d$(LIBDIR)/pkgconfig/dsclient.pc"; \
+	chmod 0644 "$$d$(LIBDIR)/pkgconfig/dsclient.pc"; \
+	for u in dsd.service dsd.socket; do \
+		sed -e 's|/usr/sbin/dsd|$(SBINDIR)/dsd|g' -e 's|/etc/dsd/|$(SYSCONFDIR)/dsd/|g' \
+			packaging/systemd/$$u > "$$d$(UNITDIR)/$$u"; chmod 0644 "$$d$(UNITDIR)/$$u"; \
+	done; \
+	install -m 0644 packaging/sysusers/dsd.conf "$$d$(SYSUSERSDIR)/dsd.conf"; \
+	packaging/default-conf.sh conf/dsd.conf.example "$(MODELDIR)/$(DEFAULT_MODEL)" \
+		> "$$d$(SYSCONFDIR)/dsd/dsd.conf"; \
+	chmod 0644 "$$d$(SYSCONFDIR)/dsd/dsd.conf"; \
+	install -m 0644 models/$(DEFAULT_MODEL)/* "$$d$(MODELDIR)/$(DEFAULT_MODEL)/"; \
+	for m in $(PKG_MANPAGES); do \
+		s=$${m##*.}; install -d "$$d$(MANDIR)/man$$s"; \
+		install -m 0644 $$m "$$d$(MANDIR)/man$$s/"; \
+	done
+
+# Packages are built from a copy of the source tree (tracked and untracked,
+# not ignored, files) under $(BUILD)/deb or $(BUILD)/rpm.
+deb:
+	packaging/build-deb.sh $(BUILD)/deb
+
+rpm:
+	packaging/build-rpm.sh $(BUILD)/rpm
+
+check-packaging:
+	@./scripts/deps-packaging.sh
+	@DS_BUILD=$(BUILD) bash tests/packaging/check_packaging.sh
+
+.PHONY: install install-bins deb rpm check-packaging
