@@ -23,7 +23,8 @@
 #include <sys/un.h>
 #include <unistd.h>
 
-#include <ini.h>
+#include "conf/conf.h"
+#include "model/err.h"
 
 int ds_dsctl_doctor(int argc, char **argv);
 
@@ -94,11 +95,6 @@ static void warn(struct doc *d, const char *fix, const char *fmt, ...)
 	d->warnings++;
 }
 
-static void copy(char *dst, size_t n, const char *src)
-{
-	snprintf(dst, n, "%s", src);
-}
-
 /* snprintf for messages: a path too long for the buffer is cut, which is
  * fine for text meant for a person. */
 static void fmt(char *dst, size_t n, const char *f, ...)
@@ -109,32 +105,35 @@ static void fmt(char *dst, size_t n, const char *f, ...)
 	va_end(ap);
 }
 
-static int conf_key(void *user, const char *section, const char *name, const char *value)
+static void copy(char *dst, size_t n, const char *src)
 {
-	struct doc *d = user;
-	(void)section;
-	if (!strcmp(name, "socket") && !d->have_socket_opt)
-		copy(d->socket, sizeof(d->socket), value);
-	else if (!strcmp(name, "backend"))
-		copy(d->backend, sizeof(d->backend), value);
-	else if (!strcmp(name, "model"))
-		copy(d->model, sizeof(d->model), value);
-	return 1;
+	fmt(dst, n, "%s", src);
 }
 
+/* Reads the settings the daemon will read (same table, same defaults). */
 static void check_config(struct doc *d, const char *path)
 {
-	int rc = ini_parse(path, conf_key, d);
-	if (rc == -1) {
+	ds_conf c;
+	ds_err e = { { 0 } };
+	int rc;
+
+	ds_conf_defaults(&c);
+	rc = ds_conf_load(&c, path, &e);
+	if (rc == -ENOENT) {
 		warn(d, "install the default with the dsd package, or pass --config PATH",
-		     "cannot read %s (%s); assuming the defaults", path, strerror(errno));
+		     "%s does not exist; assuming the defaults", path);
+	} else if (rc < 0) {
+		fail(d, "correct it, see dsd.conf(5)", "%s", e.msg[0] ? e.msg : strerror(-rc));
 		return;
+	} else {
+		ok(d, "configuration %s read", path);
 	}
-	if (rc != 0) {
-		fail(d, "correct the line, see dsd.conf(5)", "%s: syntax error on line %d", path, rc);
-		return;
-	}
-	ok(d, "configuration %s read", path);
+	if (!d->have_socket_opt && strlen(c.socket) >= sizeof(d->socket))
+		fail(d, "use a shorter socket = path in dsd.conf", "socket path %s is too long", c.socket);
+	else if (!d->have_socket_opt && c.socket[0])
+		copy(d->socket, sizeof(d->socket), c.socket);
+	copy(d->backend, sizeof(d->backend), c.backend);
+	copy(d->model, sizeof(d->model), c.model);
 }
 
 static bool gid_in(gid_t g, const gid_t *list, int n)
@@ -470,19 +469,19 @@ static void check_model(struct doc *d)
 	char fix[PATH_MAX + 96], fpath[PATH_MAX];
 	struct stat st;
 	if (!d->model[0]) {
-		note(d, "no model set in the configuration: dsd uses its embedded default");
+		fail(d, "set path = in the [model] section of dsd.conf", "no model directory configured");
 		return;
 	}
 	if (!strncmp(d->model, "/tmp/", 5) || !strncmp(d->model, "/var/tmp/", 9))
-		fail(d, "move the model elsewhere (e.g. /var/lib/dsd/models) and update model = in dsd.conf",
+		fail(d, "move the model elsewhere (e.g. /var/lib/dsd/models) and update path = in the [model] section of dsd.conf",
 		     "model %s is under a temporary directory, which dsd.service does not see "
 		     "(PrivateTmp=yes)", d->model);
 	if (stat(d->model, &st) < 0) {
-		fail(d, "correct model = in dsd.conf", "model %s: %s", d->model, strerror(errno));
+		fail(d, "correct path = in the [model] section of dsd.conf", "model %s: %s", d->model, strerror(errno));
 		return;
 	}
 	if (!S_ISDIR(st.st_mode)) {
-		fail(d, "model = must name the directory holding config.json and *.safetensors",
+		fail(d, "path = ([model]) must name the directory holding config.json and *.safetensors",
 		     "model %s is not a directory", d->model);
 		return;
 	}
@@ -521,7 +520,7 @@ static void check_model(struct doc *d)
 	if (dir)
 		closedir(dir);
 	if (!config)
-		fail(d, "model = must name a directory with config.json and *.safetensors",
+		fail(d, "path = ([model]) must name a directory with config.json and *.safetensors",
 		     "%s has no config.json", d->model);
 	if (!bad && config)
 		ok(d, "model %s: %d files, all readable by %s", d->model, files, d->user);

@@ -14,7 +14,7 @@ SYSUSERSDIR ?= $(PREFIX)/lib/sysusers.d
 MODELDIR ?= $(DATADIR)/dsd/models
 DEFAULT_MODEL := dsv3-tiny
 
-DS_VERSION := $(shell sed -n '1s/^dsd (\([^)]*\)).*/\1/p' packaging/debian/changelog)
+DS_VERSION := $(shell head -1 packaging/debian/changelog | cut -d' ' -f2 | tr -d '()')
 DSCLIENT_SO ?= $(BUILD)/lib/libdsclient.so.0
 PKG_MANPAGES := $(wildcard packaging/man/*.[1-8])
 

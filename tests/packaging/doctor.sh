@@ -49,7 +49,7 @@ chgrp nogroup "$T/ok.sock"
 chmod 0660 "$T/ok.sock"
 
 conf() { # conf FILE BACKEND MODEL SOCKET
-	printf '# written by doctor.sh\nbackend = %s\nmodel = %s\nsocket = %s\n' "$2" "$3" "$4" >"$1"
+	printf '# written by doctor.sh\n[model]\nbackend = %s\npath = %s\n[server]\nsocket = %s\n' "$2" "$3" "$4" >"$1"
 	chmod 0644 "$1"
 }
 
@@ -152,7 +152,7 @@ fi
 run 1 "unknown service user" --config "$T/good.conf" --user no-such-user-dsd &&
 	expect "unknown service user: reported" "service user 'no-such-user-dsd' does not exist"
 run 1 "missing config" --config "$T/none.conf" --user nobody &&
-	expect "missing config: warned" "^\[warn\] cannot read $T/none.conf"
+	expect "missing config: warned" "^\[warn\] $T/none.conf does not exist; assuming the defaults"
 
 # 12. Bad usage exits 2.
 "$DSCTL" doctor --bogus >/dev/null 2>&1
