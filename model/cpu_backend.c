@@ -11,6 +11,10 @@
 #include "model/backend.h"
 #include "model/cpu_ops.h"
 
+/* q_a_layernorm and kv_a_layernorm are built with the RMSNorm default eps in
+ * DeepSeek's and transformers' code, whatever rms_norm_eps says. */
+#define DS_LORA_NORM_EPS 1e-6f
+
 typedef struct {
 	float *input_norm, *post_attn_norm, *q_a_norm, *kv_a_norm, *router_bias;
 	float *enorm, *hnorm, *head_norm;
@@ -157,7 +161,7 @@ static void attention(ds_backend *b, int li, const step_map *sm, const float *x,
 		ds_cpu_matmul(tmp, x, T, &w->q_a_proj);
 		for (int t = 0; t < T; t++)
 			ds_cpu_rmsnorm(tmp + (size_t)t * c->q_lora_rank, tmp + (size_t)t * c->q_lora_rank, v->q_a_norm,
-				       c->q_lora_rank, c->rms_norm_eps);
+				       c->q_lora_rank, DS_LORA_NORM_EPS);
 		ds_cpu_matmul(q, tmp, T, &w->q_b_proj);
 	} else {
 		ds_cpu_matmul(q, x, T, &w->q_proj);
@@ -175,7 +179,7 @@ static void attention(ds_backend *b, int li, const step_map *sm, const float *x,
 			cs[2 * i + 1] = sinf(ang) * b->attn_factor;
 		}
 		float *kt = kv + (size_t)t * kvd;
-		ds_cpu_rmsnorm(kt, kt, v->kv_a_norm, kvl, c->rms_norm_eps);
+		ds_cpu_rmsnorm(kt, kt, v->kv_a_norm, kvl, DS_LORA_NORM_EPS);
 		ds_cpu_rope(kt + kvl, cs, rope);
 		for (int h = 0; h < nh; h++)
 			ds_cpu_rope(q + (size_t)t * nh * qk + (size_t)h * qk + nope, cs, rope);

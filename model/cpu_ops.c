@@ -254,10 +254,11 @@ void ds_cpu_route(const ds_config *c, float *s, const float *bias, int32_t *ids,
 		unsigned char keep[4096] = { 0 };
 		for (int j = 0; j < c->topk_group; j++)
 			memset(keep + gsel[j] * per, 1, (size_t)per);
-		/* Masked with 0.0, not -inf, as the reference implementations do. */
+		/* V3 (noaux_tc) masks the other groups with -inf, as DeepSeek's and
+		 * transformers' code do; V2's group_limited_greedy masks with 0. */
 		for (int i = 0; i < E; i++)
 			if (!keep[i])
-				choice[i] = 0.0f;
+				choice[i] = c->topk_method == DS_TOPK_NOAUX_TC ? -INFINITY : 0.0f;
 	}
 	topk(choice, E, K, ids);
 	double sum = 0;

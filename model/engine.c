@@ -195,6 +195,10 @@ int ds_seq_adopt_blocks(ds_seq *s, const int32_t *blocks, int n_blocks, int n_to
 	}
 	s->n_blocks = n_blocks;
 	s->n_tokens = n_tokens;
+	/* The MTP layer's KV in adopted blocks is the donor's: right when the
+	 * donor ran the MTP module over the same tokens, stale otherwise. Drafts
+	 * are verified, so stale MTP context costs acceptance, never output. */
+	s->n_mtp = n_tokens;
 	return 0;
 }
 
@@ -286,9 +290,11 @@ static int run_step(ds_engine *eng, int mtp, const ds_step_item *items, int n_it
 		if (!s || s->eng != eng || items[i].n < 1 || !items[i].tokens)
 			return ds_errf(e, -EINVAL, "step item %d: needs a sequence of this engine and n >= 1", i);
 		int base = mtp ? s->n_mtp : s->n_tokens;
-		if (mtp && base + items[i].n > s->n_tokens)
-			return ds_errf(e, -EINVAL, "step item %d: MTP positions %d..%d are beyond the cached %d", i,
-				       base, base + items[i].n - 1, s->n_tokens);
+		/* The MTP module may run ahead of the main model by chained drafts;
+		 * those positions are rolled back before the main model gets there. */
+		if (mtp && base > s->n_tokens)
+			return ds_errf(e, -EINVAL, "step item %d: MTP position %d is beyond the cached %d", i, base,
+				       s->n_tokens);
 		if (base + items[i].n > m->cfg.max_position_embeddings)
 			return ds_errf(e, -E2BIG, "step item %d: %d positions exceed the model's context (%d)", i,
 				       base + items[i].n, m->cfg.max_position_embeddings);
@@ -304,9 +310,10 @@ static int run_step(ds_engine *eng, int mtp, const ds_step_item *items, int n_it
 	int *added = calloc((size_t)n_items, sizeof(int));
 	if (!added)
 		return -ENOMEM;
-	for (int i = 0; i < n_items && !mtp; i++) {
+	for (int i = 0; i < n_items; i++) {
 		ds_seq *s = items[i].seq;
-		rc = prepare_blocks(s, s->n_tokens, s->n_tokens + items[i].n, &added[i]);
+		int base = mtp ? s->n_mtp : s->n_tokens;
+		rc = prepare_blocks(s, base, base + items[i].n, &added[i]);
 		if (rc) {
 			for (int j = 0; j <= i; j++)
 				drop_blocks_after(items[j].seq, items[j].seq->n_blocks - added[j]);

@@ -184,13 +184,17 @@ int ds_spec_prefill(ds_engine *eng, ds_spec_req **reqs, const int32_t *const *pr
 		ds_sampler_accept(r->smp, r->last);
 		r->out[0] = r->last;
 		r->n_out = 1;
-		/* MTP inputs: tokens 1..len-1 of the prompt, then the sampled one */
+		/* MTP inputs for the positions this step added (n_mtp is where they
+		 * start: 0, or the end of an adopted prefix): the token after each,
+		 * i.e. the prompt shifted by one, then the sampled token */
 		memcpy(tbuf + off, prompts[i] + 1, sizeof(int32_t) * (size_t)(lens[i] - 1));
 		tbuf[off + lens[i] - 1] = r->last;
 		tk[i] = tbuf + off;
 		nt[i] = lens[i];
 		hp[i] = hid + (size_t)off * H;
 		off += lens[i];
+		if (ds_seq_mtp_len(r->seq) != ds_seq_len(r->seq) - lens[i])
+			r->depth = 0; /* MTP context does not line up: plain decoding */
 	}
 	rc = draft(eng, reqs, n, tk, nt, hp, &s, e);
 	free(tbuf);

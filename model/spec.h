@@ -38,9 +38,10 @@ typedef struct ds_spec_req {
 int ds_spec_req_init(ds_spec_req *r, const ds_engine *eng, ds_seq *seq, ds_sampler *smp, int greedy, int depth);
 void ds_spec_req_clear(ds_spec_req *r);
 
-/* Prefill: runs the prompt (all of it, on empty seqs), samples the first
- * token of each request (r->out[0]) and, with depth > 0, runs the MTP module
- * over the prompt and drafts. */
+/* Prefill: runs the prompt's uncached tokens (prompts[i], lens[i]; the seq
+ * may hold an adopted prefix), samples the first token of each request
+ * (r->out[0]) and, with depth > 0, runs the MTP module over the new
+ * positions and drafts. */
 int ds_spec_prefill(ds_engine *eng, ds_spec_req **reqs, const int32_t *const *prompts, const int *lens, int n,
 		    ds_err *e);
 /* One decode step for n requests: each gets 1 .. depth+1 tokens in out. */

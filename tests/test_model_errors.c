@@ -195,8 +195,8 @@ static void test_missing_and_misshapen(void **st)
 	fresh_copy();
 	rewrite("model.layers.1.mlp.experts.3.up_proj.weight", NULL);
 	expect_error("missing tensor", "model.layers.1.mlp.experts.3.up_proj.weight");
-	rewrite(NULL, "model.layers.0.self_attn.o_proj.weight");
-	expect_error("model.layers.0.self_attn.o_proj.weight", "expected");
+	rewrite(NULL, "model.layers.0.self_attn.kv_a_proj_with_mqa.weight");
+	expect_error("model.layers.0.self_attn.kv_a_proj_with_mqa.weight", "expected");
 }
 
 static void put_config_edit(const char *key, double value)
