@@ -13,6 +13,8 @@ static const struct {
 	{ "inspect", ds_cmd_inspect, "summarize a model directory" },
 	{ "logits", ds_cmd_logits, "write the logits of a token sequence as .npy" },
 	{ "generate", ds_cmd_generate, "generate text offline" },
+	{ "tokenize", ds_cmd_tokenize, "JSON strings (one a line) to arrays of token ids" },
+	{ "detokenize", ds_cmd_detokenize, "arrays of token ids (one a line) to JSON strings" },
 };
 
 static void usage(FILE *f)

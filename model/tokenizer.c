@@ -713,8 +713,15 @@ int ds_tok_load(const char *path, ds_tok **out, ds_err *e)
 	int rc = read_file(path, &buf, &len, e);
 	if (rc)
 		return rc;
-	cJSON *root = cJSON_ParseWithLength(buf, len);
+	rc = ds_tok_load_buffer(buf, len, path, out, e);
 	free(buf);
+	return rc;
+}
+
+int ds_tok_load_buffer(const char *buf, size_t len, const char *path, ds_tok **out, ds_err *e)
+{
+	int rc;
+	cJSON *root = cJSON_ParseWithLength(buf, len);
 	if (!root)
 		return ds_errf(e, -EINVAL, "%s: malformed JSON", path);
 	ds_tok *t = calloc(1, sizeof(*t));

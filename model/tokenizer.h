@@ -25,6 +25,8 @@ enum {
 /* Reads tokenizer.json. -ENOENT/-EIO when unreadable, -EINVAL when malformed,
  * -ENOTSUP for a model/pre-tokenizer/normalizer this implementation does not run. */
 int ds_tok_load(const char *tokenizer_json_path, ds_tok **out, ds_err *e);
+/* The same from tokenizer.json's text in memory; name is used in messages. */
+int ds_tok_load_buffer(const char *json, size_t len, const char *name, ds_tok **out, ds_err *e);
 /* Reads MODEL_DIR/tokenizer.json and, when present, MODEL_DIR/tokenizer_config.json
  * (bos/eos tokens, add_bos_token, chat_template). */
 int ds_tok_load_dir(const char *model_dir, ds_tok **out, ds_err *e);
