@@ -12,7 +12,10 @@ SYSCONFDIR ?= $(if $(filter /usr,$(PREFIX)),/etc,$(PREFIX)/etc)
 UNITDIR ?= $(PREFIX)/lib/systemd/system
 SYSUSERSDIR ?= $(PREFIX)/lib/sysusers.d
 MODELDIR ?= $(DATADIR)/dsd/models
+# The embedded model (models/<name>/...) and the directory the daemon's
+# built-in default names inside it (conf/conf.h: DS_DEFAULT_MODEL).
 DEFAULT_MODEL := dsv3-tiny
+DEFAULT_MODEL_PATH := $(shell sed -n 's|^\#define DS_DEFAULT_MODEL "models/\(.*\)"|\1|p' conf/conf.h)
 
 DS_VERSION := $(shell head -1 packaging/debian/changelog | cut -d' ' -f2 | tr -d '()')
 DSCLIENT_SO ?= $(BUILD)/lib/libdsclient.so.0
@@ -24,7 +27,7 @@ install-bins: $(BUILD)/bin/dsd $(BUILD)/bin/dsctl $(DSCLIENT_SO)
 install: install-bins
 	@set -e; d='$(DESTDIR)'; \
 	install -d "$$d$(BINDIR)" "$$d$(SBINDIR)" "$$d$(LIBDIR)/pkgconfig" "$$d$(INCLUDEDIR)" \
-		"$$d$(SYSCONFDIR)/dsd" "$$d$(UNITDIR)" "$$d$(SYSUSERSDIR)" "$$d$(MODELDIR)/$(DEFAULT_MODEL)"; \
+		"$$d$(SYSCONFDIR)/dsd" "$$d$(UNITDIR)" "$$d$(SYSUSERSDIR)" "$$d$(MODELDIR)"; \
 	install -m 0755 $(BUILD)/bin/dsd "$$d$(SBINDIR)/dsd"; \
 	install -m 0755 $(BUILD)/bin/dsctl "$$d$(BINDIR)/dsctl"; \
 	install -m 0644 $(DSCLIENT_SO) "$$d$(LIBDIR)/libdsclient.so.0"; \
@@ -38,10 +41,14 @@ install: install-bins
 			packaging/systemd/$$u > "$$d$(UNITDIR)/$$u"; chmod 0644 "$$d$(UNITDIR)/$$u"; \
 	done; \
 	install -m 0644 packaging/sysusers/dsd.conf "$$d$(SYSUSERSDIR)/dsd.conf"; \
-	packaging/default-conf.sh conf/dsd.conf.example "$(MODELDIR)/$(DEFAULT_MODEL)" \
+	packaging/default-conf.sh conf/dsd.conf.example "$(MODELDIR)/$(DEFAULT_MODEL_PATH)" \
 		> "$$d$(SYSCONFDIR)/dsd/dsd.conf"; \
 	chmod 0644 "$$d$(SYSCONFDIR)/dsd/dsd.conf"; \
-	install -m 0644 models/$(DEFAULT_MODEL)/* "$$d$(MODELDIR)/$(DEFAULT_MODEL)/"; \
+	test -f models/$(DEFAULT_MODEL_PATH)/config.json || \
+		{ echo "install: models/$(DEFAULT_MODEL_PATH) has no model" >&2; exit 1; }; \
+	rm -rf "$$d$(MODELDIR)/$(DEFAULT_MODEL)"; cp -R models/$(DEFAULT_MODEL) "$$d$(MODELDIR)/"; \
+	find "$$d$(MODELDIR)/$(DEFAULT_MODEL)" -type d -exec chmod 0755 {} +; \
+	find "$$d$(MODELDIR)/$(DEFAULT_MODEL)" -type f -exec chmod 0644 {} +; \
 	for m in $(PKG_MANPAGES); do \
 		s=$${m##*.}; install -d "$$d$(MANDIR)/man$$s"; \
 		install -m 0644 $$m "$$d$(MANDIR)/man$$s/"; \
@@ -57,6 +64,7 @@ rpm:
 
 check-packaging:
 	@./scripts/deps-packaging.sh
+	@bash tests/packaging/manpages.sh
 	@DS_BUILD=$(BUILD) bash tests/packaging/check_packaging.sh
 
 .PHONY: install install-bins deb rpm check-packaging

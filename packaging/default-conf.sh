@@ -1,0 +1,32 @@
+#!/bin/sh
+# default-conf.sh EXAMPLE MODELDIR — prints the configuration file that
+# `make install` installs as /etc/dsd/dsd.conf: conf/dsd.conf.example with
+# the [model] section's path set to the installed default model and
+# backend = auto (CUDA when a GPU answers, the CPU otherwise), since one
+# package serves machines with and without a GPU.
+set -eu
+awk -v model="$2" '
+function flush() {
+	if (sec == "model") {
+		if (!done_path) print "path = " model
+		if (!done_backend) print "backend = auto"
+		done_path = done_backend = 1
+	}
+}
+/^[[:space:]]*\[/ {
+	flush()
+	sec = $0; gsub(/[][[:space:]]/, "", sec)
+	seen_model = seen_model || sec == "model"
+	print; next
+}
+sec == "model" && /^[#;]?[[:space:]]*path[[:space:]]*=/ && !done_path {
+	print "path = " model; done_path = 1; next
+}
+sec == "model" && /^[#;]?[[:space:]]*backend[[:space:]]*=/ && !done_backend {
+	print "backend = auto"; done_backend = 1; next
+}
+{ print }
+END {
+	flush()
+	if (!seen_model) { print ""; print "[model]"; print "path = " model; print "backend = auto" }
+}' "$1"
