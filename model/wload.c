@@ -383,11 +383,14 @@ static int complete(loader *L, int si, int res)
 		return ds_errf(L->e, res, "%s: read of %u bytes at offset %llu: %s", sh->path, s->len - s->req_at,
 			       (unsigned long long)at, strerror(-res));
 	L->res->read_bytes += (uint64_t)res;
-	if (res == 0) {
+	/* An O_DIRECT retry restarts at the block boundary below what we had:
+	 * coming back with no more than before means the file ends there. */
+	if (res == 0 || s->req_at + (unsigned)res <= s->got) {
 		struct stat st;
 		long long size = fstat(sh->fd, &st) == 0 ? (long long)st.st_size : -1;
-		return ds_errf(L->e, -EIO, "%s: ends at byte %llu, tensor data runs to %llu (truncated? %lld bytes now)",
-			       sh->path, (unsigned long long)at, (unsigned long long)(s->off + s->need), size);
+		return ds_errf(L->e, -EIO, "%s: ends before byte %llu, tensor data runs to %llu (truncated? %lld bytes now)",
+			       sh->path, (unsigned long long)(at + (uint64_t)res),
+			       (unsigned long long)(s->off + s->need), size);
 	}
 	if ((unsigned)res > s->len - s->req_at)
 		return ds_errf(L->e, -EIO, "%s: read at offset %llu returned more than asked", sh->path,

@@ -503,7 +503,8 @@ static int hs_chunk(void *ctx, const ds_tensor_ref *t, void *dst, size_t off, co
 	if (k->calls++ != 0)
 		return 0;
 	if (k->what == 0) {
-		assert_int_equal(truncate(k->victim, 20000), 0);
+		/* Inside a read not yet issued (2 buffers of 32 KiB), unaligned. */
+		assert_int_equal(truncate(k->victim, 70000), 0);
 	} else if (k->what == 1) {
 		assert_int_equal(rename(k->spare, k->victim), 0);
 	} else if (k->what == 2) {
@@ -522,7 +523,7 @@ static int hs_chunk(void *ctx, const ds_tensor_ref *t, void *dst, size_t off, co
 
 static void test_file_changes_during_load(void **state)
 {
-	const char *expect[] = { NULL, "replaced during the load", "changed during the load", "changed during the load" };
+	const char *expect[] = { "truncated", "replaced during the load", "changed during the load", "changed during the load" };
 	for (int what = 0; what < 4; what++) {
 		for (int buffered = 0; buffered < 2; buffered++) {
 			char dir[512];
