@@ -14,12 +14,12 @@ mkdir -p "$top"/{SOURCES,SPECS,BUILD,RPMS,SRPMS}
 tar -C "$out" -czf "$top/SOURCES/dsd-$ver.tar.gz" "dsd-$ver"
 rm -rf "$out/dsd-$ver"
 cp "$here/rpm/macros.systemd-fallback" "$top/SOURCES/"
-cp "$here/sysusers/dsd.conf" "$top/SOURCES/dsd.sysusers"
+cp -L "$here/rpm/dsd.sysusers" "$top/SOURCES/dsd.sysusers"
 cp "$here/rpm/dsd.spec" "$top/SPECS/"
 nodeps=()
 [ -f /etc/debian_version ] && nodeps=(--nodeps)
 jobs=$(nproc 2>/dev/null || echo 2)
-rpmbuild -bb "${nodeps[@]}" --define "_topdir $top" --define "_smp_mflags -j$jobs" \
+rpmbuild -bb "${nodeps[@]}" --define "_topdir $top" --define "packager $(sed -n "s/^Maintainer: //p" "$here/debian/control")" --define "_smp_mflags -j$jobs" \
 	"$top/SPECS/dsd.spec" >"$out/build.log" 2>&1 || {
 	tail -60 "$out/build.log"
 	echo "build-rpm: rpmbuild failed; full log in $out/build.log" >&2

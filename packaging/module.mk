@@ -30,7 +30,7 @@ install: install-bins
 		"$$d$(SYSCONFDIR)/dsd" "$$d$(UNITDIR)" "$$d$(SYSUSERSDIR)" "$$d$(MODELDIR)"; \
 	install -m 0755 $(BUILD)/bin/dsd "$$d$(SBINDIR)/dsd"; \
 	install -m 0755 $(BUILD)/bin/dsctl "$$d$(BINDIR)/dsctl"; \
-	install -m 0644 $(DSCLIENT_SO) "$$d$(LIBDIR)/libdsclient.so.0"; \
+	install -m 0755 $(DSCLIENT_SO) "$$d$(LIBDIR)/libdsclient.so.0"; \
 	ln -sf libdsclient.so.0 "$$d$(LIBDIR)/libdsclient.so"; \
 	install -m 0644 client-lib/dsclient.h "$$d$(INCLUDEDIR)/dsclient.h"; \
 	sed -e 's|@PREFIX@|$(PREFIX)|g' -e 's|@LIBDIR@|$(LIBDIR)|g' -e 's|@INCLUDEDIR@|$(INCLUDEDIR)|g' \
