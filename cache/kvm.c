@@ -10,8 +10,6 @@ struct ds_kvm {
 	ds_prefix *pc;       /* NULL with the cache off */
 	ds_sched *sched;
 	int bt, max_running;
-	int32_t *blk;        /* lookup scratch */
-	int cap_blk;
 	ds_step_item *items;
 	ds_kvm_req **ready, **failed;
 	int admit_err;
@@ -23,6 +21,38 @@ static int op_available(void *ctx)
 	return ds_kv_pool_free_count(k->pool) + ds_prefix_cached(k->pc);
 }
 
+int ds_prefix_adopt(ds_prefix *pc, ds_seq *s, const int32_t *tokens, int n)
+{
+	if (!pc)
+		return 0;
+	if (!s || ds_seq_len(s) != 0 || n < 0)
+		return -EINVAL;
+	int bt = ds_kv_pool_block_tokens(ds_prefix_pool(pc));
+	int max_blocks = n / bt + 1;
+	int32_t stackbuf[256];
+	int32_t *blk = max_blocks <= 256 ? stackbuf : malloc(sizeof(int32_t) * (size_t)max_blocks);
+	if (!blk)
+		return -ENOMEM;
+	int hit = ds_prefix_lookup(pc, tokens, n, blk, max_blocks);
+	if (hit > 0) {
+		int rc = ds_seq_adopt_blocks(s, blk, hit / bt, hit);
+		if (rc < 0)
+			hit = rc;
+	}
+	if (blk != stackbuf)
+		free(blk);
+	return hit;
+}
+
+int ds_prefix_offer(ds_prefix *pc, const ds_seq *s, const int32_t *tokens)
+{
+	if (!pc)
+		return 0;
+	int nb;
+	const int32_t *blocks = ds_seq_blocks(s, &nb);
+	return ds_prefix_insert(pc, tokens, ds_seq_len(s), blocks, nb);
+}
+
 static int op_admit(void *ctx, ds_sched_req *sr)
 {
 	ds_kvm *k = ctx;
@@ -30,25 +60,13 @@ static int op_admit(void *ctx, ds_sched_req *sr)
 	int rc = ds_seq_new(k->eng, &r->seq);
 	if (rc)
 		return rc;
-	if (!k->pc)
-		return 0;
-	int need = r->s.n_tokens / k->bt + 1;
-	if (need > k->cap_blk) {
-		int32_t *b = realloc(k->blk, sizeof(int32_t) * (size_t)need);
-		if (!b) {
-			r->seq = ds_seq_free(r->seq);
-			return -ENOMEM;
-		}
-		k->blk = b;
-		k->cap_blk = need;
-	}
-	int hit = ds_prefix_lookup(k->pc, r->tokens, r->s.n_tokens, k->blk, k->cap_blk);
-	if (hit > 0 && (rc = ds_seq_adopt_blocks(r->seq, k->blk, hit / k->bt, hit)) < 0) {
+	int hit = ds_prefix_adopt(k->pc, r->seq, r->tokens, r->s.n_tokens);
+	if (hit < 0) {
 		r->seq = ds_seq_free(r->seq);
-		return rc;
+		return hit;
 	}
 	r->inserted = hit / k->bt;
-	return hit > 0 ? hit : 0;
+	return hit;
 }
 
 static void op_release(void *ctx, ds_sched_req *sr)
@@ -102,7 +120,6 @@ ds_kvm *ds_kvm_free(ds_kvm *k)
 		return NULL;
 	ds_sched_free(k->sched);
 	ds_prefix_free(k->pc);
-	free(k->blk);
 	free(k->items);
 	free(k->ready);
 	free(k->failed);
@@ -209,9 +226,7 @@ int ds_kvm_step(ds_kvm *k, float *logits, ds_kvm_req ***ready, ds_kvm_req ***fai
 			}
 			r->s.n_cached += r->s.n_sched;
 			if (k->pc && r->s.n_cached / k->bt > r->inserted) {
-				int nb;
-				const int32_t *blocks = ds_seq_blocks(r->seq, &nb);
-				ds_prefix_insert(k->pc, r->tokens, r->s.n_cached, blocks, nb);
+				ds_prefix_offer(k->pc, r->seq, r->tokens);
 				r->inserted = r->s.n_cached / k->bt;
 			}
 			if (k->items[i].logits == DS_LOGITS_LAST)
@@ -224,6 +239,11 @@ int ds_kvm_step(ds_kvm *k, float *logits, ds_kvm_req ***ready, ds_kvm_req ***fai
 int ds_kvm_flush(ds_kvm *k)
 {
 	return ds_prefix_flush(k->pc);
+}
+
+ds_prefix *ds_kvm_prefix(ds_kvm *k)
+{
+	return k->pc;
 }
 
 void ds_kvm_stats_get(const ds_kvm *k, ds_kvm_stats *st)

@@ -61,6 +61,15 @@ int ds_kvm_push(ds_kvm_req *r, int32_t tok);
 int ds_kvm_step(ds_kvm *k, float *logits, ds_kvm_req ***ready, ds_kvm_req ***failed, int *n_failed, ds_err *e);
 
 int ds_kvm_flush(ds_kvm *k);
+ds_prefix *ds_kvm_prefix(ds_kvm *k);
+
+/* The two prefix-cache calls a batcher needs around its own ds_sched ops.
+ * Starts the empty s on the longest cached prefix of tokens[0..n) (at most
+ * n - 1 tokens); returns the positions adopted (0 with pc NULL) or -errno. */
+int ds_prefix_adopt(ds_prefix *pc, ds_seq *s, const int32_t *tokens, int n);
+/* After a step: offers s's full blocks of tokens[0..ds_seq_len(s)) (all
+ * final) to the cache. Returns blocks added (0 with pc NULL) or -errno. */
+int ds_prefix_offer(ds_prefix *pc, const ds_seq *s, const int32_t *tokens);
 void ds_kvm_stats_get(const ds_kvm *k, ds_kvm_stats *st);
 
 #endif

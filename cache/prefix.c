@@ -382,6 +382,11 @@ int ds_prefix_flush(ds_prefix *pc)
 	return released;
 }
 
+ds_kv_pool *ds_prefix_pool(const ds_prefix *pc)
+{
+	return pc->pool;
+}
+
 int ds_prefix_cached(const ds_prefix *pc)
 {
 	return pc ? pc->n_cached : 0;

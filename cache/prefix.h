@@ -54,6 +54,7 @@ int ds_prefix_evict(ds_prefix *pc, int want);
  * referenced ones when their sequences release them. Returns blocks released. */
 int ds_prefix_flush(ds_prefix *pc);
 
+ds_kv_pool *ds_prefix_pool(const ds_prefix *pc);
 /* Unreferenced cached blocks (an allocation can get free + this many). */
 int ds_prefix_cached(const ds_prefix *pc);
 void ds_prefix_stats_get(const ds_prefix *pc, ds_prefix_stats *st);
