@@ -1,0 +1,766 @@
+/* cuda_backend.c — the engine's backend ops on one GPU (ds_cuda_backend).
+ * Weights are made resident at create (bf16, or FP8 with their 128x128 scales
+ * when cuBLASLt's block-scaled mode takes the shape; otherwise dequantized to
+ * bf16, counted in ds_cuda_backend_fallbacks). The KV pool is bf16 with the
+ * CPU backend's layout [block][layer][slot][kv_lora_rank + rope]. Activations:
+ * float32 residual stream, bf16 GEMM inputs. One thread drives a backend. */
+#include <cuda_runtime_api.h>
+#include <errno.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/act.h"
+#include "kernels/attn.h"
+#include "kernels/cuda_backend.h"
+#include "kernels/gemm.h"
+#include "kernels/moe.h"
+#include "kernels/norm.h"
+#include "kernels/rope.h"
+#include "model/backend.h"
+#include "model/cpu_ops.h"
+
+#include <cublas_v2.h>
+
+typedef struct {
+	dsk_weight q_proj, q_a, q_b, kv_a, o_proj, gate, up, down, router, sh_gate, sh_up, sh_down, eh_proj, head;
+	dsk_weight *eg, *eu, *ed;
+	float *input_norm, *post_norm, *q_a_norm, *kv_a_norm, *router_bias, *enorm, *hnorm, *head_norm;
+	dsk_bf16 *kvb;     /* kv_b_proj in bf16 [nh*(nope+v)][kvl] */
+	dsk_bf16 *mtp_embed;
+} dlayer;
+
+struct ds_backend {
+	const ds_model *m;
+	int dev, sms;
+	cudaStream_t s;
+	cublasHandle_t blas;
+	dsk_gemm *gemm;
+	void **allocs;
+	int n_allocs, cap_allocs;
+	size_t weight_bytes;
+	int fallbacks;
+	dlayer *L;
+	dsk_bf16 *embed;
+	float *final_norm, *inv_freq;
+	dsk_weight lm_head;
+	float attn_factor, softmax_scale;
+	int kv_blocks, block_tokens;
+	dsk_bf16 *kv;
+	size_t kv_layer_stride, kv_block_stride; /* elements */
+	/* step workspace, sized for cap_T tokens */
+	int cap_T, cap_seqs, cap_mb;
+	char *ws;
+	float *x, *y, *q, *qa, *kvx, *qabs, *g, *u, *logits_r, *moe_w, *gp, *up, *yp, *ysh, *attn_ws, *of, *hin;
+	dsk_bf16 *xn, *qan, *qb, *lat, *o, *h, *xp, *hp, *sel;
+	int32_t *tok, *pos, *seq, *tables, *ids, *cnt, *off, *ppos, *row_tok, *sel_idx;
+	int moe_rows;
+	size_t attn_ws_n;
+	int32_t *h_i32;  /* pinned host staging */
+	float *h_f32;
+	size_t h_cap;
+};
+
+int ds_cuda_backend_fallbacks(const ds_backend *b) { return b->fallbacks; }
+int ds_cuda_backend_kv_blocks(const ds_backend *b) { return b->kv_blocks; }
+
+static int cerr(ds_err *e, cudaError_t err, const char *what)
+{
+	return ds_errf(e, err == cudaErrorMemoryAllocation ? -ENOMEM : -EIO, "cuda backend: %s: %s", what,
+		       cudaGetErrorString(err));
+}
+
+static void *dalloc(ds_backend *b, size_t bytes, ds_err *e, int *rc)
+{
+	void *p = NULL;
+	if (*rc)
+		return NULL;
+	if (b->n_allocs == b->cap_allocs) {
+		int cap = b->cap_allocs ? 2 * b->cap_allocs : 256;
+		void **n = realloc(b->allocs, sizeof(void *) * (size_t)cap);
+		if (!n) {
+			*rc = -ENOMEM;
+			return NULL;
+		}
+		b->allocs = n;
+		b->cap_allocs = cap;
+	}
+	cudaError_t err = cudaMalloc(&p, bytes ? bytes : 16);
+	if (err != cudaSuccess) {
+		cudaGetLastError();
+		*rc = ds_errf(e, -ENOMEM, "cuda backend: out of GPU memory allocating %zu bytes", bytes);
+		return NULL;
+	}
+	b->allocs[b->n_allocs++] = p;
+	return p;
+}
+
+static int upload(void *dst, const void *src, size_t n, ds_err *e)
+{
+	cudaError_t err = cudaMemcpy(dst, src, n, cudaMemcpyHostToDevice);
+	return err == cudaSuccess ? 0 : cerr(e, err, "weight upload");
+}
+
+/* Any stored dtype to bf16 rows, converted on the host a row at a time. */
+static dsk_bf16 *upload_bf16(ds_backend *b, const ds_wmat *W, ds_err *e, int *rc)
+{
+	const size_t n = (size_t)W->rows * W->cols;
+	dsk_bf16 *d = dalloc(b, n * 2, e, rc);
+	if (*rc)
+		return NULL;
+	b->weight_bytes += n * 2;
+	if (W->w->dtype == DS_DT_BF16) {
+		*rc = upload(d, W->w->data, n * 2, e);
+		return d;
+	}
+	const int rows_per = 256;
+	float *row = malloc(sizeof(float) * (size_t)W->cols);
+	uint16_t *buf = malloc(sizeof(uint16_t) * (size_t)W->cols * rows_per);
+	if (!row || !buf) {
+		*rc = -ENOMEM;
+	} else {
+		for (int r0 = 0; r0 < W->rows && !*rc; r0 += rows_per) {
+			int nr = W->rows - r0 < rows_per ? W->rows - r0 : rows_per;
+			for (int r = 0; r < nr; r++) {
+				ds_cpu_weight_row(row, W, r0 + r);
+				for (int c = 0; c < W->cols; c++)
+					buf[(size_t)r * W->cols + c] = ds_f32_to_bf16(row[c]);
+			}
+			*rc = upload(d + (size_t)r0 * W->cols, buf, sizeof(uint16_t) * (size_t)nr * W->cols, e);
+		}
+	}
+	free(row);
+	free(buf);
+	return d;
+}
+
+static void load_weight(ds_backend *b, const ds_wmat *W, dsk_weight *out, ds_err *e, int *rc)
+{
+	memset(out, 0, sizeof(*out));
+	if (*rc || !W->w)
+		return;
+	out->rows = W->rows;
+	out->cols = W->cols;
+	if (W->w->dtype == DS_DT_F8_E4M3 && dsk_gemm_fp8_ok(W->rows, W->cols)) {
+		const int sr = (W->rows + 127) / 128, sc = (W->cols + 127) / 128, sld = (sc + 3) & ~3;
+		float *hs = calloc((size_t)sr * sld, sizeof(float));
+		if (!hs) {
+			*rc = -ENOMEM;
+			return;
+		}
+		for (int r = 0; r < sr; r++)
+			for (int c = 0; c < sc; c++) {
+				size_t i = (size_t)r * sc + c;
+				hs[(size_t)r * sld + c] = W->scale_inv->dtype == DS_DT_F32
+								  ? ((const float *)W->scale_inv->data)[i]
+								  : ds_bf16_to_f32(((const uint16_t *)W->scale_inv->data)[i]);
+			}
+		size_t n = (size_t)W->rows * W->cols;
+		void *dw = dalloc(b, n, e, rc);
+		float *ds = dalloc(b, sizeof(float) * (size_t)sr * sld, e, rc);
+		if (!*rc)
+			*rc = upload(dw, W->w->data, n, e);
+		if (!*rc)
+			*rc = upload(ds, hs, sizeof(float) * (size_t)sr * sld, e);
+		free(hs);
+		out->type = DSK_W_FP8;
+		out->w = dw;
+		out->scale = ds;
+		out->sld = sld;
+		b->weight_bytes += n + sizeof(float) * (size_t)sr * sld;
+		return;
+	}
+	if (W->w->dtype == DS_DT_F8_E4M3)
+		b->fallbacks++;
+	out->type = DSK_W_BF16;
+	out->w = upload_bf16(b, W, e, rc);
+}
+
+static float *load_vec(ds_backend *b, ds_wvec t, int n, ds_err *e, int *rc)
+{
+	if (*rc || !t)
+		return NULL;
+	float *h = malloc(sizeof(float) * (size_t)n);
+	if (!h) {
+		*rc = -ENOMEM;
+		return NULL;
+	}
+	ds_cpu_vec_load(h, t, n);
+	float *d = dalloc(b, sizeof(float) * (size_t)n, e, rc);
+	if (!*rc)
+		*rc = upload(d, h, sizeof(float) * (size_t)n, e);
+	free(h);
+	return d;
+}
+
+static dsk_bf16 *load_embed(ds_backend *b, const ds_tensor_ref *t, int rows, int cols, ds_err *e, int *rc)
+{
+	ds_wmat w = { .w = t, .rows = rows, .cols = cols };
+	if (*rc || !t)
+		return NULL;
+	return upload_bf16(b, &w, e, rc);
+}
+
+static void destroy(ds_backend *b)
+{
+	if (!b)
+		return;
+	if (b->s)
+		cudaStreamSynchronize(b->s);
+	for (int i = 0; i < b->n_allocs; i++)
+		cudaFree(b->allocs[i]);
+	free(b->allocs);
+	cudaFree(b->ws);
+	cudaFreeHost(b->h_i32);
+	cudaFreeHost(b->h_f32);
+	if (b->L) {
+		for (int i = 0; i < b->m->n_layers + b->m->n_mtp; i++) {
+			free(b->L[i].eg);
+			free(b->L[i].eu);
+			free(b->L[i].ed);
+		}
+	}
+	free(b->L);
+	dsk_gemm_free(b->gemm);
+	if (b->blas)
+		cublasDestroy(b->blas);
+	if (b->s)
+		cudaStreamDestroy(b->s);
+	free(b);
+}
+
+/* Bytes of weights the GPU will hold (FP8 kept as FP8 where cuBLASLt takes it). */
+static size_t weights_needed(const ds_model *m)
+{
+	size_t total = 0;
+	for (size_t i = 0; i < ds_weights_count(m->weights); i++) {
+		const ds_tensor_ref *t = ds_weights_at(m->weights, i);
+		if (!t->used)
+			continue;
+		size_t n = t->nbytes / (ds_dtype_size(t->dtype) ? ds_dtype_size(t->dtype) : 1);
+		total += t->dtype == DS_DT_F8_E4M3 ? n : t->dtype == DS_DT_F32 && t->ndim == 2 ? 2 * n : t->nbytes;
+	}
+	return total;
+}
+
+static int create(const ds_model *m, const ds_backend_config *cfg, ds_backend **out, ds_err *e)
+{
+	const ds_config *c = &m->cfg;
+	int ndev = 0;
+	cudaError_t err = cudaGetDeviceCount(&ndev);
+	if (err != cudaSuccess || ndev == 0) {
+		cudaGetLastError();
+		return ds_errf(e, -ENODEV, "cuda backend: no GPU (%s)", err != cudaSuccess ? cudaGetErrorString(err) : "none");
+	}
+	if (cfg->device < 0 || cfg->device >= ndev)
+		return ds_errf(e, -ENODEV, "cuda backend: GPU %d does not exist (%d present)", cfg->device, ndev);
+	if (cfg->block_tokens <= 0)
+		return ds_errf(e, -EINVAL, "cuda backend: block_tokens must be > 0");
+	if (c->kv_lora_rank > 512 || (ds_config_kv_dim(c)) % 8 || c->qk_rope_head_dim > 512)
+		return ds_errf(e, -ENOTSUP, "cuda backend: kv_lora_rank %d / rope %d not supported by the attention kernel",
+			       c->kv_lora_rank, c->qk_rope_head_dim);
+	if (c->hidden_size % 8)
+		return ds_errf(e, -ENOTSUP, "cuda backend: hidden_size %d is not a multiple of 8", c->hidden_size);
+	if ((err = cudaSetDevice(cfg->device)) != cudaSuccess)
+		return cerr(e, err, "set device");
+	size_t free_b = 0, total_b = 0;
+	if ((err = cudaMemGetInfo(&free_b, &total_b)) != cudaSuccess)
+		return cerr(e, err, "memory info");
+	const size_t need = weights_needed(m);
+	if (need > free_b)
+		return ds_errf(e, -ENOMEM, "cuda backend: the model needs %.2f GiB of GPU memory for weights, %.2f GiB free",
+			       need / 1073741824.0, free_b / 1073741824.0);
+
+	ds_backend *b = calloc(1, sizeof(*b));
+	if (!b)
+		return -ENOMEM;
+	b->m = m;
+	b->dev = cfg->device;
+	b->block_tokens = cfg->block_tokens;
+	int rc = 0;
+	cudaDeviceGetAttribute(&b->sms, cudaDevAttrMultiProcessorCount, b->dev);
+	if ((err = cudaStreamCreateWithFlags(&b->s, cudaStreamNonBlocking)) != cudaSuccess) {
+		destroy(b);
+		return cerr(e, err, "stream");
+	}
+	if (cublasCreate(&b->blas) != CUBLAS_STATUS_SUCCESS) {
+		b->blas = NULL;
+		destroy(b);
+		return ds_errf(e, -EIO, "cuda backend: cublasCreate failed");
+	}
+	cublasSetStream(b->blas, b->s);
+	if ((rc = dsk_gemm_create(b->s, &b->gemm, e))) {
+		destroy(b);
+		return rc;
+	}
+
+	const int NL = m->n_layers + m->n_mtp, H = c->hidden_size;
+	b->L = calloc((size_t)NL, sizeof(dlayer));
+	if (!b->L) {
+		destroy(b);
+		return -ENOMEM;
+	}
+	b->embed = load_embed(b, m->embed, c->vocab_size, H, e, &rc);
+	b->final_norm = load_vec(b, m->final_norm, H, e, &rc);
+	load_weight(b, &m->lm_head, &b->lm_head, e, &rc);
+	for (int i = 0; i < NL && !rc; i++) {
+		const ds_layer_w *w = &m->layers[i];
+		dlayer *d = &b->L[i];
+		d->input_norm = load_vec(b, w->input_norm, H, e, &rc);
+		d->post_norm = load_vec(b, w->post_attn_norm, H, e, &rc);
+		d->q_a_norm = load_vec(b, w->q_a_norm, c->q_lora_rank, e, &rc);
+		d->kv_a_norm = load_vec(b, w->kv_a_norm, c->kv_lora_rank, e, &rc);
+		d->router_bias = load_vec(b, w->router_bias, c->n_routed_experts, e, &rc);
+		d->enorm = load_vec(b, w->enorm, H, e, &rc);
+		d->hnorm = load_vec(b, w->hnorm, H, e, &rc);
+		d->head_norm = load_vec(b, w->head_norm, H, e, &rc);
+		if (c->q_lora_rank > 0) {
+			load_weight(b, &w->q_a_proj, &d->q_a, e, &rc);
+			load_weight(b, &w->q_b_proj, &d->q_b, e, &rc);
+		} else {
+			load_weight(b, &w->q_proj, &d->q_proj, e, &rc);
+		}
+		load_weight(b, &w->kv_a_proj, &d->kv_a, e, &rc);
+		d->kvb = rc ? NULL : upload_bf16(b, &w->kv_b_proj, e, &rc);
+		load_weight(b, &w->o_proj, &d->o_proj, e, &rc);
+		if (w->is_moe) {
+			const int E = c->n_routed_experts;
+			load_weight(b, &w->router, &d->router, e, &rc);
+			d->eg = calloc((size_t)E, sizeof(dsk_weight));
+			d->eu = calloc((size_t)E, sizeof(dsk_weight));
+			d->ed = calloc((size_t)E, sizeof(dsk_weight));
+			if (!d->eg || !d->eu || !d->ed)
+				rc = -ENOMEM;
+			for (int x = 0; x < E && !rc; x++) {
+				load_weight(b, &w->exp_gate[x], &d->eg[x], e, &rc);
+				load_weight(b, &w->exp_up[x], &d->eu[x], e, &rc);
+				load_weight(b, &w->exp_down[x], &d->ed[x], e, &rc);
+			}
+			if (c->n_shared_experts > 0) {
+				load_weight(b, &w->sh_gate, &d->sh_gate, e, &rc);
+				load_weight(b, &w->sh_up, &d->sh_up, e, &rc);
+				load_weight(b, &w->sh_down, &d->sh_down, e, &rc);
+			}
+		} else {
+			load_weight(b, &w->gate_proj, &d->gate, e, &rc);
+			load_weight(b, &w->up_proj, &d->up, e, &rc);
+			load_weight(b, &w->down_proj, &d->down, e, &rc);
+		}
+		if (w->is_mtp) {
+			load_weight(b, &w->eh_proj, &d->eh_proj, e, &rc);
+			load_weight(b, &w->head, &d->head, e, &rc);
+			d->mtp_embed = load_embed(b, w->mtp_embed, c->vocab_size, H, e, &rc);
+		}
+	}
+	float inv_freq[512];
+	ds_rope_inv_freq(c, inv_freq, &b->attn_factor);
+	b->softmax_scale = (float)ds_config_softmax_scale(c);
+	b->inv_freq = dalloc(b, sizeof(float) * 256, e, &rc);
+	if (!rc)
+		rc = upload(b->inv_freq, inv_freq, sizeof(float) * (size_t)(c->qk_rope_head_dim / 2), e);
+	if (rc) {
+		destroy(b);
+		return rc;
+	}
+
+	const int kvd = ds_config_kv_dim(c);
+	b->kv_layer_stride = (size_t)b->block_tokens * kvd;
+	b->kv_block_stride = b->kv_layer_stride * NL;
+	const size_t block_bytes = sizeof(dsk_bf16) * b->kv_block_stride;
+	b->kv_blocks = cfg->kv_blocks;
+	if (b->kv_blocks <= 0) {
+		double f = cfg->gpu_kv_fraction > 0 && cfg->gpu_kv_fraction < 1 ? cfg->gpu_kv_fraction : 0.9;
+		if ((err = cudaMemGetInfo(&free_b, &total_b)) != cudaSuccess) {
+			destroy(b);
+			return cerr(e, err, "memory info");
+		}
+		b->kv_blocks = (int)((double)free_b * f / (double)block_bytes);
+		if (b->kv_blocks < 1) {
+			destroy(b);
+			return ds_errf(e, -ENOMEM, "cuda backend: %.2f GiB free after the weights holds no %zu-byte KV block",
+				       free_b / 1073741824.0, block_bytes);
+		}
+		/* The engine passes its own config and reads the count back. */
+		((ds_backend_config *)cfg)->kv_blocks = b->kv_blocks;
+	}
+	b->kv = dalloc(b, block_bytes * (size_t)b->kv_blocks, e, &rc);
+	if (rc) {
+		destroy(b);
+		return rc;
+	}
+	*out = b;
+	return 0;
+}
+
+static size_t weight_bytes(const ds_backend *b) { return b->weight_bytes; }
+
+/* Carves the step workspace for T tokens and n_seqs tables of mb blocks. */
+static int ensure_ws(ds_backend *b, int T, int n_seqs, int mb, ds_err *e)
+{
+	if (T <= b->cap_T && n_seqs <= b->cap_seqs && mb <= b->cap_mb)
+		return 0;
+	const ds_config *c = &b->m->cfg;
+	int cT = T > b->cap_T ? (T < 64 ? 64 : T) : b->cap_T;
+	int cs = n_seqs > b->cap_seqs ? (n_seqs < 64 ? 64 : n_seqs) : b->cap_seqs;
+	int cm = mb > b->cap_mb ? (mb < 64 ? 64 : mb) : b->cap_mb;
+	const int Tp = dsk_gemm_pad(cT);
+	const int H = c->hidden_size, nh = c->num_attention_heads, qk = ds_config_qk_head_dim(c);
+	const int kvl = c->kv_lora_rank, kvd = ds_config_kv_dim(c), vd = c->v_head_dim;
+	const int E = c->n_routed_experts > 0 ? c->n_routed_experts : 1, K = c->num_experts_per_tok > 0 ? c->num_experts_per_tok : 1;
+	int I = c->intermediate_size;
+	const int SI = c->moe_intermediate_size * (c->n_shared_experts > 0 ? c->n_shared_experts : 1);
+	if (SI > I)
+		I = SI;
+	if (c->moe_intermediate_size > I)
+		I = c->moe_intermediate_size;
+	const int P = cT * K + 15 * E;
+	const int nsplit_max = 64;
+	size_t attn_n = dsk_attn_ws_floats(cT, nh, kvl, dsk_attn_splits(cT, nh, 1 << 30, b->sms));
+	size_t alt = dsk_attn_ws_floats(1, nh, kvl, nsplit_max);
+	if (alt > attn_n)
+		attn_n = (size_t)nsplit_max * nh * (kvl + 2) * (cT < 8 ? cT : 8);
+	if (attn_n < dsk_attn_ws_floats(cT, nh, kvl, 1))
+		attn_n = dsk_attn_ws_floats(cT, nh, kvl, 1);
+	size_t off = 0;
+#define CARVE(ptr, type, n)                                             \
+	do {                                                            \
+		b->ptr = (type *)(uintptr_t)off;                        \
+		off += ((sizeof(type) * (size_t)(n)) + 255) & ~(size_t)255; \
+	} while (0)
+	CARVE(x, float, (size_t)Tp * H);
+	CARVE(y, float, (size_t)Tp * 2 * H);
+	CARVE(hin, float, (size_t)Tp * H);
+	CARVE(of, float, (size_t)Tp * H);
+	CARVE(q, float, (size_t)Tp * nh * qk);
+	CARVE(qa, float, (size_t)Tp * (c->q_lora_rank > 0 ? c->q_lora_rank : 1));
+	CARVE(kvx, float, (size_t)Tp * kvd);
+	CARVE(qabs, float, (size_t)Tp * nh * kvl);
+	CARVE(g, float, (size_t)Tp * I);
+	CARVE(u, float, (size_t)Tp * I);
+	CARVE(logits_r, float, (size_t)Tp * E);
+	CARVE(moe_w, float, (size_t)cT * K);
+	CARVE(gp, float, (size_t)P * c->moe_intermediate_size);
+	CARVE(up, float, (size_t)P * c->moe_intermediate_size);
+	CARVE(yp, float, (size_t)P * H);
+	CARVE(ysh, float, (size_t)Tp * H);
+	CARVE(attn_ws, float, attn_n);
+	CARVE(xn, dsk_bf16, (size_t)Tp * 2 * H);
+	CARVE(qan, dsk_bf16, (size_t)Tp * (c->q_lora_rank > 0 ? c->q_lora_rank : 1));
+	CARVE(qb, dsk_bf16, (size_t)Tp * nh * qk);
+	CARVE(lat, dsk_bf16, (size_t)Tp * nh * kvl);
+	CARVE(o, dsk_bf16, (size_t)Tp * nh * vd);
+	CARVE(h, dsk_bf16, (size_t)Tp * I);
+	CARVE(xp, dsk_bf16, (size_t)P * H);
+	CARVE(hp, dsk_bf16, (size_t)P * c->moe_intermediate_size);
+	CARVE(sel, dsk_bf16, (size_t)Tp * H);
+	CARVE(tok, int32_t, Tp);
+	CARVE(pos, int32_t, Tp);
+	CARVE(seq, int32_t, Tp);
+	CARVE(sel_idx, int32_t, Tp);
+	CARVE(tables, int32_t, (size_t)cs * cm);
+	CARVE(ids, int32_t, (size_t)cT * K);
+	CARVE(cnt, int32_t, E);
+	CARVE(off, int32_t, E + 1);
+	CARVE(ppos, int32_t, (size_t)cT * K);
+	CARVE(row_tok, int32_t, P);
+#undef CARVE
+	cudaStreamSynchronize(b->s);
+	cudaFree(b->ws);
+	b->ws = NULL;
+	b->cap_T = b->cap_seqs = b->cap_mb = 0;
+	cudaError_t err = cudaMalloc((void **)&b->ws, off);
+	if (err != cudaSuccess) {
+		cudaGetLastError();
+		return ds_errf(e, -ENOMEM, "cuda backend: no GPU memory for a %d-token step (%.1f MiB)", cT, off / 1048576.0);
+	}
+	/* Padding rows are read by GEMMs: keep them finite. */
+	cudaMemset(b->ws, 0, off);
+	char *base = b->ws;
+#define FIX(ptr) b->ptr = (void *)(base + (uintptr_t)b->ptr)
+	FIX(x); FIX(y); FIX(hin); FIX(of); FIX(q); FIX(qa); FIX(kvx); FIX(qabs); FIX(g); FIX(u); FIX(logits_r);
+	FIX(moe_w); FIX(gp); FIX(up); FIX(yp); FIX(ysh); FIX(attn_ws); FIX(xn); FIX(qan); FIX(qb); FIX(lat); FIX(o);
+	FIX(h); FIX(xp); FIX(hp); FIX(sel); FIX(tok); FIX(pos); FIX(seq); FIX(sel_idx); FIX(tables); FIX(ids);
+	FIX(cnt); FIX(off); FIX(ppos); FIX(row_tok);
+#undef FIX
+	b->moe_rows = P;
+	b->attn_ws_n = attn_n;
+	b->cap_T = cT;
+	b->cap_seqs = cs;
+	b->cap_mb = cm;
+	size_t hneed = (size_t)cs * cm + 4 * (size_t)Tp + 2 * (size_t)E + 8;
+	if (hneed > b->h_cap) {
+		cudaFreeHost(b->h_i32);
+		b->h_i32 = NULL;
+		b->h_cap = 0;
+		if ((err = cudaMallocHost((void **)&b->h_i32, sizeof(int32_t) * hneed)) != cudaSuccess) {
+			cudaGetLastError();
+			return ds_errf(e, -ENOMEM, "cuda backend: no pinned host memory");
+		}
+		b->h_cap = hneed;
+	}
+	return 0;
+}
+
+#define TRY(call)                  \
+	do {                       \
+		if ((rc = (call))) \
+			return rc; \
+	} while (0)
+
+static int gemm(ds_backend *b, float *out, int ldo, const dsk_bf16 *x, int M, const dsk_weight *W, ds_err *e)
+{
+	return dsk_gemm_run(b->gemm, out, ldo, x, M, W, e);
+}
+
+static int mlp(ds_backend *b, const dsk_weight *g, const dsk_weight *u, const dsk_weight *d, const dsk_bf16 *x,
+	       int M, float *gb, float *ub, dsk_bf16 *hb, float *out, ds_err *e)
+{
+	int rc;
+	const int I = g->rows;
+	TRY(gemm(b, gb, I, x, M, g, e));
+	TRY(gemm(b, ub, I, x, M, u, e));
+	TRY(dsk_silu_mul(hb, gb, ub, dsk_gemm_pad(M), I, b->s, e));
+	return gemm(b, out, d->rows, hb, M, d, e);
+}
+
+static int blas_err(ds_err *e, cublasStatus_t st, const char *what)
+{
+	return st == CUBLAS_STATUS_SUCCESS ? 0 : ds_errf(e, -EIO, "cublas: %s: status %d", what, (int)st);
+}
+
+static int attention(ds_backend *b, int li, int T, int max_len, const dsk_kv_geom *geo, ds_err *e)
+{
+	const ds_config *c = &b->m->cfg;
+	const dlayer *d = &b->L[li];
+	const int nh = c->num_attention_heads, nope = c->qk_nope_head_dim, rope = c->qk_rope_head_dim;
+	const int qk = nope + rope, vd = c->v_head_dim, kvl = c->kv_lora_rank, kvd = kvl + rope;
+	int rc;
+	if (c->q_lora_rank > 0) {
+		TRY(gemm(b, b->qa, c->q_lora_rank, b->xn, T, &d->q_a, e));
+		TRY(dsk_add_rmsnorm(b->qa, NULL, d->q_a_norm, T, c->q_lora_rank, c->rms_norm_eps, b->qan, c->q_lora_rank,
+				    NULL, b->s, e));
+		TRY(gemm(b, b->q, nh * qk, b->qan, T, &d->q_b, e));
+	} else {
+		TRY(gemm(b, b->q, nh * qk, b->xn, T, &d->q_proj, e));
+	}
+	TRY(gemm(b, b->kvx, kvd, b->xn, T, &d->kv_a, e));
+	TRY(dsk_mla_prep(geo, li, b->kvx, d->kv_a_norm, c->rms_norm_eps, b->q, b->qb, nh, nope, rope, kvl, b->inv_freq,
+			 b->attn_factor, b->seq, b->pos, T, b->s, e));
+	/* qabs[t][h] = W_UK_h^T q_nope[t][h]: per head, (kvl x nope) * (nope x T). */
+	const float one = 1.0f, zero = 0.0f;
+	cublasStatus_t st = cublasGemmStridedBatchedEx(
+		b->blas, CUBLAS_OP_N, CUBLAS_OP_N, kvl, T, nope, &one, d->kvb, CUDA_R_16BF, kvl,
+		(long long)(nope + vd) * kvl, b->qb, CUDA_R_16BF, nh * qk, qk, &zero, b->qabs, CUDA_R_32F, nh * kvl, kvl, nh,
+		CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+	TRY(blas_err(e, st, "W_UK absorption"));
+	const int nsplit = dsk_attn_splits(T, nh, max_len, b->sms);
+	dsk_attn_args a = { .g = *geo, .layer = li, .q = b->q, .qabs = b->qabs, .nh = nh, .nope = nope, .rope = rope,
+			    .kvl = kvl, .seq = b->seq, .pos = b->pos, .T = T, .max_len = max_len,
+			    .scale = b->softmax_scale, .ws = b->attn_ws, .lat = b->lat };
+	int ns = nsplit;
+	while (ns > 1 && dsk_attn_ws_floats(T, nh, kvl, ns) > b->attn_ws_n)
+		ns--;
+	TRY(dsk_mla_attention(&a, ns, b->s, e));
+	/* o[t][h] = W_UV_h lat[t][h]: per head, (vd x kvl) * (kvl x T). */
+	st = cublasGemmStridedBatchedEx(b->blas, CUBLAS_OP_T, CUBLAS_OP_N, vd, T, kvl, &one, d->kvb + (size_t)nope * kvl,
+					CUDA_R_16BF, kvl, (long long)(nope + vd) * kvl, b->lat, CUDA_R_16BF, nh * kvl, kvl,
+					&zero, b->o, CUDA_R_16BF, nh * vd, vd, nh, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+	TRY(blas_err(e, st, "W_UV"));
+	return gemm(b, b->y, c->hidden_size, b->o, T, &d->o_proj, e);
+}
+
+static int moe(ds_backend *b, int li, int T, ds_err *e)
+{
+	const ds_config *c = &b->m->cfg;
+	const dlayer *d = &b->L[li];
+	const int H = c->hidden_size, E = c->n_routed_experts, K = c->num_experts_per_tok;
+	const int I = c->moe_intermediate_size;
+	int rc;
+	TRY(gemm(b, b->logits_r, E, b->xn, T, &d->router, e));
+	dsk_route_cfg rcfg = { .E = E, .K = K, .n_group = c->n_group, .topk_group = c->topk_group,
+			       .sigmoid = c->scoring_func == DS_SCORE_SIGMOID, .method = (int)c->topk_method,
+			       .norm_topk = c->norm_topk_prob, .scale = c->routed_scaling_factor };
+	TRY(dsk_moe_route(&rcfg, b->logits_r, d->router_bias, T, b->ids, b->moe_w, b->s, e));
+	TRY(dsk_moe_plan(b->ids, T, K, E, b->cnt, b->off, b->ppos, b->row_tok, b->moe_rows, b->s, e));
+	/* The expert row counts come back to the host to size each GEMM. */
+	int32_t *hoff = b->h_i32;
+	cudaError_t err = cudaMemcpyAsync(hoff, b->off, sizeof(int32_t) * (size_t)(E + 1), cudaMemcpyDeviceToHost, b->s);
+	if (err == cudaSuccess)
+		err = cudaStreamSynchronize(b->s);
+	if (err != cudaSuccess)
+		return cerr(e, err, "moe plan");
+	const int P = hoff[E];
+	TRY(dsk_moe_gather(b->xp, b->xn, b->row_tok, P, H, b->s, e));
+	for (int x = 0; x < E; x++) {
+		const int r0 = hoff[x], n = hoff[x + 1] - r0;
+		if (n == 0)
+			continue;
+		TRY(gemm(b, b->gp + (size_t)r0 * I, I, b->xp + (size_t)r0 * H, n, &d->eg[x], e));
+		TRY(gemm(b, b->up + (size_t)r0 * I, I, b->xp + (size_t)r0 * H, n, &d->eu[x], e));
+		TRY(dsk_silu_mul(b->hp + (size_t)r0 * I, b->gp + (size_t)r0 * I, b->up + (size_t)r0 * I, n, I, b->s, e));
+		TRY(gemm(b, b->yp + (size_t)r0 * H, H, b->hp + (size_t)r0 * I, n, &d->ed[x], e));
+	}
+	const float *shared = NULL;
+	if (c->n_shared_experts > 0) {
+		TRY(mlp(b, &d->sh_gate, &d->sh_up, &d->sh_down, b->xn, T, b->g, b->u, b->h, b->ysh, e));
+		shared = b->ysh;
+	}
+	return dsk_moe_combine(b->y, shared, b->yp, b->ppos, b->moe_w, T, K, H, b->s, e);
+}
+
+static int block(ds_backend *b, int li, int T, int max_len, const dsk_kv_geom *geo, int first, ds_err *e)
+{
+	const ds_config *c = &b->m->cfg;
+	const dlayer *d = &b->L[li];
+	const int H = c->hidden_size;
+	int rc;
+	/* The previous block's MLP output joins the residual here. */
+	TRY(dsk_add_rmsnorm(b->x, first ? NULL : b->y, d->input_norm, T, H, c->rms_norm_eps, b->xn, H, NULL, b->s, e));
+	TRY(attention(b, li, T, max_len, geo, e));
+	TRY(dsk_add_rmsnorm(b->x, b->y, d->post_norm, T, H, c->rms_norm_eps, b->xn, H, NULL, b->s, e));
+	if (b->m->layers[li].is_moe)
+		return moe(b, li, T, e);
+	return mlp(b, &d->gate, &d->up, &d->down, b->xn, T, b->g, b->u, b->h, b->y, e);
+}
+
+static int forward(ds_backend *b, const ds_batch *bt, ds_step_out *out, ds_err *e)
+{
+	const ds_model *m = b->m;
+	const ds_config *c = &m->cfg;
+	const int H = c->hidden_size, V = c->vocab_size;
+	int T = 0, mb = 1, max_len = 1, rc;
+	for (int s = 0; s < bt->n_seqs; s++) {
+		if (bt->n_new[s] < 1 || bt->pos0[s] < 0 || bt->logits_from[s] < 0 || bt->logits_from[s] > bt->n_new[s])
+			return ds_errf(e, -EINVAL, "cuda backend: bad batch entry %d", s);
+		T += bt->n_new[s];
+		int len = bt->pos0[s] + bt->n_new[s];
+		int nb = (len + b->block_tokens - 1) / b->block_tokens;
+		if (nb > mb)
+			mb = nb;
+		if (len > max_len)
+			max_len = len;
+	}
+	if (bt->n_seqs < 1)
+		return ds_errf(e, -EINVAL, "cuda backend: empty batch");
+	if (bt->mtp < 0 || bt->mtp > m->n_mtp)
+		return ds_errf(e, -EINVAL, "cuda backend: MTP layer %d not in the model (%d)", bt->mtp, m->n_mtp);
+	if (bt->mtp && !bt->hidden_in)
+		return ds_errf(e, -EINVAL, "cuda backend: an MTP step needs hidden_in");
+	for (int t = 0; t < T; t++)
+		if (bt->tokens[t] < 0 || bt->tokens[t] >= V)
+			return ds_errf(e, -EINVAL, "cuda backend: token id %d outside the vocabulary (%d)", bt->tokens[t], V);
+	for (int s = 0; s < bt->n_seqs; s++) {
+		int nb = (bt->pos0[s] + bt->n_new[s] + b->block_tokens - 1) / b->block_tokens;
+		for (int i = 0; i < nb; i++)
+			if (bt->block_tables[s][i] < 0 || bt->block_tables[s][i] >= b->kv_blocks)
+				return ds_errf(e, -EINVAL, "cuda backend: sequence %d names KV block %d of %d", s,
+					       bt->block_tables[s][i], b->kv_blocks);
+	}
+	TRY(ensure_ws(b, T, bt->n_seqs, mb, e));
+	if ((cudaSetDevice(b->dev)) != cudaSuccess)
+		return cerr(e, cudaGetLastError(), "set device");
+
+	/* Token ids, positions, sequences, block tables and the logit rows go
+	 * up in one staging buffer. */
+	int32_t *hs = b->h_i32;
+	const int Tp = dsk_gemm_pad(T);
+	int32_t *h_tok = hs, *h_pos = hs + Tp, *h_seq = hs + 2 * Tp, *h_sel = hs + 3 * Tp, *h_tab = hs + 4 * Tp;
+	int rows = 0;
+	for (int s = 0, t = 0; s < bt->n_seqs; s++) {
+		for (int j = 0; j < bt->n_new[s]; j++, t++) {
+			h_tok[t] = bt->tokens[t];
+			h_pos[t] = bt->pos0[s] + j;
+			h_seq[t] = s;
+			if (j >= bt->logits_from[s])
+				h_sel[rows++] = t;
+		}
+		int nb = (bt->pos0[s] + bt->n_new[s] + b->block_tokens - 1) / b->block_tokens;
+		memcpy(h_tab + (size_t)s * mb, bt->block_tables[s], sizeof(int32_t) * (size_t)nb);
+	}
+	cudaError_t err;
+#define UP(dst, src, n)                                                                                          \
+	do {                                                                                                     \
+		if ((err = cudaMemcpyAsync(dst, src, sizeof(int32_t) * (size_t)(n), cudaMemcpyHostToDevice, b->s)) != \
+		    cudaSuccess)                                                                                 \
+			return cerr(e, err, "upload");                                                           \
+	} while (0)
+	UP(b->tok, h_tok, T);
+	UP(b->pos, h_pos, T);
+	UP(b->seq, h_seq, T);
+	UP(b->sel_idx, h_sel, rows > 0 ? rows : 1);
+	UP(b->tables, h_tab, (size_t)bt->n_seqs * mb);
+#undef UP
+	dsk_kv_geom geo = { .pool = b->kv, .block_stride = (long)b->kv_block_stride, .layer_stride = (long)b->kv_layer_stride,
+			    .block_tokens = b->block_tokens, .tables = b->tables, .max_blocks = mb };
+
+	int first, last;
+	if (!bt->mtp) {
+		TRY(dsk_embed(b->x, b->embed, b->tok, T, H, b->s, e));
+		first = 0;
+		last = m->n_layers;
+	} else {
+		const int li = m->n_layers + bt->mtp - 1;
+		const dlayer *d = &b->L[li];
+		if ((err = cudaMemcpyAsync(b->hin, bt->hidden_in, sizeof(float) * (size_t)T * H, cudaMemcpyHostToDevice,
+					   b->s)) != cudaSuccess)
+			return cerr(e, err, "hidden_in upload");
+		TRY(dsk_embed(b->x, d->mtp_embed, b->tok, T, H, b->s, e));
+		/* [T][2H]: normed embedding, then normed hidden state. */
+		TRY(dsk_add_rmsnorm(b->x, NULL, d->enorm, T, H, c->rms_norm_eps, b->xn, 2 * H, NULL, b->s, e));
+		TRY(dsk_add_rmsnorm(b->hin, NULL, d->hnorm, T, H, c->rms_norm_eps, b->xn + H, 2 * H, NULL, b->s, e));
+		TRY(gemm(b, b->x, H, b->xn, T, &d->eh_proj, e));
+		first = li;
+		last = li + 1;
+	}
+	for (int li = first; li < last; li++)
+		TRY(block(b, li, T, max_len, &geo, li == first, e));
+
+	const float *fn = bt->mtp ? b->L[m->n_layers + bt->mtp - 1].head_norm : b->final_norm;
+	const dsk_weight *head = bt->mtp ? &b->L[m->n_layers + bt->mtp - 1].head : &b->lm_head;
+	/* Residual add of the last MLP, then the final norm (x keeps the
+	 * pre-norm state: MTP's hidden output). */
+	TRY(dsk_add_rmsnorm(b->x, b->y, fn, T, H, c->rms_norm_eps, b->xn, H, b->of, b->s, e));
+	if (out->hidden) {
+		const float *src = bt->mtp ? b->x : b->of;
+		if ((err = cudaMemcpyAsync(out->hidden, src, sizeof(float) * (size_t)T * H, cudaMemcpyDeviceToHost, b->s)) !=
+		    cudaSuccess)
+			return cerr(e, err, "hidden download");
+	}
+	if (rows > 0 && out->logits) {
+		TRY(dsk_gather_rows(b->sel, b->xn, b->sel_idx, rows, H, b->s, e));
+		/* Logit rows reuse the MoE row buffer when it is larger. */
+		float *lg = NULL;
+		if ((err = cudaMallocAsync((void **)&lg, sizeof(float) * (size_t)dsk_gemm_pad(rows) * V, b->s)) != cudaSuccess)
+			return cerr(e, err, "logits buffer");
+		rc = gemm(b, lg, V, b->sel, rows, head, e);
+		if (!rc && (err = cudaMemcpyAsync(out->logits, lg, sizeof(float) * (size_t)rows * V, cudaMemcpyDeviceToHost,
+						  b->s)) != cudaSuccess)
+			rc = cerr(e, err, "logits download");
+		cudaFreeAsync(lg, b->s);
+		if (rc)
+			return rc;
+	}
+	if ((err = cudaStreamSynchronize(b->s)) != cudaSuccess)
+		return cerr(e, err, "step");
+	return 0;
+}
+
+static int kv_copy(ds_backend *b, int32_t dst, int32_t src)
+{
+	if (dst < 0 || src < 0 || dst >= b->kv_blocks || src >= b->kv_blocks)
+		return -EINVAL;
+	cudaError_t err = cudaMemcpyAsync(b->kv + (size_t)dst * b->kv_block_stride, b->kv + (size_t)src * b->kv_block_stride,
+					  sizeof(dsk_bf16) * b->kv_block_stride, cudaMemcpyDeviceToDevice, b->s);
+	if (err == cudaSuccess)
+		err = cudaStreamSynchronize(b->s);
+	return err == cudaSuccess ? 0 : -EIO;
+}
+
+const ds_backend_ops ds_cuda_backend = {
+	.name = "cuda",
+	.create = create,
+	.destroy = destroy,
+	.forward = forward,
+	.kv_copy = kv_copy,
+	.weight_bytes = weight_bytes,
+};

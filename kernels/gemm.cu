@@ -1,0 +1,316 @@
+/* gemm.cu — cuBLASLt GEMMs, bf16 and block-scaled FP8 (see gemm.h).
+ * Row-major out[M][N] = x[M][K] W[N][K]^T is, in cuBLAS's column-major
+ * terms, D(N x M) = op_T(A = W, K x N) * op_N(B = x, K x M): the TN layout
+ * the FP8 block-scaled mode requires. Algorithms are cached per shape. */
+#include <cublasLt.h>
+#include <cuda_fp8.h>
+#include <cuda_runtime.h>
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/gemm.h"
+
+#define WS_BYTES (32u << 20)
+#define CACHE 512
+
+typedef struct {
+	int used, type, outbf, m, n, k, ok;
+	cublasLtMatmulAlgo_t algo;
+} algo_slot;
+
+struct dsk_gemm {
+	cublasLtHandle_t lt;
+	cudaStream_t s;
+	void *ws;
+	uint8_t *q;     /* quantized activations */
+	float *qs;      /* their scales */
+	size_t q_cap;   /* elements of q */
+	dsk_bf16 *tmp;  /* bf16 result widened to float32 */
+	size_t tmp_cap;
+	long n_bf16, n_fp8;
+	algo_slot cache[CACHE];
+};
+
+static int lt_err(ds_err *e, cublasStatus_t st, const char *what)
+{
+	return ds_errf(e, st == CUBLAS_STATUS_NOT_SUPPORTED ? -ENOTSUP : -EIO, "cublasLt: %s: status %d", what,
+		       (int)st);
+}
+
+extern "C" int dsk_gemm_create(dsk_stream s, dsk_gemm **out, ds_err *e)
+{
+	dsk_gemm *g = (dsk_gemm *)calloc(1, sizeof(*g));
+	if (!g)
+		return -ENOMEM;
+	g->s = s;
+	cublasStatus_t st = cublasLtCreate(&g->lt);
+	if (st != CUBLAS_STATUS_SUCCESS) {
+		free(g);
+		return lt_err(e, st, "create");
+	}
+	if (cudaMalloc(&g->ws, WS_BYTES) != cudaSuccess) {
+		cudaGetLastError();
+		cublasLtDestroy(g->lt);
+		free(g);
+		return ds_errf(e, -ENOMEM, "cuda: no memory for the GEMM workspace");
+	}
+	*out = g;
+	return 0;
+}
+
+extern "C" dsk_gemm *dsk_gemm_free(dsk_gemm *g)
+{
+	if (!g)
+		return NULL;
+	cudaFree(g->ws);
+	cudaFree(g->q);
+	cudaFree(g->qs);
+	cudaFree(g->tmp);
+	cublasLtDestroy(g->lt);
+	free(g);
+	return NULL;
+}
+
+extern "C" void dsk_gemm_stats(const dsk_gemm *g, long *b, long *f)
+{
+	*b = g->n_bf16;
+	*f = g->n_fp8;
+}
+
+/* One warp per 1x128 group: amax, scale = amax/448, e4m3 with saturation. */
+static __global__ void quant_k(uint8_t *q, float *sc, const dsk_bf16 *x, int M, int K)
+{
+	const int groups = K / 128;
+	const long gid = (long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+	const int lane = threadIdx.x & 31;
+	if (gid >= (long)M * groups)
+		return;
+	const int m = (int)(gid / groups), kb = (int)(gid % groups);
+	const dsk_bf16 *src = x + (size_t)m * K + kb * 128 + lane * 4;
+	float v[4], amax = 0;
+	for (int i = 0; i < 4; i++) {
+		v[i] = __bfloat162float(src[i]);
+		amax = fmaxf(amax, fabsf(v[i]));
+	}
+	for (int o = 16; o; o >>= 1)
+		amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+	const float s = fmaxf(amax, 1e-10f) / 448.0f;
+	const float inv = 1.0f / s;
+	uint8_t *dst = q + (size_t)m * K + kb * 128 + lane * 4;
+	uint32_t packed = 0;
+	for (int i = 0; i < 4; i++) {
+		__nv_fp8_e4m3 f(v[i] * inv);
+		packed |= (uint32_t)f.__x << (8 * i);
+	}
+	*(uint32_t *)dst = packed;
+	if (lane == 0)
+		sc[(size_t)kb * M + m] = s;
+}
+
+extern "C" int dsk_quant_fp8(uint8_t *q, float *sc, const dsk_bf16 *x, int M, int K, dsk_stream s, ds_err *e)
+{
+	if (K % 128)
+		return ds_errf(e, -EINVAL, "fp8 quantization: K=%d is not a multiple of 128", K);
+	long groups = (long)M * (K / 128);
+	if (groups == 0)
+		return 0;
+	quant_k<<<(unsigned)((groups + 7) / 8), 256, 0, s>>>(q, sc, x, M, K);
+	return dsk_check(e, "quant_fp8");
+}
+
+static __global__ void dequant_k(dsk_bf16 *out, const uint8_t *w, const float *sc, int rows, int cols, int sld)
+{
+	size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+	if (i >= (size_t)rows * cols)
+		return;
+	int r = (int)(i / cols), c = (int)(i % cols);
+	__nv_fp8_e4m3 f;
+	f.__x = w[i];
+	out[i] = __float2bfloat16((float)f * sc[(size_t)(r / 128) * sld + c / 128]);
+}
+
+extern "C" int dsk_dequant_fp8(dsk_bf16 *out, const dsk_weight *W, dsk_stream s, ds_err *e)
+{
+	size_t n = (size_t)W->rows * W->cols;
+	if (n == 0)
+		return 0;
+	dequant_k<<<(unsigned)((n + 255) / 256), 256, 0, s>>>(out, (const uint8_t *)W->w, W->scale, W->rows,
+							    W->cols, W->sld);
+	return dsk_check(e, "dequant_fp8");
+}
+
+static int grow_q(dsk_gemm *g, size_t elems, int M, int K, ds_err *e)
+{
+	size_t sc = (size_t)M * (K / 128);
+	if (elems <= g->q_cap && sc <= g->q_cap / 128)
+		return 0;
+	cudaFree(g->q);
+	cudaFree(g->qs);
+	g->q = NULL;
+	g->qs = NULL;
+	g->q_cap = 0;
+	size_t cap = elems + elems / 4;
+	if (cudaMalloc(&g->q, cap) != cudaSuccess || cudaMalloc(&g->qs, sizeof(float) * (cap / 128 + 1)) != cudaSuccess) {
+		cudaGetLastError();
+		return ds_errf(e, -ENOMEM, "cuda: no memory for %zu quantized activations", cap);
+	}
+	g->q_cap = cap;
+	return 0;
+}
+
+static algo_slot *lookup(dsk_gemm *g, int type, int outbf, int m, int n, int k)
+{
+	unsigned h = (unsigned)(m * 2654435761u) ^ (unsigned)(n * 40503u) ^ (unsigned)(k * 9973u) ^ (unsigned)(type * 7 + outbf);
+	for (int i = 0; i < CACHE; i++) {
+		algo_slot *a = &g->cache[(h + i) % CACHE];
+		if (!a->used || (a->type == type && a->outbf == outbf && a->m == m && a->n == n && a->k == k))
+			return a;
+	}
+	return &g->cache[h % CACHE]; /* full: evict */
+}
+
+static __global__ void widen_k(float *out, int ldo, const dsk_bf16 *in, int M, int N)
+{
+	size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+	if (i < (size_t)M * N)
+		out[(i / N) * ldo + i % N] = __bfloat162float(in[i]);
+}
+
+/* B is x (bf16) or its quantized copy (fp8, scales in g->qs). */
+static int matmul(dsk_gemm *g, void *out, int ldo, int outbf, const void *B, int Mp, const dsk_weight *W, ds_err *e)
+{
+	const int N = W->rows, K = W->cols;
+	const int fp8 = W->type == DSK_W_FP8;
+	cudaDataType_t ab = fp8 ? CUDA_R_8F_E4M3 : CUDA_R_16BF, dt = outbf ? CUDA_R_16BF : CUDA_R_32F;
+	cublasLtMatmulDesc_t op = NULL;
+	cublasLtMatrixLayout_t la = NULL, lb = NULL, ld = NULL;
+	cublasLtMatmulPreference_t pref = NULL;
+	cublasStatus_t st;
+	int rc = 0;
+	cublasOperation_t tA = CUBLAS_OP_T, tB = CUBLAS_OP_N;
+	float alpha = 1.0f, beta = 0.0f;
+	st = cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F);
+	if (st == CUBLAS_STATUS_SUCCESS)
+		st = cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &tA, sizeof(tA));
+	if (st == CUBLAS_STATUS_SUCCESS)
+		st = cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &tB, sizeof(tB));
+	if (fp8 && st == CUBLAS_STATUS_SUCCESS) {
+		int32_t am = CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F, bm = CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
+		const void *as = W->scale, *bs = g->qs;
+		st = cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &am, sizeof(am));
+		if (st == CUBLAS_STATUS_SUCCESS)
+			st = cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &bm, sizeof(bm));
+		if (st == CUBLAS_STATUS_SUCCESS)
+			st = cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &as, sizeof(as));
+		if (st == CUBLAS_STATUS_SUCCESS)
+			st = cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &bs, sizeof(bs));
+	}
+	if (st == CUBLAS_STATUS_SUCCESS)
+		st = cublasLtMatrixLayoutCreate(&la, ab, K, N, K);
+	if (st == CUBLAS_STATUS_SUCCESS)
+		st = cublasLtMatrixLayoutCreate(&lb, ab, K, Mp, K);
+	if (st == CUBLAS_STATUS_SUCCESS)
+		st = cublasLtMatrixLayoutCreate(&ld, dt, N, Mp, ldo);
+	if (st != CUBLAS_STATUS_SUCCESS) {
+		rc = lt_err(e, st, "descriptors");
+		goto out;
+	}
+	{
+		algo_slot *a = lookup(g, W->type, outbf, Mp, N, K);
+		if (!a->used || a->type != W->type || a->outbf != outbf || a->m != Mp || a->n != N || a->k != K) {
+			size_t wsb = WS_BYTES;
+			cublasLtMatmulHeuristicResult_t hr;
+			int found = 0;
+			memset(&hr, 0, sizeof(hr));
+			st = cublasLtMatmulPreferenceCreate(&pref);
+			if (st == CUBLAS_STATUS_SUCCESS)
+				st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsb,
+									  sizeof(wsb));
+			if (st == CUBLAS_STATUS_SUCCESS)
+				st = cublasLtMatmulAlgoGetHeuristic(g->lt, op, la, lb, ld, ld, pref, 1, &hr, &found);
+			memset(a, 0, sizeof(*a));
+			a->used = 1;
+			a->type = W->type;
+			a->outbf = outbf;
+			a->m = Mp;
+			a->n = N;
+			a->k = K;
+			a->ok = st == CUBLAS_STATUS_SUCCESS && found > 0;
+			if (a->ok)
+				a->algo = hr.algo;
+		}
+		if (!a->ok && fp8 && !outbf) {
+			/* Block-scaled FP8 with a float32 result is not offered
+			 * everywhere: take bf16 and widen it. */
+			if (g->tmp_cap < (size_t)Mp * N) {
+				cudaFree(g->tmp);
+				g->tmp_cap = 0;
+				if (cudaMalloc(&g->tmp, sizeof(dsk_bf16) * (size_t)Mp * N) != cudaSuccess) {
+					cudaGetLastError();
+					rc = ds_errf(e, -ENOMEM, "cuda: no memory for a %dx%d gemm result", Mp, N);
+					goto out;
+				}
+				g->tmp_cap = (size_t)Mp * N;
+			}
+			if (!(rc = matmul(g, g->tmp, N, 1, B, Mp, W, e))) {
+				widen_k<<<(unsigned)(((size_t)Mp * N + 255) / 256), 256, 0, g->s>>>((float *)out, ldo, g->tmp,
+												 Mp, N);
+				rc = dsk_check(e, "widen");
+			}
+			goto out;
+		}
+		if (!a->ok) {
+			rc = ds_errf(e, -ENOTSUP, "cublasLt: no %s algorithm for M=%d N=%d K=%d (%s out)",
+				     fp8 ? "block-scaled fp8" : "bf16", Mp, N, K, outbf ? "bf16" : "fp32");
+			goto out;
+		}
+		st = cublasLtMatmul(g->lt, op, &alpha, W->w, la, B, lb, &beta, out, ld, out, ld, &a->algo, g->ws, WS_BYTES,
+				    g->s);
+		if (st != CUBLAS_STATUS_SUCCESS)
+			rc = lt_err(e, st, "matmul");
+	}
+out:
+	if (pref)
+		cublasLtMatmulPreferenceDestroy(pref);
+	if (la)
+		cublasLtMatrixLayoutDestroy(la);
+	if (lb)
+		cublasLtMatrixLayoutDestroy(lb);
+	if (ld)
+		cublasLtMatrixLayoutDestroy(ld);
+	if (op)
+		cublasLtMatmulDescDestroy(op);
+	return rc;
+}
+
+static int run(dsk_gemm *g, void *out, int ldo, int outbf, const dsk_bf16 *x, int M, const dsk_weight *W, ds_err *e)
+{
+	const int N = W->rows, K = W->cols, Mp = dsk_gemm_pad(M);
+	if (M <= 0)
+		return 0;
+	if (W->type == DSK_W_FP8) {
+		if (!dsk_gemm_fp8_ok(N, K))
+			return ds_errf(e, -EINVAL, "fp8 gemm: shape %dx%d needs the dequantized path", N, K);
+		int rc = grow_q(g, (size_t)Mp * K, Mp, K, e);
+		if (rc)
+			return rc;
+		if ((rc = dsk_quant_fp8(g->q, g->qs, x, Mp, K, g->s, e)))
+			return rc;
+		g->n_fp8++;
+		return matmul(g, out, ldo, outbf, g->q, Mp, W, e);
+	}
+	g->n_bf16++;
+	return matmul(g, out, ldo, outbf, x, Mp, W, e);
+}
+
+extern "C" int dsk_gemm_run(dsk_gemm *g, float *out, int ldo, const dsk_bf16 *x, int M, const dsk_weight *W, ds_err *e)
+{
+	return run(g, out, ldo, 0, x, M, W, e);
+}
+
+extern "C" int dsk_gemm_run_bf16(dsk_gemm *g, dsk_bf16 *out, int ldo, const dsk_bf16 *x, int M, const dsk_weight *W,
+				 ds_err *e)
+{
+	return run(g, out, ldo, 1, x, M, W, e);
+}

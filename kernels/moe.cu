@@ -1,0 +1,216 @@
+/* moe.cu — routing, permutation, gather and combine (see moe.h). */
+#include <cuda_runtime.h>
+
+#include "kernels/moe.h"
+
+#define MAX_E 1024
+
+/* Index of the largest v[i] over i < n not taken; ties go to the lower index. */
+static __device__ int warp_argmax(const float *v, const unsigned char *taken, int n)
+{
+	const int lane = threadIdx.x & 31;
+	float best = 0;
+	int bi = -1;
+	for (int i = lane; i < n; i += 32)
+		if (!taken[i] && (bi < 0 || v[i] > best)) {
+			best = v[i];
+			bi = i;
+		}
+	for (int o = 16; o; o >>= 1) {
+		float ob = __shfl_xor_sync(0xffffffffu, best, o);
+		int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+		if (oi >= 0 && (bi < 0 || ob > best || (ob == best && oi < bi))) {
+			best = ob;
+			bi = oi;
+		}
+	}
+	return bi;
+}
+
+/* One warp per token; scores, choice values and flags in shared memory. */
+static __global__ void route_k(dsk_route_cfg c, const float *logits, const float *bias, int T, int32_t *ids, float *w)
+{
+	extern __shared__ float sm[];
+	const int wib = threadIdx.x / 32, lane = threadIdx.x & 31;
+	const int t = blockIdx.x * (blockDim.x / 32) + wib;
+	const int E = c.E;
+	float *s = sm + (size_t)wib * (2 * E + 64);
+	float *ch = s + E;
+	float *gs = ch + E; /* 64 group scores */
+	unsigned char *taken = (unsigned char *)(sm + (size_t)(blockDim.x / 32) * (2 * E + 64)) + (size_t)wib * (E + 64);
+	unsigned char *gtaken = taken + E;
+	if (t >= T)
+		return;
+	const float *lg = logits + (size_t)t * E;
+	if (c.sigmoid) {
+		for (int i = lane; i < E; i += 32)
+			s[i] = 1.0f / (1.0f + expf(-lg[i]));
+	} else {
+		float m = -INFINITY;
+		for (int i = lane; i < E; i += 32)
+			m = fmaxf(m, lg[i]);
+		for (int o = 16; o; o >>= 1)
+			m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+		float sum = 0;
+		for (int i = lane; i < E; i += 32) {
+			s[i] = expf(lg[i] - m);
+			sum += s[i];
+		}
+		for (int o = 16; o; o >>= 1)
+			sum += __shfl_xor_sync(0xffffffffu, sum, o);
+		const float inv = 1.0f / sum;
+		for (int i = lane; i < E; i += 32)
+			s[i] *= inv;
+	}
+	for (int i = lane; i < E; i += 32) {
+		ch[i] = s[i] + (bias && c.method == 2 ? bias[i] : 0.0f);
+		taken[i] = 0;
+	}
+	__syncwarp();
+	const int G = c.n_group;
+	if (c.method != 0 && G > 1) {
+		const int per = E / G;
+		for (int g = lane; g < G; g += 32) {
+			const float *v = ch + g * per;
+			if (c.method == 2) {
+				int a = 0;
+				for (int i = 1; i < per; i++)
+					if (v[i] > v[a])
+						a = i;
+				int b = -1;
+				for (int i = 0; i < per; i++)
+					if (i != a && (b < 0 || v[i] > v[b]))
+						b = i;
+				gs[g] = v[a] + (b >= 0 ? v[b] : 0.0f);
+			} else {
+				float m = v[0];
+				for (int i = 1; i < per; i++)
+					m = fmaxf(m, v[i]);
+				gs[g] = m;
+			}
+			gtaken[g] = 0;
+		}
+		__syncwarp();
+		for (int j = 0; j < c.topk_group; j++) {
+			int g = warp_argmax(gs, gtaken, G);
+			if (lane == 0)
+				gtaken[g] = 1;
+			__syncwarp();
+		}
+		/* Groups left out are masked with 0.0, as the references do. */
+		for (int i = lane; i < E; i += 32)
+			if (!gtaken[i / per])
+				ch[i] = 0.0f;
+		__syncwarp();
+	}
+	float sum = 0;
+	int32_t *id = ids + (size_t)t * c.K;
+	float *wt = w + (size_t)t * c.K;
+	for (int j = 0; j < c.K; j++) {
+		int b = warp_argmax(ch, taken, E);
+		if (lane == 0) {
+			taken[b] = 1;
+			id[j] = b;
+		}
+		sum += s[b];
+		__syncwarp();
+	}
+	if (lane == 0) {
+		const float inv = c.norm_topk ? (float)(1.0 / ((double)sum + 1e-20)) : 1.0f;
+		for (int j = 0; j < c.K; j++)
+			wt[j] = (c.norm_topk ? s[id[j]] * inv : s[id[j]]) * c.scale;
+	}
+}
+
+extern "C" int dsk_moe_route(const dsk_route_cfg *c, const float *logits, const float *bias, int T, int32_t *ids,
+			     float *w, dsk_stream s, ds_err *e)
+{
+	if (c->E > MAX_E || c->n_group > 64 || c->K > c->E || (c->n_group > 1 && c->E % c->n_group))
+		return ds_errf(e, -EINVAL, "moe_route: %d experts in %d groups unsupported", c->E, c->n_group);
+	if (T <= 0)
+		return 0;
+	const int wpb = 4;
+	size_t smem = (size_t)wpb * (sizeof(float) * (2 * c->E + 64) + (c->E + 64));
+	route_k<<<(T + wpb - 1) / wpb, 32 * wpb, smem, s>>>(*c, logits, bias, T, ids, w);
+	return dsk_check(e, "moe_route");
+}
+
+/* One block: count, padded scan, then each pair takes the next row of its
+ * expert (rows within an expert in any order: each is computed alone). */
+static __global__ void plan_k(const int32_t *ids, int n, int E, int32_t *cnt, int32_t *off, int32_t *pos,
+			      int32_t *row_tok, int K)
+{
+	__shared__ int c[MAX_E], cur[MAX_E + 1];
+	for (int i = threadIdx.x; i < E; i += blockDim.x)
+		c[i] = 0;
+	__syncthreads();
+	for (int i = threadIdx.x; i < n; i += blockDim.x)
+		atomicAdd(&c[ids[i]], 1);
+	__syncthreads();
+	if (threadIdx.x == 0) {
+		int o = 0;
+		for (int x = 0; x < E; x++) {
+			cur[x] = o;
+			off[x] = o;
+			cnt[x] = c[x];
+			o += (c[x] + 15) & ~15;
+		}
+		off[E] = o;
+		cur[E] = o;
+	}
+	__syncthreads();
+	for (int r = threadIdx.x; r < cur[E]; r += blockDim.x)
+		row_tok[r] = -1;
+	__syncthreads();
+	for (int i = threadIdx.x; i < n; i += blockDim.x) {
+		int r = atomicAdd(&cur[ids[i]], 1);
+		pos[i] = r;
+		row_tok[r] = i / K;
+	}
+}
+
+extern "C" int dsk_moe_plan(const int32_t *ids, int T, int K, int E, int32_t *cnt, int32_t *off, int32_t *pos,
+			    int32_t *row_tok, int max_rows, dsk_stream s, ds_err *e)
+{
+	if (E > MAX_E || max_rows < T * K + 15 * E)
+		return ds_errf(e, -EINVAL, "moe_plan: %d rows cannot hold %d pairs over %d experts", max_rows, T * K, E);
+	plan_k<<<1, 1024, 0, s>>>(ids, T * K, E, cnt, off, pos, row_tok, K);
+	return dsk_check(e, "moe_plan");
+}
+
+static __global__ void moe_gather_k(dsk_bf16 *xp, const dsk_bf16 *x, const int32_t *row_tok, int dim)
+{
+	const int r = blockIdx.x, t = row_tok[r];
+	for (int c = threadIdx.x; c < dim; c += blockDim.x)
+		xp[(size_t)r * dim + c] = t >= 0 ? x[(size_t)t * dim + c] : __float2bfloat16(0.0f);
+}
+
+extern "C" int dsk_moe_gather(dsk_bf16 *xp, const dsk_bf16 *x, const int32_t *row_tok, int P, int dim, dsk_stream s,
+			      ds_err *e)
+{
+	if (P <= 0)
+		return 0;
+	moe_gather_k<<<P, 256, 0, s>>>(xp, x, row_tok, dim);
+	return dsk_check(e, "moe_gather");
+}
+
+static __global__ void combine_k(float *out, const float *shared, const float *yp, const int32_t *pos, const float *w,
+				 int K, int dim)
+{
+	const int t = blockIdx.x;
+	for (int c = threadIdx.x; c < dim; c += blockDim.x) {
+		float acc = shared ? shared[(size_t)t * dim + c] : 0.0f;
+		for (int k = 0; k < K; k++)
+			acc += w[(size_t)t * K + k] * yp[(size_t)pos[(size_t)t * K + k] * dim + c];
+		out[(size_t)t * dim + c] = acc;
+	}
+}
+
+extern "C" int dsk_moe_combine(float *out, const float *shared, const float *yp, const int32_t *pos, const float *w,
+			       int T, int K, int dim, dsk_stream s, ds_err *e)
+{
+	if (T <= 0)
+		return 0;
+	combine_k<<<T, 256, 0, s>>>(out, shared, yp, pos, w, K, dim);
+	return dsk_check(e, "moe_combine");
+}

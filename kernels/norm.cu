@@ -1,0 +1,87 @@
+/* norm.cu — embedding, RMSNorm with the residual add, row gather. */
+#include <cuda_runtime.h>
+#include <errno.h>
+
+#include "kernels/norm.h"
+
+static __global__ void embed_k(float *x, const dsk_bf16 *emb, const int32_t *tok, int dim)
+{
+	const int t = blockIdx.x;
+	const dsk_bf16 *src = emb + (size_t)tok[t] * dim;
+	for (int i = threadIdx.x; i < dim; i += blockDim.x)
+		x[(size_t)t * dim + i] = __bfloat162float(src[i]);
+}
+
+extern "C" int dsk_embed(float *x, const dsk_bf16 *emb, const int32_t *tok, int T, int dim, dsk_stream s, ds_err *e)
+{
+	if (T <= 0)
+		return 0;
+	embed_k<<<T, 256, 0, s>>>(x, emb, tok, dim);
+	return dsk_check(e, "embed");
+}
+
+static __device__ float block_sum(float v, float *red)
+{
+	for (int o = 16; o; o >>= 1)
+		v += __shfl_xor_sync(0xffffffffu, v, o);
+	const int w = threadIdx.x / 32, l = threadIdx.x & 31, nw = blockDim.x / 32;
+	__syncthreads();
+	if (l == 0)
+		red[w] = v;
+	__syncthreads();
+	v = l < nw ? red[l] : 0.0f;
+	for (int o = 16; o; o >>= 1)
+		v += __shfl_xor_sync(0xffffffffu, v, o);
+	return v;
+}
+
+static __global__ void add_rmsnorm_k(float *x, const float *y, const float *w, int dim, float eps, dsk_bf16 *ob,
+				     int ldo, float *of)
+{
+	__shared__ float red[32];
+	const int t = blockIdx.x;
+	float *xr = x + (size_t)t * dim;
+	float ss = 0;
+	for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+		float v = xr[i];
+		if (y) {
+			v += y[(size_t)t * dim + i];
+			xr[i] = v;
+		}
+		ss += v * v;
+	}
+	ss = block_sum(ss, red);
+	const float inv = (float)(1.0 / sqrt((double)ss / dim + eps));
+	for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+		float o = w[i] * (xr[i] * inv);
+		ob[(size_t)t * ldo + i] = __float2bfloat16(o);
+		if (of)
+			of[(size_t)t * dim + i] = o;
+	}
+}
+
+extern "C" int dsk_add_rmsnorm(float *x, const float *y, const float *w, int T, int dim, float eps, dsk_bf16 *ob,
+			       int ldo, float *of, dsk_stream s, ds_err *e)
+{
+	if (T <= 0)
+		return 0;
+	add_rmsnorm_k<<<T, dim >= 1024 ? 1024 : 256, 0, s>>>(x, y, w, dim, eps, ob, ldo, of);
+	return dsk_check(e, "add_rmsnorm");
+}
+
+static __global__ void gather_k(dsk_bf16 *out, const dsk_bf16 *in, const int32_t *idx, int dim)
+{
+	const int i = blockIdx.x;
+	const dsk_bf16 *src = in + (size_t)idx[i] * dim;
+	for (int c = threadIdx.x; c < dim; c += blockDim.x)
+		out[(size_t)i * dim + c] = src[c];
+}
+
+extern "C" int dsk_gather_rows(dsk_bf16 *out, const dsk_bf16 *in, const int32_t *idx, int n, int dim, dsk_stream s,
+			       ds_err *e)
+{
+	if (n <= 0)
+		return 0;
+	gather_k<<<n, 256, 0, s>>>(out, in, idx, dim);
+	return dsk_check(e, "gather_rows");
+}

@@ -1,0 +1,7 @@
+# CUDA backend tests (kernels/): each op against its CPU reference, the backend
+# against the CPU backend. Built with CUDA=1; they exit 77 without a GPU.
+ifeq ($(CUDA),1)
+TESTS += test_cuda_ops test_cuda_backend
+test_cuda_ops_SRCS := tests/test_cuda_ops.c
+test_cuda_backend_SRCS := tests/test_cuda_backend.c
+endif

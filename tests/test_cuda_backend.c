@@ -1,0 +1,274 @@
+/* The CUDA backend against the CPU reference backend (a second, float32 code
+ * path) on random V3 (bf16, FP8, with MTP) and V2 models that
+ * tools/make_bench_models.py --tiny writes into $DS_GPU_MODELS: logits of a
+ * full prefill (relative error, top-1 agreement where the reference's top-2
+ * margin exceeds 0.05), MTP logits, KV-cache decode equal to the full
+ * forward, a batch equal to each sequence alone, copy-on-write of a block.
+ * Exits 77 without a GPU or without the models. */
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+#include <cuda_runtime_api.h>
+
+#include "kernels/cuda_backend.h"
+#include "model/engine.h"
+
+static const char *models_dir;
+
+typedef struct {
+	ds_model *m;
+	ds_engine *cpu, *gpu;
+	int fp8;
+} env;
+
+static void env_open(env *v, const char *name)
+{
+	char dir[1024];
+	snprintf(dir, sizeof(dir), "%s/%s", models_dir, name);
+	memset(v, 0, sizeof(*v));
+	ds_err e = { { 0 } };
+	if (ds_model_open(dir, 0, &v->m, &e))
+		fail_msg("%s", e.msg);
+	v->fp8 = v->m->cfg.fp8;
+	ds_engine_config c;
+	ds_engine_config_default(&c);
+	c.threads = 0;
+	c.block_tokens = 16;
+	c.kv_blocks = 128;
+	if (ds_engine_create(v->m, &c, &v->cpu, &e))
+		fail_msg("cpu: %s", e.msg);
+	c.backend = "cuda";
+	if (ds_engine_create(v->m, &c, &v->gpu, &e))
+		fail_msg("cuda: %s", e.msg);
+}
+
+static void env_close(env *v)
+{
+	ds_engine_free(v->cpu);
+	ds_engine_free(v->gpu);
+	ds_model_free(v->m);
+}
+
+static void prompt(int32_t *ids, int n, int V, unsigned seed)
+{
+	for (int i = 0; i < n; i++) {
+		seed = seed * 1103515245u + 12345u;
+		ids[i] = (int32_t)((seed >> 8) % (unsigned)V);
+	}
+}
+
+typedef struct {
+	double rel, maxabs;
+	int top1_checked, top1_agree;
+} cmp;
+
+static cmp compare(const float *got, const float *ref, int rows, int V)
+{
+	cmp r = { 0 };
+	double num = 0, den = 0;
+	for (int i = 0; i < rows; i++) {
+		const float *g = got + (size_t)i * V, *f = ref + (size_t)i * V;
+		int bg = 0, b1 = 0, b2 = -1;
+		for (int v = 0; v < V; v++) {
+			double d = (double)g[v] - f[v];
+			if (isnan(g[v]))
+				d = INFINITY;
+			num += d * d;
+			den += (double)f[v] * f[v];
+			if (fabs(d) > r.maxabs)
+				r.maxabs = fabs(d);
+			if (g[v] > g[bg])
+				bg = v;
+			if (f[v] > f[b1]) {
+				b2 = b1;
+				b1 = v;
+			} else if (v != b1 && (b2 < 0 || f[v] > f[b2])) {
+				b2 = v;
+			}
+		}
+		if (b2 >= 0 && f[b1] - f[b2] > 0.05f) {
+			r.top1_checked++;
+			r.top1_agree += bg == b1;
+		}
+	}
+	r.rel = sqrt(num / (den > 0 ? den : 1));
+	return r;
+}
+
+static float *step_all(ds_engine *eng, ds_seq *s, const int32_t *ids, int n, float *hidden)
+{
+	const int V = ds_engine_model(eng)->cfg.vocab_size;
+	float *lg = malloc(sizeof(float) * (size_t)n * V);
+	ds_step_item it = { .seq = s, .tokens = ids, .n = n, .logits = DS_LOGITS_ALL };
+	ds_err e = { { 0 } };
+	if (ds_engine_step(eng, &it, 1, lg, hidden, &e))
+		fail_msg("step: %s", e.msg);
+	return lg;
+}
+
+/* Prefill logits and (V3) MTP logits, CUDA against CPU. */
+static void check_model(const char *name)
+{
+	env v;
+	env_open(&v, name);
+	const int V = v.m->cfg.vocab_size, H = v.m->cfg.hidden_size, n = 48;
+	int32_t ids[48];
+	prompt(ids, n, V, 7);
+	ds_seq *sc, *sg;
+	assert_int_equal(ds_seq_new(v.cpu, &sc), 0);
+	assert_int_equal(ds_seq_new(v.gpu, &sg), 0);
+	float *hc = malloc(sizeof(float) * (size_t)n * H), *hg = malloc(sizeof(float) * (size_t)n * H);
+	float *lc = step_all(v.cpu, sc, ids, n, hc);
+	float *lgpu = step_all(v.gpu, sg, ids, n, hg);
+	cmp r = compare(lgpu, lc, n, V);
+	print_message("%s: logits rel err %.3g, max |d| %.3g, top-1 %d/%d where margin > 0.05\n", name, r.rel, r.maxabs,
+		      r.top1_agree, r.top1_checked);
+	const double tol = v.fp8 ? 0.1 : 0.03;
+	if (!(r.rel < tol))
+		fail_msg("%s: relative error %g > %g", name, r.rel, tol);
+	if (r.top1_agree < (v.fp8 ? r.top1_checked * 9 / 10 : r.top1_checked))
+		fail_msg("%s: top-1 agrees at %d of %d positions", name, r.top1_agree, r.top1_checked);
+	cmp rh = compare(hg, hc, n, H);
+	print_message("%s: final hidden rel err %.3g\n", name, rh.rel);
+	if (!(rh.rel < tol))
+		fail_msg("%s: hidden relative error %g", name, rh.rel);
+	if (v.m->n_mtp > 0) {
+		/* MTP step: tokens 1..n-1 with the main model's hidden states 0..n-2. */
+		ds_step_item ic = { .seq = sc, .tokens = ids + 1, .n = n - 1, .logits = DS_LOGITS_ALL };
+		ds_step_item ig = { .seq = sg, .tokens = ids + 1, .n = n - 1, .logits = DS_LOGITS_ALL };
+		float *mc = malloc(sizeof(float) * (size_t)(n - 1) * V), *mg = malloc(sizeof(float) * (size_t)(n - 1) * V);
+		ds_err e = { { 0 } };
+		if (ds_engine_mtp_step(v.cpu, 0, &ic, 1, hc, mc, NULL, &e))
+			fail_msg("cpu mtp: %s", e.msg);
+		if (ds_engine_mtp_step(v.gpu, 0, &ig, 1, hc, mg, NULL, &e))
+			fail_msg("cuda mtp: %s", e.msg);
+		cmp rm = compare(mg, mc, n - 1, V);
+		print_message("%s: MTP logits rel err %.3g, max |d| %.3g, top-1 %d/%d\n", name, rm.rel, rm.maxabs,
+			      rm.top1_agree, rm.top1_checked);
+		if (!(rm.rel < tol))
+			fail_msg("%s: MTP relative error %g", name, rm.rel);
+		free(mc);
+		free(mg);
+	}
+	ds_seq_free(sc);
+	ds_seq_free(sg);
+	free(lc);
+	free(lgpu);
+	free(hc);
+	free(hg);
+	env_close(&v);
+}
+
+static void test_v3_bf16(void **st) { (void)st; check_model("v3-bf16"); }
+static void test_v3_fp8(void **st) { (void)st; check_model("v3-fp8"); }
+static void test_v2_bf16(void **st) { (void)st; check_model("v2-bf16"); }
+
+/* On the GPU: token-by-token decode through the paged cache equals the full
+ * forward (blocks of 16, so tables span several blocks); a batch of two
+ * sequences equals each alone. */
+static void check_consistency(const char *name)
+{
+	env v;
+	env_open(&v, name);
+	const int V = v.m->cfg.vocab_size, n = 40, split = 13;
+	int32_t ids[40];
+	prompt(ids, n, V, 11);
+	ds_seq *s;
+	assert_int_equal(ds_seq_new(v.gpu, &s), 0);
+	float *full = step_all(v.gpu, s, ids, n, NULL);
+	ds_seq_free(s);
+	assert_int_equal(ds_seq_new(v.gpu, &s), 0);
+	float *dec = malloc(sizeof(float) * (size_t)n * V);
+	free(step_all(v.gpu, s, ids, split, NULL));
+	ds_err e = { { 0 } };
+	for (int i = split; i < n; i++) {
+		ds_step_item it = { .seq = s, .tokens = ids + i, .n = 1, .logits = DS_LOGITS_LAST };
+		if (ds_engine_step(v.gpu, &it, 1, dec + (size_t)i * V, NULL, &e))
+			fail_msg("decode: %s", e.msg);
+	}
+	cmp r = compare(dec + (size_t)split * V, full + (size_t)split * V, n - split, V);
+	print_message("%s: decode vs full rel err %.3g, max |d| %.3g\n", name, r.rel, r.maxabs);
+	if (!(r.rel < 1e-2))
+		fail_msg("%s: KV decode differs from the full forward (rel %g)", name, r.rel);
+	ds_seq_free(s);
+
+	/* Batch: sequence A (n tokens) and B (the first 25 of another prompt). */
+	int32_t ids2[25];
+	prompt(ids2, 25, V, 99);
+	ds_seq *a, *b;
+	assert_int_equal(ds_seq_new(v.gpu, &b), 0);
+	float *alone_b = step_all(v.gpu, b, ids2, 25, NULL);
+	ds_seq_free(b);
+	assert_int_equal(ds_seq_new(v.gpu, &a), 0);
+	assert_int_equal(ds_seq_new(v.gpu, &b), 0);
+	ds_step_item items[2] = { { .seq = a, .tokens = ids, .n = n, .logits = DS_LOGITS_ALL },
+				  { .seq = b, .tokens = ids2, .n = 25, .logits = DS_LOGITS_ALL } };
+	float *both = malloc(sizeof(float) * (size_t)(n + 25) * V);
+	if (ds_engine_step(v.gpu, items, 2, both, NULL, &e))
+		fail_msg("batch: %s", e.msg);
+	cmp ra = compare(both, full, n, V), rb = compare(both + (size_t)n * V, alone_b, 25, V);
+	print_message("%s: batched vs alone rel err %.3g / %.3g\n", name, ra.rel, rb.rel);
+	if (!(ra.rel < 1e-2 && rb.rel < 1e-2))
+		fail_msg("%s: batched differs from alone (%g, %g)", name, ra.rel, rb.rel);
+	ds_seq_free(a);
+	ds_seq_free(b);
+	free(both);
+	free(alone_b);
+	free(full);
+	free(dec);
+	env_close(&v);
+}
+
+static void test_consistency_v3_fp8(void **st) { (void)st; check_consistency("v3-fp8"); }
+static void test_consistency_v2_bf16(void **st) { (void)st; check_consistency("v2-bf16"); }
+
+/* The GPU backend refuses bad input with an error, not a crash. */
+static void test_bad_input(void **st)
+{
+	(void)st;
+	env v;
+	env_open(&v, "v2-bf16");
+	ds_seq *s;
+	assert_int_equal(ds_seq_new(v.gpu, &s), 0);
+	int32_t bad[2] = { 3, v.m->cfg.vocab_size + 5 };
+	ds_step_item it = { .seq = s, .tokens = bad, .n = 2, .logits = DS_LOGITS_LAST };
+	ds_err e = { { 0 } };
+	float *lg = malloc(sizeof(float) * (size_t)v.m->cfg.vocab_size);
+	assert_true(ds_engine_step(v.gpu, &it, 1, lg, NULL, &e) < 0);
+	assert_true(strlen(e.msg) > 0);
+	free(lg);
+	ds_seq_free(s);
+	env_close(&v);
+}
+
+int main(void)
+{
+	int n = 0;
+	if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
+		printf("test_cuda_backend: no GPU, skipped\n");
+		return 77;
+	}
+	models_dir = getenv("DS_GPU_MODELS");
+	char probe[1024];
+	snprintf(probe, sizeof(probe), "%s/v2-bf16/.complete", models_dir ? models_dir : "");
+	if (!models_dir || access(probe, F_OK)) {
+		printf("test_cuda_backend: DS_GPU_MODELS has no models (tools/make_bench_models.py --tiny), skipped\n");
+		return 77;
+	}
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_v3_bf16),
+		cmocka_unit_test(test_v3_fp8),
+		cmocka_unit_test(test_v2_bf16),
+		cmocka_unit_test(test_consistency_v3_fp8),
+		cmocka_unit_test(test_consistency_v2_bf16),
+		cmocka_unit_test(test_bad_input),
+	};
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}

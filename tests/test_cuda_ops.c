@@ -1,0 +1,495 @@
+/* Each CUDA op against its CPU reference (model/cpu_ops.c or a float64 loop
+ * here) on fresh random inputs: GEMM bf16 and block-scaled FP8 (also against
+ * the CPU with the activations quantized the same way, which pins the scale
+ * layouts), RMSNorm with the residual, SiLU*mul, MoE routing (V3 and V2),
+ * the permutation + combine, and split-KV MLA attention over a paged cache.
+ * `test_cuda_ops --bench` times the GEMMs at DeepSeek-V3 shapes.
+ * Exits 77 without a GPU. */
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+#include <cuda_runtime_api.h>
+
+#include "kernels/act.h"
+#include "kernels/attn.h"
+#include "kernels/gemm.h"
+#include "kernels/moe.h"
+#include "kernels/norm.h"
+#include "model/cpu_ops.h"
+
+static unsigned rng = 12345;
+static float frand(void)
+{
+	rng = rng * 1664525u + 1013904223u;
+	return ((rng >> 8) / 16777216.0f) * 2.0f - 1.0f;
+}
+
+static void *dup_up(const void *h, size_t n)
+{
+	void *d = NULL;
+	assert_int_equal(cudaMalloc(&d, n), cudaSuccess);
+	if (h)
+		assert_int_equal(cudaMemcpy(d, h, n, cudaMemcpyHostToDevice), cudaSuccess);
+	else
+		assert_int_equal(cudaMemset(d, 0xff, n), cudaSuccess); /* poison: NaN floats */
+	return d;
+}
+static void down(void *h, const void *d, size_t n) { assert_int_equal(cudaMemcpy(h, d, n, cudaMemcpyDeviceToHost), cudaSuccess); }
+
+static double rel_err(const float *a, const float *b, size_t n)
+{
+	double num = 0, den = 0;
+	for (size_t i = 0; i < n; i++) {
+		double d = (double)a[i] - b[i];
+		if (isnan(a[i]))
+			return INFINITY;
+		num += d * d;
+		den += (double)b[i] * b[i];
+	}
+	return sqrt(num / (den > 0 ? den : 1));
+}
+
+static uint8_t e4m3_nearest(float x)
+{
+	int best = 0;
+	float bd = INFINITY;
+	for (int c = 0; c < 256; c++) {
+		float v = ds_fp8e4m3_lut[c];
+		if (isnan(v))
+			continue;
+		float d = fabsf(v - x);
+		if (d < bd) {
+			bd = d;
+			best = c;
+		}
+	}
+	return (uint8_t)best;
+}
+
+/* W [N][K] random, stored bf16 or fp8 with block scales; x [M][K] bf16. */
+static void check_gemm(int fp8, int M, int N, int K)
+{
+	ds_err e = { { 0 } };
+	uint16_t *xb = malloc(2 * (size_t)M * K);
+	float *xf = malloc(4 * (size_t)M * K);
+	for (size_t i = 0; i < (size_t)M * K; i++) {
+		xb[i] = ds_f32_to_bf16(frand() * 3);
+		xf[i] = ds_bf16_to_f32(xb[i]);
+	}
+	const int sr = (N + 127) / 128, sc = (K + 127) / 128, sld = (sc + 3) & ~3;
+	void *wh = malloc((size_t)N * K * (fp8 ? 1 : 2));
+	float *sh = calloc((size_t)sr * sc, 4), *shp = calloc((size_t)sr * sld, 4);
+	for (int i = 0; i < sr * sc; i++) {
+		sh[i] = (0.5f + (frand() + 1)) / 448.0f / sqrtf((float)K);
+		shp[(i / sc) * sld + i % sc] = sh[i];
+	}
+	for (size_t i = 0; i < (size_t)N * K; i++) {
+		if (fp8) {
+			uint8_t v;
+			do {
+				rng = rng * 1664525u + 1013904223u;
+				v = (uint8_t)(rng >> 24);
+			} while ((v & 0x7f) == 0x7f);
+			((uint8_t *)wh)[i] = v;
+		} else {
+			((uint16_t *)wh)[i] = ds_f32_to_bf16(frand() / sqrtf((float)K));
+		}
+	}
+	ds_tensor_ref tw = { .dtype = fp8 ? DS_DT_F8_E4M3 : DS_DT_BF16, .ndim = 2, .shape = { N, K }, .data = wh };
+	ds_tensor_ref ts = { .dtype = DS_DT_F32, .ndim = 2, .shape = { sr, sc }, .data = sh };
+	ds_wmat W = { .w = &tw, .scale_inv = fp8 ? &ts : NULL, .rows = N, .cols = K };
+	float *ref = malloc(4 * (size_t)M * N), *got = malloc(4 * (size_t)M * N);
+	ds_cpu_matmul(ref, xf, M, &W);
+
+	const int Mp = dsk_gemm_pad(M);
+	uint16_t *xpad = calloc((size_t)Mp * K, 2);
+	memcpy(xpad, xb, 2 * (size_t)M * K);
+	void *dx = dup_up(xpad, 2 * (size_t)Mp * K), *dw = dup_up(wh, (size_t)N * K * (fp8 ? 1 : 2));
+	float *ds = dup_up(shp, 4 * (size_t)sr * sld), *dout = dup_up(NULL, 4 * (size_t)Mp * N);
+	dsk_weight dwt = { .type = fp8 ? DSK_W_FP8 : DSK_W_BF16, .rows = N, .cols = K, .w = dw, .scale = ds, .sld = sld };
+	dsk_gemm *g;
+	assert_int_equal(dsk_gemm_create(NULL, &g, &e), 0);
+	int rc = dsk_gemm_run(g, dout, N, dx, M, &dwt, &e);
+	if (rc)
+		fail_msg("gemm: %s", e.msg);
+	assert_int_equal(cudaDeviceSynchronize(), cudaSuccess);
+	down(got, dout, 4 * (size_t)M * N);
+	double r = rel_err(got, ref, (size_t)M * N);
+	print_message("gemm %s M=%d N=%d K=%d: rel err vs float32 CPU %.3g\n", fp8 ? "fp8" : "bf16", M, N, K, r);
+	if (!(r < (fp8 ? 6e-2 : 1e-3)))
+		fail_msg("gemm rel err %g", r);
+	if (fp8) {
+		/* The same math on the CPU: x quantized per 1x128 group. */
+		float *xq = malloc(4 * (size_t)M * K);
+		for (int m = 0; m < M; m++)
+			for (int kb = 0; kb < K / 128; kb++) {
+				float amax = 0;
+				for (int i = 0; i < 128; i++)
+					amax = fmaxf(amax, fabsf(xf[(size_t)m * K + kb * 128 + i]));
+				float s = fmaxf(amax, 1e-10f) / 448.0f;
+				for (int i = 0; i < 128; i++) {
+					size_t j = (size_t)m * K + kb * 128 + i;
+					xq[j] = ds_fp8e4m3_lut[e4m3_nearest(xf[j] * (1.0f / s))] * s;
+				}
+			}
+		ds_cpu_matmul(ref, xq, M, &W);
+		double rq = rel_err(got, ref, (size_t)M * N);
+		print_message("gemm fp8: rel err vs CPU with quantized activations %.3g\n", rq);
+		if (!(rq < 2e-3))
+			fail_msg("fp8 gemm disagrees with its exact CPU model: %g", rq);
+		free(xq);
+	}
+	dsk_gemm_free(g);
+	cudaFree(dx);
+	cudaFree(dw);
+	cudaFree(ds);
+	cudaFree(dout);
+	free(xb);
+	free(xf);
+	free(xpad);
+	free(wh);
+	free(sh);
+	free(shp);
+	free(ref);
+	free(got);
+}
+
+static void test_gemm_bf16(void **st) { (void)st; check_gemm(0, 37, 384, 512); check_gemm(0, 1, 576, 256); }
+static void test_gemm_fp8(void **st) { (void)st; check_gemm(1, 37, 384, 512); check_gemm(1, 5, 576, 1024); }
+
+static void test_rmsnorm_silu(void **st)
+{
+	(void)st;
+	ds_err e = { { 0 } };
+	const int T = 9, D = 1000;
+	float *x = malloc(4 * T * D), *y = malloc(4 * T * D), *w = malloc(4 * D), *ref = malloc(4 * T * D);
+	float *got = malloc(4 * T * D);
+	uint16_t *gb = malloc(2 * T * D);
+	for (int i = 0; i < T * D; i++) {
+		x[i] = frand() * 4;
+		y[i] = frand();
+	}
+	for (int i = 0; i < D; i++)
+		w[i] = 1 + frand() * 0.2f;
+	float *dx = dup_up(x, 4 * T * D), *dy = dup_up(y, 4 * T * D), *dw = dup_up(w, 4 * D), *dof = dup_up(NULL, 4 * T * D);
+	uint16_t *dob = dup_up(NULL, 2 * T * D);
+	assert_int_equal(dsk_add_rmsnorm(dx, dy, dw, T, D, 1e-6f, (dsk_bf16 *)dob, D, dof, NULL, &e), 0);
+	for (int i = 0; i < T * D; i++)
+		x[i] += y[i];
+	for (int t = 0; t < T; t++)
+		ds_cpu_rmsnorm(ref + t * D, x + t * D, w, D, 1e-6f);
+	down(got, dof, 4 * T * D);
+	double r = rel_err(got, ref, (size_t)T * D);
+	down(gb, dob, 2 * T * D);
+	for (int i = 0; i < T * D; i++)
+		got[i] = ds_bf16_to_f32(gb[i]);
+	double rb = rel_err(got, ref, (size_t)T * D);
+	down(got, dx, 4 * T * D);
+	double rx = rel_err(got, x, (size_t)T * D);
+	print_message("rmsnorm: rel err %.3g (float32 out), %.3g (bf16 out), residual %.3g\n", r, rb, rx);
+	assert_true(r < 1e-6 && rb < 5e-3 && rx < 1e-7);
+	/* silu(g) * u */
+	assert_int_equal(dsk_silu_mul((dsk_bf16 *)dob, dx, dy, T, D, NULL, &e), 0);
+	down(gb, dob, 2 * T * D);
+	memcpy(ref, x, 4 * T * D);
+	ds_cpu_silu_mul(ref, y, T * D);
+	for (int i = 0; i < T * D; i++)
+		got[i] = ds_bf16_to_f32(gb[i]);
+	double rs = rel_err(got, ref, (size_t)T * D);
+	print_message("silu_mul: rel err %.3g (bf16 out)\n", rs);
+	assert_true(rs < 5e-3);
+	cudaFree(dx);
+	cudaFree(dy);
+	cudaFree(dw);
+	cudaFree(dof);
+	cudaFree(dob);
+	free(x);
+	free(y);
+	free(w);
+	free(ref);
+	free(got);
+	free(gb);
+}
+
+static void check_route(ds_config *c, int T)
+{
+	ds_err e = { { 0 } };
+	const int E = c->n_routed_experts, K = c->num_experts_per_tok;
+	float *lg = malloc(4 * (size_t)T * E), *bias = malloc(4 * (size_t)E), *tmp = malloc(4 * (size_t)E);
+	for (int i = 0; i < T * E; i++)
+		lg[i] = frand() * 3;
+	for (int i = 0; i < E; i++)
+		bias[i] = frand() * 0.1f;
+	float *dl = dup_up(lg, 4 * (size_t)T * E), *db = dup_up(bias, 4 * (size_t)E), *dw = dup_up(NULL, 4 * (size_t)T * K);
+	int32_t *di = dup_up(NULL, 4 * (size_t)T * K);
+	dsk_route_cfg rc = { .E = E, .K = K, .n_group = c->n_group, .topk_group = c->topk_group,
+			     .sigmoid = c->scoring_func == DS_SCORE_SIGMOID, .method = (int)c->topk_method,
+			     .norm_topk = c->norm_topk_prob, .scale = c->routed_scaling_factor };
+	const int has_bias = c->topk_method == DS_TOPK_NOAUX_TC;
+	assert_int_equal(dsk_moe_route(&rc, dl, has_bias ? db : NULL, T, di, dw, NULL, &e), 0);
+	int32_t *ids = malloc(4 * (size_t)T * K), rid[64];
+	float *w = malloc(4 * (size_t)T * K), rw[64];
+	down(ids, di, 4 * (size_t)T * K);
+	down(w, dw, 4 * (size_t)T * K);
+	for (int t = 0; t < T; t++) {
+		memcpy(tmp, lg + (size_t)t * E, 4 * (size_t)E);
+		ds_cpu_route(c, tmp, has_bias ? bias : NULL, rid, rw);
+		for (int k = 0; k < K; k++) {
+			if (ids[t * K + k] != rid[k])
+				fail_msg("route token %d slot %d: expert %d, reference %d", t, k, ids[t * K + k], rid[k]);
+			if (fabsf(w[t * K + k] - rw[k]) > 1e-5f * (1 + fabsf(rw[k])))
+				fail_msg("route token %d slot %d: weight %g, reference %g", t, k, w[t * K + k], rw[k]);
+		}
+	}
+
+	/* Permutation and combine: out[t] = sum_k w * yp[pos] with yp[r] = r-th row. */
+	const int D = 64, P = T * K + 15 * E;
+	int32_t *dcnt = dup_up(NULL, 4 * (size_t)E), *doff = dup_up(NULL, 4 * (size_t)(E + 1)), *dpos = dup_up(NULL, 4 * (size_t)T * K);
+	int32_t *drt = dup_up(NULL, 4 * (size_t)P);
+	assert_int_equal(dsk_moe_plan(di, T, K, E, dcnt, doff, dpos, drt, P, NULL, &e), 0);
+	int32_t *off = malloc(4 * (size_t)(E + 1)), *pos = malloc(4 * (size_t)T * K), *rt = malloc(4 * (size_t)P);
+	down(off, doff, 4 * (size_t)(E + 1));
+	down(pos, dpos, 4 * (size_t)T * K);
+	down(rt, drt, 4 * (size_t)P);
+	for (int i = 0; i < T * K; i++) {
+		const int x = ids[i];
+		assert_true(pos[i] >= off[x] && pos[i] < off[x + 1]);
+		assert_int_equal(rt[pos[i]], i / K);
+	}
+	float *yp = malloc(4 * (size_t)P * D), *ref = calloc((size_t)T * D, 4), *got = malloc(4 * (size_t)T * D);
+	for (int i = 0; i < P * D; i++)
+		yp[i] = frand();
+	for (int t = 0; t < T; t++)
+		for (int k = 0; k < K; k++)
+			for (int d = 0; d < D; d++)
+				ref[t * D + d] += w[t * K + k] * yp[(size_t)pos[t * K + k] * D + d];
+	float *dyp = dup_up(yp, 4 * (size_t)P * D), *dout = dup_up(NULL, 4 * (size_t)T * D);
+	assert_int_equal(dsk_moe_combine(dout, NULL, dyp, dpos, dw, T, K, D, NULL, &e), 0);
+	down(got, dout, 4 * (size_t)T * D);
+	double r = rel_err(got, ref, (size_t)T * D);
+	print_message("moe route (E=%d K=%d groups %d/%d): %d tokens identical; combine rel err %.3g\n", E, K, c->n_group,
+		      c->topk_group, T, r);
+	assert_true(r < 1e-6);
+	cudaFree(dl);
+	cudaFree(db);
+	cudaFree(dw);
+	cudaFree(di);
+	cudaFree(dcnt);
+	cudaFree(doff);
+	cudaFree(dpos);
+	cudaFree(drt);
+	cudaFree(dyp);
+	cudaFree(dout);
+	free(lg);
+	free(bias);
+	free(tmp);
+	free(ids);
+	free(w);
+	free(off);
+	free(pos);
+	free(rt);
+	free(yp);
+	free(ref);
+	free(got);
+}
+
+static void test_route(void **st)
+{
+	(void)st;
+	ds_config v3 = { .n_routed_experts = 256, .num_experts_per_tok = 8, .n_group = 8, .topk_group = 4,
+			 .scoring_func = DS_SCORE_SIGMOID, .topk_method = DS_TOPK_NOAUX_TC, .norm_topk_prob = 1,
+			 .routed_scaling_factor = 2.5f };
+	check_route(&v3, 200);
+	ds_config v2 = { .n_routed_experts = 64, .num_experts_per_tok = 6, .n_group = 1, .topk_group = 1,
+			 .scoring_func = DS_SCORE_SOFTMAX, .topk_method = DS_TOPK_GREEDY, .norm_topk_prob = 0,
+			 .routed_scaling_factor = 1.0f };
+	check_route(&v2, 77);
+	ds_config v25 = v2;
+	v25.n_group = 8;
+	v25.topk_group = 3;
+	v25.topk_method = DS_TOPK_GROUP_LIMITED;
+	check_route(&v25, 50);
+}
+
+/* Paged cache of two sequences; queries at assorted positions. */
+static void check_attention(int nh, int kvl, int rope, int bt, int nsplit)
+{
+	ds_err e = { { 0 } };
+	const int kvd = kvl + rope, nope = 16, qk = nope + rope, L = 2, layer = 1, nblocks = 40;
+	int32_t tables[2][20];
+	for (int s = 0, nb = 0; s < 2; s++)
+		for (int i = 0; i < 20; i++)
+			tables[s][i] = (nb++ * 7) % nblocks; /* scattered */
+	const size_t pool_n = (size_t)nblocks * L * bt * kvd;
+	uint16_t *pool = malloc(2 * pool_n);
+	for (size_t i = 0; i < pool_n; i++)
+		pool[i] = ds_f32_to_bf16(frand());
+	const int T = 6;
+	int32_t seq[6] = { 0, 0, 0, 1, 1, 0 }, pos[6] = { 0, 150, 299, 5, 76, 17 };
+	float *q = malloc(4 * (size_t)T * nh * qk), *qabs = malloc(4 * (size_t)T * nh * kvl);
+	for (int i = 0; i < T * nh * qk; i++)
+		q[i] = frand();
+	for (int i = 0; i < T * nh * kvl; i++)
+		qabs[i] = frand() * 0.3f;
+	const float scale = 0.2f;
+	float *ref = malloc(4 * (size_t)T * nh * kvl), *got = malloc(4 * (size_t)T * nh * kvl);
+	for (int t = 0; t < T; t++)
+		for (int h = 0; h < nh; h++) {
+			const int n = pos[t] + 1;
+			double *sc = malloc(sizeof(double) * n), mx = -INFINITY, sum = 0;
+			for (int j = 0; j < n; j++) {
+				const uint16_t *c = pool + ((size_t)tables[seq[t]][j / bt] * L + layer) * bt * kvd + (size_t)(j % bt) * kvd;
+				double d = 0;
+				for (int i = 0; i < kvl; i++)
+					d += (double)qabs[((size_t)t * nh + h) * kvl + i] * ds_bf16_to_f32(c[i]);
+				for (int i = 0; i < rope; i++)
+					d += (double)q[((size_t)t * nh + h) * qk + nope + i] * ds_bf16_to_f32(c[kvl + i]);
+				sc[j] = d * scale;
+				mx = fmax(mx, sc[j]);
+			}
+			for (int j = 0; j < n; j++)
+				sum += (sc[j] = exp(sc[j] - mx));
+			for (int i = 0; i < kvl; i++) {
+				double a = 0;
+				for (int j = 0; j < n; j++) {
+					const uint16_t *c = pool + ((size_t)tables[seq[t]][j / bt] * L + layer) * bt * kvd + (size_t)(j % bt) * kvd;
+					a += sc[j] * ds_bf16_to_f32(c[i]);
+				}
+				ref[((size_t)t * nh + h) * kvl + i] = (float)(a / sum);
+			}
+			free(sc);
+		}
+	void *dpool = dup_up(pool, 2 * pool_n);
+	int32_t *dtab = dup_up(tables, sizeof(tables)), *dseq = dup_up(seq, sizeof(seq)), *dpos = dup_up(pos, sizeof(pos));
+	float *dq = dup_up(q, 4 * (size_t)T * nh * qk), *dqa = dup_up(qabs, 4 * (size_t)T * nh * kvl);
+	float *dws = dup_up(NULL, 4 * dsk_attn_ws_floats(T, nh, kvl, nsplit));
+	uint16_t *dlat = dup_up(NULL, 2 * (size_t)T * nh * kvl);
+	dsk_attn_args a = { .g = { .pool = dpool, .block_stride = (long)L * bt * kvd, .layer_stride = (long)bt * kvd,
+				   .block_tokens = bt, .tables = dtab, .max_blocks = 20 },
+			    .layer = layer, .q = dq, .qabs = dqa, .nh = nh, .nope = nope, .rope = rope, .kvl = kvl,
+			    .seq = dseq, .pos = dpos, .T = T, .max_len = 300, .scale = scale, .ws = dws,
+			    .lat = (dsk_bf16 *)dlat };
+	int rc = dsk_mla_attention(&a, nsplit, NULL, &e);
+	if (rc)
+		fail_msg("attention: %s", e.msg);
+	uint16_t *lb = malloc(2 * (size_t)T * nh * kvl);
+	down(lb, dlat, 2 * (size_t)T * nh * kvl);
+	for (int i = 0; i < T * nh * kvl; i++)
+		got[i] = ds_bf16_to_f32(lb[i]);
+	double r = rel_err(got, ref, (size_t)T * nh * kvl);
+	print_message("mla attention nh=%d kvl=%d rope=%d block %d, %d splits: rel err %.3g\n", nh, kvl, rope, bt, nsplit, r);
+	assert_true(r < 5e-3);
+	cudaFree(dpool);
+	cudaFree(dtab);
+	cudaFree(dseq);
+	cudaFree(dpos);
+	cudaFree(dq);
+	cudaFree(dqa);
+	cudaFree(dws);
+	cudaFree(dlat);
+	free(pool);
+	free(q);
+	free(qabs);
+	free(ref);
+	free(got);
+	free(lb);
+}
+
+static void test_attention(void **st)
+{
+	(void)st;
+	check_attention(16, 512, 64, 16, 1);
+	check_attention(16, 512, 64, 64, 5);
+	check_attention(12, 128, 32, 16, 3);
+}
+
+/* --bench: GEMM throughput at DeepSeek-V3 shapes (median of 20 after warm-up). */
+static int bench(void)
+{
+	ds_err e = { { 0 } };
+	const int shapes[][3] = { { 4096, 7168, 2048 }, { 4096, 2048, 7168 }, { 4096, 24576, 1536 }, { 4096, 7168, 16384 },
+				  { 4096, 4096, 7168 }, { 1, 7168, 2048 }, { 64, 7168, 2048 } };
+	dsk_gemm *g;
+	if (dsk_gemm_create(NULL, &g, &e))
+		return 1;
+	printf("%-6s %6s %6s %6s %10s %10s\n", "type", "M", "N", "K", "ms", "TFLOP/s");
+	for (int fp8 = 1; fp8 >= 0; fp8--)
+		for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++) {
+			const int M = shapes[s][0], N = shapes[s][1], K = shapes[s][2];
+			const int sr = (N + 127) / 128, sld = ((K / 128) + 3) & ~3;
+			void *dx, *dw, *dout;
+			float *ds;
+			uint16_t *hx = malloc(2 * (size_t)M * K);
+			for (size_t i = 0; i < (size_t)M * K; i++)
+				hx[i] = ds_f32_to_bf16(frand());
+			cudaMalloc(&dx, 2 * (size_t)dsk_gemm_pad(M) * K);
+			cudaMemcpy(dx, hx, 2 * (size_t)M * K, cudaMemcpyHostToDevice);
+			cudaMalloc(&dw, (size_t)N * K * (fp8 ? 1 : 2));
+			cudaMemset(dw, 0x3a, (size_t)N * K * (fp8 ? 1 : 2));
+			cudaMalloc((void **)&ds, 4 * (size_t)sr * sld);
+			cudaMemset(ds, 0x3c, 4 * (size_t)sr * sld);
+			cudaMalloc(&dout, 4 * (size_t)dsk_gemm_pad(M) * N);
+			dsk_weight w = { .type = fp8 ? DSK_W_FP8 : DSK_W_BF16, .rows = N, .cols = K, .w = dw, .scale = ds, .sld = sld };
+			float ms[20];
+			cudaEvent_t a, b;
+			cudaEventCreate(&a);
+			cudaEventCreate(&b);
+			int rc = 0;
+			for (int i = 0; i < 3 && !rc; i++)
+				rc = dsk_gemm_run(g, dout, N, dx, M, &w, &e);
+			for (int i = 0; i < 20 && !rc; i++) {
+				cudaEventRecord(a, NULL);
+				rc = dsk_gemm_run(g, dout, N, dx, M, &w, &e);
+				cudaEventRecord(b, NULL);
+				cudaEventSynchronize(b);
+				cudaEventElapsedTime(&ms[i], a, b);
+			}
+			if (rc) {
+				printf("%-6s %6d %6d %6d  failed: %s\n", fp8 ? "fp8" : "bf16", M, N, K, e.msg);
+			} else {
+				for (int i = 0; i < 20; i++)
+					for (int j = i + 1; j < 20; j++)
+						if (ms[j] < ms[i]) {
+							float t = ms[i];
+							ms[i] = ms[j];
+							ms[j] = t;
+						}
+				double med = (ms[9] + ms[10]) / 2;
+				printf("%-6s %6d %6d %6d %10.4f %10.1f\n", fp8 ? "fp8" : "bf16", M, N, K, med,
+				       2.0 * M * N * K / (med * 1e-3) / 1e12);
+			}
+			cudaFree(dx);
+			cudaFree(dw);
+			cudaFree(ds);
+			cudaFree(dout);
+			free(hx);
+		}
+	dsk_gemm_free(g);
+	return 0;
+}
+
+int main(int argc, char **argv)
+{
+	int n = 0;
+	if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
+		printf("test_cuda_ops: no GPU, skipped\n");
+		return 77;
+	}
+	ds_dtype_init();
+	if (argc > 1 && !strcmp(argv[1], "--bench"))
+		return bench();
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_gemm_bf16),
+		cmocka_unit_test(test_gemm_fp8),
+		cmocka_unit_test(test_rmsnorm_silu),
+		cmocka_unit_test(test_route),
+		cmocka_unit_test(test_attention),
+	};
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}
