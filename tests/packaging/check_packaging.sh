@@ -62,6 +62,8 @@ else
 fi
 
 # --- install ---------------------------------------------------------------
+for p in "${debs[@]}"; do dpkg-deb -c "$p"; done | awk '$1 ~ /^d/ { sub(/^\./, "", $6); sub(/\/$/, "", $6); print $6 }' |
+	sort -u | while read -r d; do [ -d "$d" ] && echo "$d"; done >"$T/dirs.before"
 if out=$(dpkg -i "${debs[@]}" 2>&1); then ok "dpkg -i ${debs[*]##*/}"; else bad "dpkg -i" "$out"; finish; fi
 for p in $PKGS; do dpkg -L "$p" >"$T/files.$p"; done
 check "service user and group dsd created (sysusers.d)" \
@@ -180,10 +182,15 @@ daemon_pid=
 
 # --- purge -----------------------------------------------------------------
 if out=$(dpkg --purge libdsclient-dev libdsclient0 dsd 2>&1); then ok "dpkg --purge"; else bad "dpkg --purge" "$out"; fi
+# Files must be gone; directories too, unless they existed before the
+# installation (shared ones such as /usr/sbin).
 left=$(cat "$T"/files.* | sort -u | while read -r f; do
-	[ -e "$f" ] || [ -L "$f" ] || continue
-	[ -d "$f" ] && [ ! -L "$f" ] && [ -n "$(dpkg -S "$f" 2>/dev/null)" ] && continue  # shared directory
-	echo "$f"
+	[ "$f" = /. ] && continue
+	if [ -d "$f" ]; then
+		grep -qxF "$f" "$T/dirs.before" || echo "$f"
+	elif [ -e "$f" ] || [ -L "$f" ]; then
+		echo "$f"
+	fi
 done)
 for d in /etc/dsd /var/lib/dsd /var/cache/dsd /run/dsd /usr/share/dsd; do [ -e "$d" ] && left+=$'\n'"$d"; done
 left=$(sed '/^$/d' <<<"$left")
