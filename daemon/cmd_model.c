@@ -13,6 +13,7 @@
 #include "model/npy.h"
 #include "model/sampler.h"
 #include "model/spec.h"
+#include "model/tokenizer.h"
 
 static double now_s(void)
 {
@@ -56,6 +57,28 @@ static int parse_ids(const char *s, int32_t **out)
 	}
 	*out = ids;
 	return n;
+}
+
+/* Writes s[0..n) as a JSON string literal. */
+static void json_str(FILE *f, const char *s, size_t n)
+{
+	fputc('"', f);
+	for (size_t i = 0; i < n; i++) {
+		unsigned char c = (unsigned char)s[i];
+		if (c == '"' || c == '\\')
+			fprintf(f, "\\%c", c);
+		else if (c == '\n')
+			fputs("\\n", f);
+		else if (c == '\r')
+			fputs("\\r", f);
+		else if (c == '\t')
+			fputs("\\t", f);
+		else if (c < 0x20)
+			fprintf(f, "\\u%04x", c);
+		else
+			fputc(c, f);
+	}
+	fputc('"', f);
 }
 
 static int open_model(const char *dir, ds_model **m)
@@ -284,9 +307,50 @@ int ds_cmd_generate(int argc, char **argv)
 		fprintf(stderr, "dsd: --ids must be a comma-separated list of token ids\n");
 		return 2;
 	}
+	/* The tokenizer is optional with --ids (test fixtures have none): then
+	 * only ids are printed. */
+	ds_tok *tok = NULL;
+	ds_tok_stream *ts = NULL;
+	{
+		ds_err te = { { 0 } };
+		int trc = ds_tok_load_dir(dir, &tok, &te);
+		if (trc && prompt) {
+			fprintf(stderr, "dsd: --prompt needs the model's tokenizer: %s\n", te.msg);
+			free(ids);
+			return 1;
+		}
+	}
 	if (prompt) {
-		fprintf(stderr, "dsd: --prompt needs the tokenizer, which this build lacks; use --ids\n");
-		return 2;
+		ds_err te = { { 0 } };
+		int32_t *enc = NULL;
+		size_t ne = 0;
+		int trc = ds_tok_encode(tok, prompt, strlen(prompt), 0, &enc, &ne, &te);
+		int bos = ds_tok_add_bos(tok) ? ds_tok_bos(tok) : -1;
+		if (!trc && (ids = malloc(sizeof(int32_t) * (ne + 1))) == NULL)
+			trc = -ENOMEM;
+		if (trc) {
+			fprintf(stderr, "dsd: cannot tokenize the prompt: %s\n", te.msg[0] ? te.msg : strerror(-trc));
+			free(enc);
+			ds_tok_free(tok);
+			return 1;
+		}
+		n = 0;
+		if (bos >= 0)
+			ids[n++] = bos;
+		memcpy(ids + n, enc, sizeof(int32_t) * ne);
+		n += (int)ne;
+		free(enc);
+		if (n == 0) {
+			fprintf(stderr, "dsd: the prompt is empty\n");
+			free(ids);
+			ds_tok_free(tok);
+			return 2;
+		}
+	}
+	if (tok && ds_tok_stream_new(tok, DS_TOK_SKIP_SPECIAL, &ts, NULL)) {
+		ds_tok_free(tok);
+		free(ids);
+		return 1;
 	}
 	ds_model *m = NULL;
 	ds_engine *eng = NULL;
@@ -319,13 +383,25 @@ int ds_cmd_generate(int argc, char **argv)
 	while (rc == 0) {
 		int stop = 0;
 		for (int i = 0; i < req.n_out && !stop; i++) {
-			int32_t tok = req.out[i];
+			int32_t id = req.out[i];
 			produced++;
-			if (json)
-				printf("{\"id\":%d,\"text\":null}\n", tok);
-			else
-				printf("%s%d", produced > 1 ? " " : "", tok);
-			if (tok == m->cfg.eos_token_id) {
+			const char *piece = NULL;
+			size_t plen = 0;
+			if (ts && ds_tok_stream_push(ts, id, &piece, &plen, NULL))
+				piece = NULL;
+			if (json) {
+				printf("{\"id\":%d,\"text\":", id);
+				if (ts)
+					json_str(stdout, piece ? piece : "", piece ? plen : 0);
+				else
+					fputs("null", stdout);
+				printf("}\n");
+			} else if (ts) {
+				fwrite(piece ? piece : "", 1, piece ? plen : 0, stdout);
+			} else {
+				printf("%s%d", produced > 1 ? " " : "", id);
+			}
+			if (id == m->cfg.eos_token_id) {
 				finish = "stop";
 				stop = 1;
 			} else if (produced >= max_tokens) {
@@ -344,6 +420,12 @@ int ds_cmd_generate(int argc, char **argv)
 		ds_spec_req_clear(&req);
 		goto out;
 	}
+	if (ts && !json) {
+		const char *rest;
+		size_t rl;
+		if (ds_tok_stream_flush(ts, &rest, &rl) == 0 && rl)
+			fwrite(rest, 1, rl, stdout);
+	}
 	double t1 = now_s();
 	double decode_s = t1 - t_first;
 	if (json)
@@ -360,6 +442,8 @@ out:
 	ds_seq_free(s);
 	ds_engine_free(eng);
 	ds_model_free(m);
+	ds_tok_stream_free(ts);
+	ds_tok_free(tok);
 	free(logits);
 	free(ids);
 	return ret;
