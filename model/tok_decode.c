@@ -184,6 +184,11 @@ int ds_tok_stream_push(ds_tok_stream *s, int32_t id, const char **text, size_t *
 	size_t n = s->n_held + k;
 	if (grow((void **)&s->raw, &s->raw_cap, n) || grow((void **)&s->buf, &s->cap, 3 * n + 1))
 		return ds_errf(e, -ENOMEM, "stream: out of memory");
+	if (!n) { /* a skipped special token with nothing held */
+		*text = "";
+		*len = 0;
+		return 0;
+	}
 	memcpy(s->raw, s->held, s->n_held);
 	memcpy(s->raw + s->n_held, b, k);
 	size_t held, o = lossy(s->raw, n, s->buf, 1, &held);

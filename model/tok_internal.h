@@ -12,12 +12,18 @@
 
 #define TOK_MAX_STEPS 8
 
-/* A string -> id table (open addressing, power-of-two size); entries point into ds_tok.strs. */
+/* A string -> id table (open addressing, power-of-two size); entries point into ds_tok.strs.
+ * A slot holds the hash's upper half beside the entry number, so most mismatches are rejected
+ * without touching the entry or its string. */
+typedef struct tok_strent {
+	uint32_t off, len;
+	int32_t id;
+} tok_strent;
+
 typedef struct tok_strmap {
-	uint32_t *slot;	/* entry + 1; 0 = empty */
+	uint64_t *slot;	/* (hash >> 32) << 32 | (entry + 1); 0 = empty */
 	uint32_t mask;
-	uint32_t *e_off, *e_len;
-	int32_t *e_id;
+	tok_strent *e;
 	uint32_t n;
 } tok_strmap;
 

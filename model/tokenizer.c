@@ -2,8 +2,8 @@
  * Supports what byte-level BPE tokenizers such as DeepSeek-V3's use; anything else is refused
  * with -ENOTSUP and a message naming it, rather than tokenized differently from HF. */
 #include "model/tok_internal.h"
+#include "model/tok_json.h"
 
-#include <cjson/cJSON.h>
 #include <errno.h>
 #include <limits.h>
 #include <stdio.h>
@@ -43,38 +43,35 @@ static int strmap_init(tok_strmap *m, uint32_t n)
 	while (cap < 2 * n + 16)
 		cap <<= 1;
 	m->slot = calloc(cap, sizeof(*m->slot));
-	m->e_off = malloc((n + 1) * sizeof(*m->e_off));
-	m->e_len = malloc((n + 1) * sizeof(*m->e_len));
-	m->e_id = malloc((n + 1) * sizeof(*m->e_id));
+	m->e = malloc((n + 1) * sizeof(*m->e));
 	m->mask = cap - 1;
 	m->n = 0;
-	return m->slot && m->e_off && m->e_len && m->e_id ? 0 : -ENOMEM;
+	return m->slot && m->e ? 0 : -ENOMEM;
 }
 
 static void strmap_free(tok_strmap *m)
 {
 	free(m->slot);
-	free(m->e_off);
-	free(m->e_len);
-	free(m->e_id);
+	free(m->e);
 }
 
 /* Inserts strs[off..off+len) -> id; returns the id already there for a duplicate. */
 static int32_t strmap_put(const char *strs, tok_strmap *m, uint32_t off, uint32_t len, int32_t id)
 {
-	uint32_t i = (uint32_t)ds_tok_hash(strs + off, len) & m->mask;
+	uint64_t h = ds_tok_hash(strs + off, len), tag = h >> 32 << 32;
+	uint32_t i = (uint32_t)h & m->mask;
 	for (;; i = (i + 1) & m->mask) {
-		uint32_t s = m->slot[i];
+		uint64_t s = m->slot[i];
 		if (!s)
 			break;
-		s--;
-		if (m->e_len[s] == len && !memcmp(strs + m->e_off[s], strs + off, len))
-			return m->e_id[s];
+		if ((s & ~0xffffffffull) != tag)
+			continue;
+		const tok_strent *x = &m->e[(uint32_t)s - 1];
+		if (x->len == len && !memcmp(strs + x->off, strs + off, len))
+			return x->id;
 	}
-	m->e_off[m->n] = off;
-	m->e_len[m->n] = len;
-	m->e_id[m->n] = id;
-	m->slot[i] = ++m->n;
+	m->e[m->n] = (tok_strent){ off, len, id };
+	m->slot[i] = tag | ++m->n;
 	return -1;
 }
 
@@ -82,14 +79,17 @@ int32_t ds_tok_map_get(const ds_tok *t, const tok_strmap *m, const char *s, size
 {
 	if (!m->slot)
 		return -1;
-	uint32_t i = (uint32_t)ds_tok_hash(s, n) & m->mask;
+	uint64_t h = ds_tok_hash(s, n), tag = h >> 32 << 32;
+	uint32_t i = (uint32_t)h & m->mask;
 	for (;; i = (i + 1) & m->mask) {
-		uint32_t e = m->slot[i];
-		if (!e)
+		uint64_t v = m->slot[i];
+		if (!v)
 			return -1;
-		e--;
-		if (m->e_len[e] == n && !memcmp(t->strs + m->e_off[e], s, n))
-			return m->e_id[e];
+		if ((v & ~0xffffffffull) != tag)
+			continue;
+		const tok_strent *x = &m->e[(uint32_t)v - 1];
+		if (x->len == n && !memcmp(t->strs + x->off, s, n))
+			return x->id;
 	}
 }
 
@@ -218,27 +218,27 @@ static int read_file(const char *path, char **buf, size_t *len, ds_err *e)
 	return 0;
 }
 
-static const char *jstr(const cJSON *o, const char *key)
+static const char *jstr(const tj_node *o, const char *key)
 {
-	const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
-	return cJSON_IsString(v) ? v->valuestring : NULL;
+	const tj_node *v = tj_get(o, key);
+	return tj_is(v, TJ_STR) ? v->s : NULL;
 }
 
 /* 1 when the member is true, 0 when false/null/absent, -1 when present with another type. */
-static int jbool(const cJSON *o, const char *key)
+static int jbool(const tj_node *o, const char *key)
 {
-	const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
-	if (!v || cJSON_IsNull(v) || cJSON_IsFalse(v))
+	const tj_node *v = tj_get(o, key);
+	if (!v || tj_is(v, TJ_NULL) || tj_is(v, TJ_FALSE))
 		return 0;
-	return cJSON_IsTrue(v) ? 1 : -1;
+	return tj_is(v, TJ_TRUE) ? 1 : -1;
 }
 
-static int jid(const cJSON *v, uint32_t *id)
+static int jid(const tj_node *v, uint32_t *id)
 {
-	if (!cJSON_IsNumber(v) || v->valuedouble < 0 || v->valuedouble >= TOK_MAX_ID ||
-	    v->valuedouble != (double)(uint32_t)v->valuedouble)
+	if (!tj_is(v, TJ_NUM) || v->num < 0 || v->num >= TOK_MAX_ID ||
+	    v->num != (double)(uint32_t)v->num)
 		return -1;
-	*id = (uint32_t)v->valuedouble;
+	*id = (uint32_t)v->num;
 	return 0;
 }
 
@@ -366,7 +366,7 @@ static int compile_step(ds_tok *t, const char *re, size_t len, uint32_t opts, co
 static const char GPT2_SPLIT[] =
 	"'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+";
 
-static int load_pretok_one(ds_tok *t, const cJSON *p, const char *path, ds_err *e)
+static int load_pretok_one(ds_tok *t, const tj_node *p, const char *path, ds_err *e)
 {
 	const char *type = jstr(p, "type");
 	if (!type)
@@ -377,7 +377,7 @@ static int load_pretok_one(ds_tok *t, const cJSON *p, const char *path, ds_err *
 			return ds_errf(e, -ENOTSUP, "%s: Split pre-tokenizer with behavior %s%s: only "
 				       "Isolated without invert is supported", path, beh ? beh : "(none)",
 				       jbool(p, "invert") ? " and invert" : "");
-		const cJSON *pat = cJSON_GetObjectItemCaseSensitive(p, "pattern");
+		const tj_node *pat = tj_get(p, "pattern");
 		const char *re = jstr(pat, "Regex"), *lit = jstr(pat, "String");
 		if (re)
 			return compile_step(t, re, strlen(re), 0, path, e);
@@ -390,29 +390,29 @@ static int load_pretok_one(ds_tok *t, const cJSON *p, const char *path, ds_err *
 		if (jbool(p, "add_prefix_space"))
 			return ds_errf(e, -ENOTSUP, "%s: ByteLevel pre-tokenizer with add_prefix_space",
 				       path);
-		const cJSON *ur = cJSON_GetObjectItemCaseSensitive(p, "use_regex");
-		if (!ur || cJSON_IsTrue(ur)) /* HF's default is true */
+		const tj_node *ur = tj_get(p, "use_regex");
+		if (!ur || tj_is(ur, TJ_TRUE)) /* HF's default is true */
 			return compile_step(t, GPT2_SPLIT, sizeof(GPT2_SPLIT) - 1, 0, path, e);
 		return 0;
 	}
 	return ds_errf(e, -ENOTSUP, "%s: pre-tokenizer type %s is not supported", path, type);
 }
 
-static int load_pretok(ds_tok *t, const cJSON *root, const char *path, ds_err *e)
+static int load_pretok(ds_tok *t, const tj_node *root, const char *path, ds_err *e)
 {
-	const cJSON *p = cJSON_GetObjectItemCaseSensitive(root, "pre_tokenizer");
-	if (!p || cJSON_IsNull(p))
+	const tj_node *p = tj_get(root, "pre_tokenizer");
+	if (!p || tj_is(p, TJ_NULL))
 		return 0;
-	if (!cJSON_IsObject(p))
+	if (!tj_is(p, TJ_OBJ))
 		return ds_errf(e, -EINVAL, "%s: pre_tokenizer is not an object", path);
 	const char *type = jstr(p, "type");
 	if (type && !strcmp(type, "Sequence")) {
-		const cJSON *l = cJSON_GetObjectItemCaseSensitive(p, "pretokenizers"), *s;
-		if (!cJSON_IsArray(l))
+		const tj_node *l = tj_get(p, "pretokenizers");
+		if (!tj_is(l, TJ_ARR))
 			return ds_errf(e, -EINVAL, "%s: Sequence pre_tokenizer without pretokenizers",
 				       path);
-		cJSON_ArrayForEach(s, l) {
-			if (!cJSON_IsObject(s))
+		tj_foreach(s, l) {
+			if (!tj_is(s, TJ_OBJ))
 				return ds_errf(e, -EINVAL, "%s: pre-tokenizer entry is not an object",
 					       path);
 			int rc = load_pretok_one(t, s, path, e);
@@ -426,17 +426,17 @@ static int load_pretok(ds_tok *t, const cJSON *root, const char *path, ds_err *e
 
 /* Only what leaves text and bytes unchanged is accepted: an empty normalizer, a ByteLevel
  * decoder. */
-static int check_other_parts(const cJSON *root, const char *path, ds_err *e)
+static int check_other_parts(const tj_node *root, const char *path, ds_err *e)
 {
-	const cJSON *n = cJSON_GetObjectItemCaseSensitive(root, "normalizer");
-	if (n && !cJSON_IsNull(n)) {
+	const tj_node *n = tj_get(root, "normalizer");
+	if (n && !tj_is(n, TJ_NULL)) {
 		const char *type = jstr(n, "type");
-		const cJSON *l = cJSON_GetObjectItemCaseSensitive(n, "normalizers");
-		if (!type || strcmp(type, "Sequence") || !cJSON_IsArray(l) || cJSON_GetArraySize(l))
+		const tj_node *l = tj_get(n, "normalizers");
+		if (!type || strcmp(type, "Sequence") || !tj_is(l, TJ_ARR) || l->len)
 			return ds_errf(e, -ENOTSUP, "%s: normalizer %s is not supported (only none or "
 				       "an empty Sequence)", path, type ? type : "(untyped)");
 	}
-	const cJSON *d = cJSON_GetObjectItemCaseSensitive(root, "decoder");
+	const tj_node *d = tj_get(root, "decoder");
 	const char *dt = jstr(d, "type");
 	if (!dt || strcmp(dt, "ByteLevel"))
 		return ds_errf(e, -ENOTSUP, "%s: decoder %s is not supported (only ByteLevel)", path,
@@ -444,14 +444,14 @@ static int check_other_parts(const cJSON *root, const char *path, ds_err *e)
 	return 0;
 }
 
-static int load_model_opts(ds_tok *t, const cJSON *model, const char *path, ds_err *e)
+static int load_model_opts(ds_tok *t, const tj_node *model, const char *path, ds_err *e)
 {
 	const char *type = jstr(model, "type");
 	if (type && strcmp(type, "BPE"))
 		return ds_errf(e, -ENOTSUP, "%s: model type %s is not supported (only BPE)", path,
 			       type);
-	const cJSON *d = cJSON_GetObjectItemCaseSensitive(model, "dropout");
-	if (d && !cJSON_IsNull(d) && !(cJSON_IsNumber(d) && d->valuedouble == 0))
+	const tj_node *d = tj_get(model, "dropout");
+	if (d && !tj_is(d, TJ_NULL) && !(tj_is(d, TJ_NUM) && d->num == 0))
 		return ds_errf(e, -ENOTSUP, "%s: BPE dropout is not supported", path);
 	if (jstr(model, "continuing_subword_prefix") || jstr(model, "end_of_word_suffix"))
 		return ds_errf(e, -ENOTSUP, "%s: BPE with a subword prefix/suffix is not supported",
@@ -465,24 +465,48 @@ static int load_model_opts(ds_tok *t, const cJSON *model, const char *path, ds_e
 	return 0;
 }
 
-static int load_json(ds_tok *t, cJSON *root, const char *path, ds_err *e)
+/* A merge's two token strings: "a b" (exactly one space) or ["a", "b"]. 0 or -1. */
+static int merge_parts(const tj_node *it, const char **a, size_t *la, const char **b, size_t *lb)
 {
-	if (!cJSON_IsObject(root))
+	if (tj_is(it, TJ_STR)) {
+		const char *sp = memchr(it->s, ' ', it->len);
+		if (!sp || memchr(sp + 1, ' ', it->len - (size_t)(sp + 1 - it->s)))
+			return -1;
+		*a = it->s;
+		*la = (size_t)(sp - it->s);
+		*b = sp + 1;
+		*lb = it->len - *la - 1;
+		return 0;
+	}
+	if (tj_is(it, TJ_ARR) && it->len == 2 && tj_is(it->child, TJ_STR) &&
+	    tj_is(it->child->next, TJ_STR)) {
+		*a = it->child->s;
+		*la = it->child->len;
+		*b = it->child->next->s;
+		*lb = it->child->next->len;
+		return 0;
+	}
+	return -1;
+}
+
+static int load_json(ds_tok *t, const tj_node *root, const char *path, ds_err *e)
+{
+	if (!tj_is(root, TJ_OBJ))
 		return ds_errf(e, -EINVAL, "%s: not a JSON object", path);
-	const cJSON *model = cJSON_GetObjectItemCaseSensitive(root, "model");
-	if (!cJSON_IsObject(model))
+	const tj_node *model = tj_get(root, "model");
+	if (!tj_is(model, TJ_OBJ))
 		return ds_errf(e, -EINVAL, "%s: no \"model\" object", path);
 	int rc = load_model_opts(t, model, path, e);
 	if (rc)
 		return rc;
-	const cJSON *vocab = cJSON_GetObjectItemCaseSensitive(model, "vocab");
-	const cJSON *merges = cJSON_GetObjectItemCaseSensitive(model, "merges");
-	const cJSON *added = cJSON_GetObjectItemCaseSensitive(root, "added_tokens");
-	if (!cJSON_IsObject(vocab))
+	const tj_node *vocab = tj_get(model, "vocab");
+	const tj_node *merges = tj_get(model, "merges");
+	const tj_node *added = tj_get(root, "added_tokens");
+	if (!tj_is(vocab, TJ_OBJ))
 		return ds_errf(e, -EINVAL, "%s: model.vocab is not an object", path);
-	if (merges && !cJSON_IsArray(merges))
+	if (merges && !tj_is(merges, TJ_ARR))
 		return ds_errf(e, -EINVAL, "%s: model.merges is not an array", path);
-	if (added && !cJSON_IsNull(added) && !cJSON_IsArray(added))
+	if (added && !tj_is(added, TJ_NULL) && !tj_is(added, TJ_ARR))
 		return ds_errf(e, -EINVAL, "%s: added_tokens is not an array", path);
 	if ((rc = check_other_parts(root, path, e)))
 		return rc;
@@ -490,22 +514,21 @@ static int load_json(ds_tok *t, cJSON *root, const char *path, ds_err *e)
 	/* Sizes first: ids, string bytes. */
 	uint32_t n_vocab = 0, max_id = 0, n_added = 0;
 	size_t str_bytes = 0;
-	const cJSON *it;
-	cJSON_ArrayForEach(it, vocab) {
+	tj_foreach(it, vocab) {
 		uint32_t id;
 		if (jid(it, &id))
 			return ds_errf(e, -EINVAL, "%s: vocab entry \"%.64s\" has no valid id", path,
-				       it->string);
+				       it->key);
 		max_id = id > max_id ? id : max_id;
-		str_bytes += strlen(it->string);
+		str_bytes += it->key_len;
 		n_vocab++;
 	}
-	if (cJSON_IsArray(added))
-		cJSON_ArrayForEach(it, added) {
+	if (tj_is(added, TJ_ARR))
+		tj_foreach(it, added) {
 			uint32_t id;
 			const char *c = jstr(it, "content");
-			if (!cJSON_IsObject(it) || !c || !*c ||
-			    jid(cJSON_GetObjectItemCaseSensitive(it, "id"), &id))
+			if (!tj_is(it, TJ_OBJ) || !c || !*c ||
+			    jid(tj_get(it, "id"), &id))
 				return ds_errf(e, -EINVAL, "%s: added_tokens[%u] needs a non-empty "
 					       "content and a valid id", path, n_added);
 			if (jbool(it, "lstrip") || jbool(it, "rstrip") || jbool(it, "single_word"))
@@ -531,26 +554,26 @@ static int load_json(ds_tok *t, cJSON *root, const char *path, ds_err *e)
 	memset(t->piece_len, 0xff, t->n_ids * sizeof(uint32_t));
 
 	uint32_t off = 0;
-	cJSON_ArrayForEach(it, vocab) {
-		uint32_t id = 0, len = (uint32_t)strlen(it->string);
+	tj_foreach(it, vocab) {
+		uint32_t id = 0, len = it->key_len;
 		jid(it, &id);
-		memcpy(t->strs + off, it->string, len);
+		memcpy(t->strs + off, it->key, len);
 		if (t->piece_len[id] != UINT32_MAX)
 			return ds_errf(e, -EINVAL, "%s: id %u appears twice in the vocab", path, id);
 		if (strmap_put(t->strs, &t->vocab, off, len, (int32_t)id) >= 0)
 			return ds_errf(e, -EINVAL, "%s: token \"%.64s\" appears twice in the vocab",
-				       path, it->string);
+				       path, it->key);
 		t->piece_off[id] = off;
 		t->piece_len[id] = len;
 		off += len;
 	}
-	if (cJSON_IsArray(added)) {
+	if (tj_is(added, TJ_ARR)) {
 		if (trie_init(&t->trie_raw) || trie_init(&t->trie_norm))
 			return ds_errf(e, -ENOMEM, "%s: out of memory", path);
-		cJSON_ArrayForEach(it, added) {
+		tj_foreach(it, added) {
 			uint32_t id = 0, len;
 			const char *c = jstr(it, "content");
-			jid(cJSON_GetObjectItemCaseSensitive(it, "id"), &id);
+			jid(tj_get(it, "id"), &id);
 			len = (uint32_t)strlen(c);
 			memcpy(t->strs + off, c, len);
 			strmap_put(t->strs, &t->added, off, len, (int32_t)id);
@@ -558,8 +581,8 @@ static int load_json(ds_tok *t, cJSON *root, const char *path, ds_err *e)
 			t->piece_len[id] = len;
 			t->special[id] = jbool(it, "special") == 1;
 			/* HF's default for "normalized" is the opposite of "special". */
-			const cJSON *nz = cJSON_GetObjectItemCaseSensitive(it, "normalized");
-			int norm = nz ? cJSON_IsTrue(nz) : !t->special[id];
+			const tj_node *nz = tj_get(it, "normalized");
+			int norm = nz ? tj_is(nz, TJ_TRUE) : !t->special[id];
 			if (trie_add(norm ? &t->trie_norm : &t->trie_raw, (const uint8_t *)c, len,
 				     (int32_t)id))
 				return ds_errf(e, -ENOMEM, "%s: out of memory", path);
@@ -579,7 +602,7 @@ static int load_json(ds_tok *t, cJSON *root, const char *path, ds_err *e)
 		return ds_errf(e, -EINVAL, "%s: unk_token %.64s is not in the vocab", path, unk);
 
 	/* Merges: "a b" strings or [a, b] pairs; rank = position. */
-	uint32_t n_merges = merges ? (uint32_t)cJSON_GetArraySize(merges) : 0, cap = 16;
+	uint32_t n_merges = merges ? merges->len : 0, cap = 16;
 	while (cap < 2 * n_merges + 16)
 		cap <<= 1;
 	t->merge_mask = cap - 1;
@@ -587,60 +610,60 @@ static int load_json(ds_tok *t, cJSON *root, const char *path, ds_err *e)
 	t->merge_val = malloc(cap * sizeof(uint64_t));
 	if (!t->merge_key || !t->merge_val)
 		return ds_errf(e, -ENOMEM, "%s: out of memory", path);
-	uint32_t rank = 0;
-	size_t tmp_cap = 256;
-	char *tmp = malloc(tmp_cap);
-	if (!tmp)
+	/* The three vocab lookups of each merge are independent and dominate loading, so they run
+	 * in parallel; the table is then filled in rank order. */
+	const tj_node **mv = malloc(((size_t)n_merges + 1) * sizeof(*mv));
+	int32_t *tri = malloc(((size_t)n_merges + 1) * 3 * sizeof(int32_t));
+	if (!mv || !tri) {
+		free(mv);
+		free(tri);
 		return ds_errf(e, -ENOMEM, "%s: out of memory", path);
-	rc = 0;
-	if (merges)
-		cJSON_ArrayForEach(it, merges) {
-			const char *a, *b;
-			size_t la, lb;
-			if (cJSON_IsString(it)) {
-				a = it->valuestring;
-				const char *sp = strchr(a, ' ');
-				if (!sp || strchr(sp + 1, ' ')) {
-					rc = ds_errf(e, -EINVAL, "%s: merge %u \"%.64s\" is not two "
-						     "tokens separated by one space", path, rank, a);
-					break;
-				}
-				la = (size_t)(sp - a);
-				b = sp + 1;
-				lb = strlen(b);
-			} else if (cJSON_IsArray(it) && cJSON_GetArraySize(it) == 2 &&
-				   cJSON_IsString(it->child) && cJSON_IsString(it->child->next)) {
-				a = it->child->valuestring;
-				b = it->child->next->valuestring;
-				la = strlen(a);
-				lb = strlen(b);
-			} else {
-				rc = ds_errf(e, -EINVAL, "%s: merge %u is neither \"a b\" nor [a, b]",
-					     path, rank);
-				break;
-			}
-			if (la + lb > tmp_cap) {
-				tmp_cap = 2 * (la + lb);
-				char *nt = realloc(tmp, tmp_cap);
-				if (!nt) {
-					rc = ds_errf(e, -ENOMEM, "%s: out of memory", path);
-					break;
-				}
-				tmp = nt;
-			}
-			memcpy(tmp, a, la);
-			memcpy(tmp + la, b, lb);
-			int32_t ia = ds_tok_map_get(t, &t->vocab, a, la);
-			int32_t ib = ds_tok_map_get(t, &t->vocab, b, lb);
-			int32_t im = ds_tok_map_get(t, &t->vocab, tmp, la + lb);
-			if (ia < 0 || ib < 0 || im < 0) {
-				rc = ds_errf(e, -EINVAL, "%s: merge %u (%.40s + %.40s): token not in "
-					     "the vocab", path, rank, a, b);
-				break;
-			}
-			merge_put(t, ia, ib, rank++, im);
+	}
+	uint32_t nm = 0;
+	tj_foreach(it, merges)
+		mv[nm++] = it;
+#pragma omp parallel for schedule(static) if (n_merges > 8192)
+	for (uint32_t r = 0; r < n_merges; r++) {
+		const char *ma, *mb;
+		size_t la, lb;
+		tri[3 * r] = merge_parts(mv[r], &ma, &la, &mb, &lb) ? -2 : -1;
+		if (tri[3 * r] == -2)
+			continue;
+		char stack[512], *tmp = la + lb <= sizeof(stack) ? stack : malloc(la + lb);
+		if (!tmp) {
+			tri[3 * r] = -3;
+			continue;
 		}
-	free(tmp);
+		memcpy(tmp, ma, la);
+		memcpy(tmp + la, mb, lb);
+		int32_t ia = ds_tok_map_get(t, &t->vocab, ma, la);
+		int32_t ib = ds_tok_map_get(t, &t->vocab, mb, lb);
+		int32_t im = ds_tok_map_get(t, &t->vocab, tmp, la + lb);
+		if (tmp != stack)
+			free(tmp);
+		if (ia >= 0 && ib >= 0 && im >= 0) {
+			tri[3 * r] = ia;
+			tri[3 * r + 1] = ib;
+			tri[3 * r + 2] = im;
+		}
+	}
+	rc = 0;
+	for (uint32_t r = 0; r < n_merges && !rc; r++) {
+		const char *ma, *mb;
+		size_t la, lb;
+		if (tri[3 * r] == -2)
+			rc = ds_errf(e, -EINVAL, "%s: merge %u is neither \"a b\" (one space) nor [a, b]",
+				     path, r);
+		else if (tri[3 * r] == -3)
+			rc = ds_errf(e, -ENOMEM, "%s: out of memory", path);
+		else if (tri[3 * r] < 0 && !merge_parts(mv[r], &ma, &la, &mb, &lb))
+			rc = ds_errf(e, -EINVAL, "%s: merge %u (%.40s + %.40s): token not in the vocab",
+				     path, r, ma, mb);
+		else
+			merge_put(t, tri[3 * r], tri[3 * r + 1], r, tri[3 * r + 2]);
+	}
+	free(mv);
+	free(tri);
 	if (rc)
 		return rc;
 
@@ -706,32 +729,24 @@ ds_tok *ds_tok_free(ds_tok *t)
 	return NULL;
 }
 
-int ds_tok_load(const char *path, ds_tok **out, ds_err *e)
+/* Parses buf (writable, buf[len] == 0) in place and builds the tokenizer from it. */
+static int load_owned(char *buf, size_t len, const char *path, ds_tok **out, ds_err *e)
 {
-	char *buf;
-	size_t len;
-	int rc = read_file(path, &buf, &len, e);
+	tj_doc doc;
+	size_t off = 0;
+	int rc = tj_parse(buf, len, &doc, &off);
+	if (rc == -ENOMEM)
+		return ds_errf(e, rc, "%s: out of memory", path);
 	if (rc)
-		return rc;
-	rc = ds_tok_load_buffer(buf, len, path, out, e);
-	free(buf);
-	return rc;
-}
-
-int ds_tok_load_buffer(const char *buf, size_t len, const char *path, ds_tok **out, ds_err *e)
-{
-	int rc;
-	cJSON *root = cJSON_ParseWithLength(buf, len);
-	if (!root)
-		return ds_errf(e, -EINVAL, "%s: malformed JSON", path);
+		return ds_errf(e, rc, "%s: malformed JSON at byte %zu", path, off);
 	ds_tok *t = calloc(1, sizeof(*t));
 	if (!t) {
-		cJSON_Delete(root);
+		tj_free(&doc);
 		return ds_errf(e, -ENOMEM, "%s: out of memory", path);
 	}
 	t->bos = t->eos = -1;
-	rc = load_json(t, root, path, e);
-	cJSON_Delete(root);
+	rc = load_json(t, doc.n, path, e);
+	tj_free(&doc);
 	if (rc) {
 		ds_tok_free(t);
 		return rc;
@@ -740,14 +755,40 @@ int ds_tok_load_buffer(const char *buf, size_t len, const char *path, ds_tok **o
 	return 0;
 }
 
+int ds_tok_load(const char *path, ds_tok **out, ds_err *e)
+{
+	char *buf;
+	size_t len;
+	int rc = read_file(path, &buf, &len, e);
+	if (rc)
+		return rc;
+	rc = load_owned(buf, len, path, out, e);
+	free(buf);
+	return rc;
+}
+
+int ds_tok_load_buffer(const char *json, size_t len, const char *name, ds_tok **out, ds_err *e)
+{
+	if (!json || !out || len > TOK_MAX_FILE)
+		return ds_errf(e, -EINVAL, "%s: no buffer, or larger than %u bytes", name, TOK_MAX_FILE);
+	char *buf = malloc(len + 1);
+	if (!buf)
+		return ds_errf(e, -ENOMEM, "%s: out of memory", name);
+	memcpy(buf, json, len);
+	buf[len] = 0;
+	int rc = load_owned(buf, len, name, out, e);
+	free(buf);
+	return rc;
+}
+
 /* bos_token/eos_token: a string or {"content": ...}; null/absent leaves -1. */
-static int config_token(const ds_tok *t, const cJSON *cfg, const char *key, int32_t *id,
+static int config_token(const ds_tok *t, const tj_node *cfg, const char *key, int32_t *id,
 			const char *path, ds_err *e)
 {
-	const cJSON *v = cJSON_GetObjectItemCaseSensitive(cfg, key);
-	if (!v || cJSON_IsNull(v))
+	const tj_node *v = tj_get(cfg, key);
+	if (!v || tj_is(v, TJ_NULL))
 		return 0;
-	const char *s = cJSON_IsString(v) ? v->valuestring : jstr(v, "content");
+	const char *s = tj_is(v, TJ_STR) ? v->s : jstr(v, "content");
 	if (!s)
 		return ds_errf(e, -EINVAL, "%s: %s is neither a string nor {\"content\": ...}", path,
 			       key);
@@ -767,7 +808,7 @@ int ds_tok_load_dir(const char *dir, ds_tok **out, ds_err *e)
 		return rc;
 	snprintf(path, sizeof(path), "%s/tokenizer_config.json", dir);
 	char *buf;
-	size_t len;
+	size_t len, off = 0;
 	struct stat st;
 	if (stat(path, &st) && errno == ENOENT) {
 		*out = t;
@@ -777,13 +818,17 @@ int ds_tok_load_dir(const char *dir, ds_tok **out, ds_err *e)
 		ds_tok_free(t);
 		return rc;
 	}
-	cJSON *cfg = cJSON_ParseWithLength(buf, len);
-	free(buf);
-	if (!cJSON_IsObject(cfg)) {
-		cJSON_Delete(cfg);
+	tj_doc doc;
+	rc = tj_parse(buf, len, &doc, &off);
+	if (rc || !tj_is(doc.n, TJ_OBJ)) {
+		if (!rc)
+			tj_free(&doc);
+		free(buf);
 		ds_tok_free(t);
-		return ds_errf(e, -EINVAL, "%s: malformed JSON", path);
+		return ds_errf(e, rc == -ENOMEM ? rc : -EINVAL, "%s: malformed JSON%s", path,
+			       rc ? "" : " (not an object)");
 	}
+	const tj_node *cfg = doc.n;
 	rc = config_token(t, cfg, "bos_token", &t->bos, path, e);
 	if (!rc)
 		rc = config_token(t, cfg, "eos_token", &t->eos, path, e);
@@ -791,7 +836,8 @@ int ds_tok_load_dir(const char *dir, ds_tok **out, ds_err *e)
 	const char *tmpl = jstr(cfg, "chat_template");
 	if (!rc && tmpl && !(t->chat_template = strdup(tmpl)))
 		rc = ds_errf(e, -ENOMEM, "%s: out of memory", path);
-	cJSON_Delete(cfg);
+	tj_free(&doc);
+	free(buf);
 	if (rc) {
 		ds_tok_free(t);
 		return rc;

@@ -191,7 +191,7 @@ static void expect_ids(const ds_tok *t, const char *s, size_t len, unsigned flag
 	int rc = ds_tok_encode(t, s, len, flags, &ids, &n, &e);
 	if (rc)
 		fail_msg("encode %.60s: %s", s, e.msg);
-	int same = n == nwant && !memcmp(ids, want, n * sizeof(*ids));
+	int same = n == nwant && (!n || !memcmp(ids, want, n * sizeof(*ids)));
 	if (!same) {
 		fprintf(stderr, "text %.200s\n got  (%zu):", s, n);
 		for (size_t i = 0; i < n && i < 40; i++)

@@ -5,14 +5,14 @@ test_tokenizer_SRCS := tests/test_tokenizer.c
 
 SHELL_TESTS += tests/tokenize_cli.sh
 
-TOK_LIBSRCS := model/tokenizer.c model/tok_encode.c model/tok_decode.c model/err.c
+TOK_LIBSRCS := model/tok_json.c model/tokenizer.c model/tok_encode.c model/tok_decode.c model/err.c
 FUZZERS += fuzz_tok_encode fuzz_tok_load
 fuzz_tok_encode_SRCS := tests/fuzz/fuzz_tok_encode.c
 fuzz_tok_encode_LIBSRCS := $(TOK_LIBSRCS)
-fuzz_tok_encode_LDLIBS := -lcjson -lpcre2-8
+fuzz_tok_encode_LDLIBS := -lpcre2-8
 fuzz_tok_load_SRCS := tests/fuzz/fuzz_tok_load.c
 fuzz_tok_load_LIBSRCS := $(TOK_LIBSRCS) model/chat_template.c
-fuzz_tok_load_LDLIBS := -lcjson -lpcre2-8
+fuzz_tok_load_LDLIBS := -lpcre2-8
 
 BENCHES += bench_tokenizer
 bench_tokenizer_SRCS := tests/bench_tokenizer.c
