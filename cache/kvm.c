@@ -12,7 +12,7 @@ struct ds_kvm {
 	int bt, max_running;
 	ds_step_item *items;
 	ds_kvm_req **ready, **failed;
-	int admit_err;
+	uint64_t prompt_tokens; /* also counted with the cache off */
 };
 
 static int op_available(void *ctx)
@@ -222,6 +222,7 @@ int ds_kvm_step(ds_kvm *k, float *logits, ds_kvm_req ***ready, ds_kvm_req ***fai
 				/* first scheduled after its first admission: what the cache saved */
 				r->accounted = 1;
 				r->hit_tokens = r->s.n_cached;
+				k->prompt_tokens += (uint64_t)r->n_prompt;
 				ds_prefix_account(k->pc, r->n_prompt, r->hit_tokens < r->n_prompt ? r->hit_tokens : r->n_prompt);
 			}
 			r->s.n_cached += r->s.n_sched;
@@ -255,6 +256,7 @@ void ds_kvm_stats_get(const ds_kvm *k, ds_kvm_stats *st)
 		st->prefix.blocks_total = ds_kv_pool_blocks(k->pool);
 		st->prefix.blocks_free = ds_kv_pool_free_count(k->pool);
 		st->prefix.blocks_used = st->prefix.blocks_total - st->prefix.blocks_free;
+		st->prefix.prompt_tokens = k->prompt_tokens;
 	}
 	ds_sched_stats_get(k->sched, &st->sched);
 }
