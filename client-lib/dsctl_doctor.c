@@ -42,6 +42,7 @@ struct doc {
 	char backend[32];
 	char model[PATH_MAX];
 	bool have_socket_opt;
+	pid_t peer_pid;      /* the process that created the socket (SO_PEERCRED) */
 	/* the account dsd.service runs as */
 	const char *user;
 	bool user_known;
@@ -265,9 +266,13 @@ static void check_socket(struct doc *d)
 		fail(d, "check the process's file descriptor limit", "socket(): %s", strerror(errno));
 		return;
 	}
-	if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0)
+	if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0) {
+		struct ucred cr;
+		socklen_t crl = sizeof(cr);
+		if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cr, &crl) == 0)
+			d->peer_pid = cr.pid;
 		ok(d, "connected to %s", d->socket);
-	else if (errno == ECONNREFUSED)
+	} else if (errno == ECONNREFUSED)
 		fail(d, "sudo systemctl restart dsd.socket", "nothing listens on %s", d->socket);
 	else if (errno == EACCES)
 		fail(d, "see the group checks above", "connecting to %s: permission denied", d->socket);
@@ -384,30 +389,60 @@ static unsigned long long parse_limit(const char *s)
 	return strtoull(s, NULL, 10);
 }
 
-/* The memlock limit of a running dsd (read from /proc), else our own. */
-static void check_memlock(struct doc *d)
+static bool is_dsd(long pid, uid_t *uid)
 {
+	char path[64], line[256];
+	bool yes = false;
+	snprintf(path, sizeof(path), "/proc/%ld/comm", pid);
+	FILE *f = fopen(path, "r");
+	if (f && fgets(line, sizeof(line), f))
+		yes = !strcmp(line, "dsd\n");
+	if (f)
+		fclose(f);
+	if (!yes)
+		return false;
+	snprintf(path, sizeof(path), "/proc/%ld/status", pid);
+	f = fopen(path, "r");
+	*uid = (uid_t)-1;
+	while (f && fgets(line, sizeof(line), f)) {
+		unsigned u;
+		if (sscanf(line, "Uid: %u", &u) == 1)
+			*uid = (uid_t)u;
+	}
+	if (f)
+		fclose(f);
+	return true;
+}
+
+/* The daemon behind the checked socket: the socket's creator when that is
+ * dsd itself (it bound it, or was socket-activated in place), else a dsd
+ * running as the service user (under systemd, pid 1 created the socket). */
+static long find_daemon(const struct doc *d)
+{
+	uid_t uid;
+	if (d->peer_pid > 0 && is_dsd(d->peer_pid, &uid))
+		return d->peer_pid;
+	if (!d->user_known)
+		return 0;
 	DIR *proc = opendir("/proc");
 	struct dirent *e;
-	char path[64], line[256];
 	long pid = 0;
-
-	while (proc && (e = readdir(proc))) {
+	while (proc && !pid && (e = readdir(proc))) {
 		char *end;
 		long p = strtol(e->d_name, &end, 10);
-		if (*end || p <= 0)
-			continue;
-		snprintf(path, sizeof(path), "/proc/%ld/comm", p);
-		FILE *f = fopen(path, "r");
-		if (f && fgets(line, sizeof(line), f) && !strcmp(line, "dsd\n"))
+		if (!*end && p > 0 && is_dsd(p, &uid) && uid == d->svc_uid)
 			pid = p;
-		if (f)
-			fclose(f);
-		if (pid)
-			break;
 	}
 	if (proc)
 		closedir(proc);
+	return pid;
+}
+
+/* The memlock limit of the running daemon (read from /proc), else our own. */
+static void check_memlock(struct doc *d)
+{
+	char path[64], line[256];
+	long pid = find_daemon(d);
 
 	if (pid) {
 		snprintf(path, sizeof(path), "/proc/%ld/limits", pid);

@@ -34,7 +34,7 @@ install: install-bins
 	ln -sf libdsclient.so.0 "$$d$(LIBDIR)/libdsclient.so"; \
 	install -m 0644 client-lib/dsclient.h "$$d$(INCLUDEDIR)/dsclient.h"; \
 	sed -e 's|@PREFIX@|$(PREFIX)|g' -e 's|@LIBDIR@|$(LIBDIR)|g' -e 's|@INCLUDEDIR@|$(INCLUDEDIR)|g' \
-		-e 's|@VERSION@|$(DS_VERSION)|g' packaging/dsclient.pc.in > "$$d$(LIBDIR)/pkgconfig/dsclient.pc"; \
+		-e 's|@VERSION@|$(DS_VERSION)|g' client-lib/dsclient.pc.in > "$$d$(LIBDIR)/pkgconfig/dsclient.pc"; \
 	chmod 0644 "$$d$(LIBDIR)/pkgconfig/dsclient.pc"; \
 	for u in dsd.service dsd.socket; do \
 		sed -e 's|/usr/sbin/dsd|$(SBINDIR)/dsd|g' -e 's|/etc/dsd/|$(SYSCONFDIR)/dsd/|g' \

@@ -61,6 +61,13 @@ else
 	bad "lintian" "$lint"
 fi
 
+t0=$(date +%s)
+if make --no-print-directory BUILD="$BUILD" rpm >"$T/rpm.log" 2>&1; then
+	ok "make rpm ($(($(date +%s) - t0)) s); rpmlint: $(grep -oE '[0-9]+ errors, [0-9]+ warnings' "$BUILD/rpm/rpmlint.log")"
+else
+	bad "make rpm (rpmbuild + rpmlint without errors)" "$(tail -40 "$T/rpm.log")"
+fi
+
 # --- install ---------------------------------------------------------------
 for p in "${debs[@]}"; do dpkg-deb -c "$p"; done | awk '$1 ~ /^d/ { sub(/^\./, "", $6); sub(/\/$/, "", $6); print $6 }' |
 	sort -u | while read -r d; do [ -d "$d" ] && echo "$d"; done >"$T/dirs.before"
@@ -98,8 +105,10 @@ for _ in $(seq 50); do [ -S "$T/notify" ] && break; sleep 0.1; done
 # systemd-socket-activate listens, waits for the first connection, then
 # execs (same pid) setpriv, which execs the daemon: so $$ of the bash below
 # is the daemon's pid, which sd_notify and sd_watchdog_enabled check.
+memlock_capped=0
+(ulimit -l unlimited) 2>/dev/null || memlock_capped=1
 (
-	ulimit -l unlimited
+	ulimit -l unlimited 2>/dev/null
 	umask "$(sed -n 's/^UMask=//p' "$svc")"
 	exec bash -c 'exec systemd-socket-activate -l "$0" -E NOTIFY_SOCKET="$1" -E WATCHDOG_USEC=2000000 \
 		-E WATCHDOG_PID=$$ "${@:3}"' "$sock" "$T/notify" "${envs[@]}" \
@@ -145,7 +154,17 @@ check "program built with pkg-config dsclient links and runs" \
 		ldd '$T/client' | grep -q 'libdsclient.so.0 => /usr/lib/' && '$T/client' '$sock'"
 out=$(dsctl doctor --socket "$sock" 2>&1)
 rc=$?
-if [ $rc -eq 0 ]; then ok "dsctl doctor: no problems on the installed package"; else bad "dsctl doctor (exit $rc)" "$out"; fi
+fails=$(grep '^\[FAIL\]' <<<"$out")
+if [ $rc -eq 0 ]; then
+	ok "dsctl doctor: no problems on the installed package"
+elif [ "$memlock_capped" = 1 ] && [ $rc -eq 1 ] && [ "$(wc -l <<<"$fails")" -eq 1 ] &&
+	grep -q 'may lock only' <<<"$fails"; then
+	# This machine does not let root raise RLIMIT_MEMLOCK, which systemd's
+	# LimitMEMLOCK=infinity would: the doctor must report exactly that.
+	ok "dsctl doctor: only the memlock cap of this machine ($(ulimit -Hl) KiB) reported"
+else
+	bad "dsctl doctor (exit $rc)" "$out"
+fi
 if wait_notify '(^| |\|)WATCHDOG=1' 5 >/dev/null; then ok "WATCHDOG=1 sent (WatchdogSec=)"; else
 	bad "no WATCHDOG=1 within 5 s with WATCHDOG_USEC=2 s" "$(cat "$T/notify.log")"; fi
 

@@ -154,6 +154,38 @@ run 1 "unknown service user" --config "$T/good.conf" --user no-such-user-dsd &&
 run 1 "missing config" --config "$T/none.conf" --user nobody &&
 	expect "missing config: warned" "^\[warn\] $T/none.conf does not exist; assuming the defaults"
 
+# 13. The daemon behind the socket (a stand-in named "dsd") may lock too
+# little memory; then enough.
+fake_dsd() { # fake_dsd SOCKET MEMLOCK_BYTES|unlimited: a listener whose comm is "dsd"
+	python3 - "$1" "$2" <<'EOF' &
+import ctypes, resource, socket, sys, time
+ctypes.CDLL(None).prctl(15, b"dsd", 0, 0, 0)  # PR_SET_NAME
+lim = resource.RLIM_INFINITY if sys.argv[2] == "unlimited" else int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_MEMLOCK, (lim, lim))
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind(sys.argv[1]); s.listen(8)
+time.sleep(60)
+EOF
+	fake=$!
+	for _ in $(seq 50); do [ -S "$1" ] && break; sleep 0.1; done
+	chgrp nogroup "$1"
+	chmod 0660 "$1"
+}
+fake_dsd "$T/low.sock" 65536
+run 1 "daemon with a low memlock limit" --config "$T/good.conf" --user nobody --socket "$T/low.sock" &&
+	expect "low memlock: reported" "the running dsd \(pid $fake\) may lock only 64 KiB" &&
+	expect "low memlock: fix" "fix: LimitMEMLOCK=infinity"
+kill $fake
+hard=$(ulimit -Hl)
+if [ "$hard" = unlimited ] || [ "$hard" -ge 65536 ]; then
+	fake_dsd "$T/high.sock" "$([ "$hard" = unlimited ] && echo unlimited || echo $((hard * 1024)))"
+	run 0 "daemon with a high memlock limit" --config "$T/good.conf" --user nobody --socket "$T/high.sock" &&
+		expect "high memlock: ok" "the running dsd \(pid $fake\) may lock enough memory"
+	kill $fake
+else
+	echo "skip daemon with a high memlock limit: this machine caps it at $hard KiB"
+fi
+
 # 12. Bad usage exits 2.
 "$DSCTL" doctor --bogus >/dev/null 2>&1
 rc=$?
