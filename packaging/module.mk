@@ -64,7 +64,19 @@ rpm:
 
 check-packaging:
 	@./scripts/deps-packaging.sh
-	@bash tests/packaging/manpages.sh
+	@DS_BUILD=$(BUILD) bash tests/packaging/manpages.sh
 	@DS_BUILD=$(BUILD) bash tests/packaging/check_packaging.sh
 
 .PHONY: install install-bins deb rpm check-packaging
+
+# Regenerates the KEYS section of dsd.conf(5) from conf/'s settings table.
+$(BUILD)/gen_conf_keys: packaging/man/gen_conf_keys.c $(LIBDS)
+	$(CC) $(CPPFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $< $(LIBDS) $(LDLIBS)
+
+man-conf: $(BUILD)/gen_conf_keys
+	$(BUILD)/gen_conf_keys > $(BUILD)/conf-keys.roff
+	awk -v keys=$(BUILD)/conf-keys.roff '/^\.SH KEYS$$/ { print; while ((getline l < keys) > 0) print l; skip = 1; next } \
+		/^\.SH / { skip = 0 } !skip' packaging/man/dsd.conf.5 > $(BUILD)/dsd.conf.5.new
+	mv $(BUILD)/dsd.conf.5.new packaging/man/dsd.conf.5
+
+.PHONY: man-conf

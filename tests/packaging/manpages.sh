@@ -24,18 +24,28 @@ done
 missing=()
 while read -r sec key flag; do
 	grep -Eq "^\.BR? $key( |$)" "$M/dsd.conf.5" || missing+=("[$sec] $key")
-	grep -Fq -- "\\-\\-$flag" "$M/dsd.conf.5" || grep -Fq -- "\\fB\\-\\-$flag" "$M/dsd.conf.5" ||
-		grep -Fq -- "--$flag" "$M/dsd.conf.5" || missing+=("--$flag")
+	# roff writes a dash as \-
+	grep -Fq -- "$(sed 's/-/\\-/g' <<<"--$flag")" "$M/dsd.conf.5" || missing+=("--$flag")
 done < <(sed -nE 's/^\s*\{ "([a-z_]+)", "([a-z_0-9]+)", "([a-z0-9-]+)", DS_CONF_T.*/\1 \2 \3/p' conf/conf.c)
 if [ ${#missing[@]} -eq 0 ]; then ok "dsd.conf(5) documents every key of conf/conf.c"; else
 	bad "dsd.conf(5) lacks" "${missing[*]}"; fi
+
+# The KEYS section is generated from the table (make man-conf): it must match.
+BUILD=${DS_BUILD:-build}
+if out=$(make --no-print-directory -s BUILD="$BUILD" "$BUILD/gen_conf_keys" 2>&1); then
+	d=$(diff <("$BUILD/gen_conf_keys") <(awk '/^\.SH KEYS$/ { k = 1; next } /^\.SH / { k = 0 } k' "$M/dsd.conf.5"))
+	if [ -z "$d" ]; then ok "dsd.conf(5) KEYS section matches conf/'s table"; else
+		bad "dsd.conf(5) is stale: run make man-conf" "$d"; fi
+else
+	bad "building $BUILD/gen_conf_keys" "$out"
+fi
 
 check_verbs() { # check_verbs PAGE SOURCE
 	local miss=()
 	[ -f "$2" ] || { bad "$2 exists (for $1's verbs)"; return; }
 	while read -r v; do
 		grep -Eq "^\.B $v( |$)|^\.B $(sed 's/-/\\\\-/g' <<<"$v")( |$)" "$M/$1" || miss+=("$v")
-	done < <(sed -nE 's/^\s*\{ "([a-z][a-z-]*)", [a-z_]+,.*/\1/p' "$2")
+	done < <(sed -n '/verbs\[\] = {/,/^};/p' "$2" | sed -nE 's/^\s*\{ "([a-z][a-z-]*)", [a-z_]+,.*/\1/p')
 	if [ ${#miss[@]} -eq 0 ]; then ok "$1 documents every verb of $2"; else bad "$1 lacks verbs" "${miss[*]}"; fi
 }
 check_verbs dsd.8 daemon/main.c
