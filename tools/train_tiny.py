@@ -828,23 +828,49 @@ def hf_checks(bf_dir, model, tok, seqs, dev):
     # tokenizer through AutoTokenizer: which tokenizer_class reproduces BOS + raw ids
     samples = ["Hello, world!", "The year 1776 was   important.\n\nNew paragraph.", "naïve café — ünïcode",
                "<｜User｜>Hi<｜Assistant｜>", "   leading spaces and 12345 digits"]
-    cfg_path = os.path.join(bf_dir, "tokenizer_config.json")
+    from tokenizers import Tokenizer
+
+    def auto_vs_raw(d, raw, label):
+        at = AutoTokenizer.from_pretrained(d)
+        bad = []
+        for s in samples:
+            a, r = at(s)["input_ids"], [BOS] + raw.encode(s, add_special_tokens=False).ids
+            if a != r:
+                bad.append({"text": s, "auto": a[:24], "bos+raw": r[:24]})
+        chat = at.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+        log(f"CHECK AutoTokenizer ({label}, {type(at).__name__}): {len(samples) - len(bad)}/{len(samples)} samples "
+            f"give BOS + tokenizers ids; chat render {chat!r}")
+        for b in bad[:3]:
+            log(f"   {b}")
+        return {"ok": not bad, "mismatches": bad, "chat_render": chat, "class": type(at).__name__}
+
+    cfg_paths = [os.path.join(x, "tokenizer_config.json") for x in (bf_dir, bf_dir.replace("/bf16", "/fp8"))]
     res["tokenizer_class_ok"] = None
+    real = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".gpu", "train", "dsv3_real")
+    try:
+        if os.path.exists(os.path.join(real, "tokenizer.json")):
+            res["autotokenizer_real_dsv3"] = auto_vs_raw(real, Tokenizer.from_file(os.path.join(real, "tokenizer.json")),
+                                                         "real DeepSeek-V3")
+    except Exception as e:
+        log(f"CHECK AutoTokenizer on the real DeepSeek-V3 tokenizer failed: {e!r}")
     for cls in ("LlamaTokenizerFast", "PreTrainedTokenizerFast"):
         try:
-            tc = json.load(open(cfg_path, encoding="utf-8"))
-            tc["tokenizer_class"] = cls
-            json.dump(tc, open(cfg_path, "w", encoding="utf-8"), ensure_ascii=False, indent=2)
-            at = AutoTokenizer.from_pretrained(bf_dir)
-            ok = all(at(s)["input_ids"] == [BOS] + tok.encode(s, add_special_tokens=False).ids for s in samples)
-            chat = at.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
-            log(f"CHECK AutoTokenizer with {cls}: ids == BOS + tokenizers ids: {ok}; chat render {chat!r}")
-            if ok:
+            for cp in cfg_paths:
+                tc = json.load(open(cp, encoding="utf-8"))
+                tc["tokenizer_class"] = cls
+                json.dump(tc, open(cp, "w", encoding="utf-8"), ensure_ascii=False, indent=2)
+            r = auto_vs_raw(bf_dir, tok, cls)
+            res.setdefault("autotokenizer", {})[cls] = r
+            if r["ok"]:
                 res["tokenizer_class_ok"] = cls
-                res["chat_render"] = chat
                 break
         except Exception as e:
             log(f"CHECK AutoTokenizer with {cls} failed: {e!r}")
+    if res["tokenizer_class_ok"] is None:  # keep DeepSeek-V3's own class
+        for cp in cfg_paths:
+            tc = json.load(open(cp, encoding="utf-8"))
+            tc["tokenizer_class"] = "LlamaTokenizerFast"
+            json.dump(tc, open(cp, "w", encoding="utf-8"), ensure_ascii=False, indent=2)
     return res
 
 
@@ -867,7 +893,7 @@ def main():
     t.add_argument("--gamma", type=float, default=1e-3, help="bias update speed")
     t.add_argument("--compile", type=int, default=1)
     t.add_argument("--log-every", type=int, default=50)
-    t.add_argument("--eval-every", type=int, default=250)
+    t.add_argument("--eval-every", type=int, default=100)
     t.add_argument("--smoke", action="store_true", help="4 MB of text, for catching bugs")
     a = ap.parse_args()
     if a.cmd == "prep-tok":
