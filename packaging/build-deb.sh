@@ -12,11 +12,17 @@ rm -f "$out"/*.deb "$out"/*.changes "$out"/*.buildinfo
 rm -rf "$src/debian"
 cp -a "$src/packaging/debian" "$src/debian"
 jobs=$(nproc 2>/dev/null || echo 2)
-(cd "$src" && dpkg-buildpackage -b -us -uc -j"$jobs" >"$out/build.log" 2>&1) || {
+# The staged tree goes once built: its build folder's *.d files (and
+# debian/*/usr/lib/sysusers.d) would otherwise be read by the top Makefile's
+# dependency include when $(BUILD) holds this output folder.
+rc=0
+(cd "$src" && dpkg-buildpackage -b -us -uc -j"$jobs" >"$out/build.log" 2>&1) || rc=$?
+rm -rf "$src"
+if [ $rc -ne 0 ]; then
 	tail -60 "$out/build.log"
 	echo "build-deb: dpkg-buildpackage failed; full log in $out/build.log" >&2
 	exit 1
-}
+fi
 changes=$(ls "$out"/dsd_"$ver"_*.changes)
 echo "build-deb: built $(cd "$out" && ls ./*.deb | tr '\n' ' ')"
 if command -v lintian >/dev/null; then

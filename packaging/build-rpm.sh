@@ -20,11 +20,14 @@ nodeps=()
 [ -f /etc/debian_version ] && nodeps=(--nodeps)
 jobs=$(nproc 2>/dev/null || echo 2)
 rpmbuild -bb "${nodeps[@]}" --define "_topdir $top" --define "packager $(sed -n "s/^Maintainer: //p" "$here/debian/control")" --define "_smp_mflags -j$jobs" \
-	"$top/SPECS/dsd.spec" >"$out/build.log" 2>&1 || {
+	"$top/SPECS/dsd.spec" >"$out/build.log" 2>&1 || rc=$?
+# As in build-deb.sh: no build tree left where the top Makefile looks for *.d.
+rm -rf "$top/BUILD" "$top/BUILDROOT"
+if [ "${rc:-0}" -ne 0 ]; then
 	tail -60 "$out/build.log"
 	echo "build-rpm: rpmbuild failed; full log in $out/build.log" >&2
 	exit 1
-}
+fi
 rm -f "$out"/*.rpm
 find "$top/RPMS" -name '*.rpm' -exec mv {} "$out/" \;
 echo "build-rpm: built $(cd "$out" && ls ./*.rpm | tr '\n' ' ')"

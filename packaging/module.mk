@@ -46,7 +46,11 @@ install: install-bins
 	chmod 0644 "$$d$(SYSCONFDIR)/dsd/dsd.conf"; \
 	test -f models/$(DEFAULT_MODEL_PATH)/config.json || \
 		{ echo "install: models/$(DEFAULT_MODEL_PATH) has no model" >&2; exit 1; }; \
-	rm -rf "$$d$(MODELDIR)/$(DEFAULT_MODEL)"; cp -R models/$(DEFAULT_MODEL) "$$d$(MODELDIR)/"; \
+	rm -rf "$$d$(MODELDIR)/$(DEFAULT_MODEL)"; install -d "$$d$(MODELDIR)/$(DEFAULT_MODEL)"; \
+	for m in models/$(DEFAULT_MODEL)/*/config.json; do \
+		cp -R "$${m%/config.json}" "$$d$(MODELDIR)/$(DEFAULT_MODEL)/"; \
+	done; \
+	for f in models/$(DEFAULT_MODEL)/*.md; do if [ -f "$$f" ]; then cp "$$f" "$$d$(MODELDIR)/$(DEFAULT_MODEL)/"; fi; done; \
 	find "$$d$(MODELDIR)/$(DEFAULT_MODEL)" -type d -exec chmod 0755 {} +; \
 	find "$$d$(MODELDIR)/$(DEFAULT_MODEL)" -type f -exec chmod 0644 {} +; \
 	for m in $(PKG_MANPAGES); do \

@@ -111,7 +111,7 @@ memlock_capped=0
 	ulimit -l unlimited 2>/dev/null
 	umask "$(sed -n 's/^UMask=//p' "$svc")"
 	exec bash -c 'exec systemd-socket-activate -l "$0" -E NOTIFY_SOCKET="$1" -E WATCHDOG_USEC=2000000 \
-		-E WATCHDOG_PID=$$ "${@:3}"' "$sock" "$T/notify" "${envs[@]}" \
+		-E WATCHDOG_PID=$$ "${@:2}"' "$sock" "$T/notify" "${envs[@]}" \
 		setpriv --reuid="$user" --regid="$user" --init-groups "${cmd[@]}"
 ) >"$T/daemon.log" 2>&1 &
 daemon_pid=$!
