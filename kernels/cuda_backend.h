@@ -7,6 +7,8 @@
 
 #include "model/backend.h"
 
+extern const ds_backend_ops ds_cuda_backend;
+
 int ds_cuda_backend_fallbacks(const ds_backend *b);
 int ds_cuda_backend_kv_blocks(const ds_backend *b);
 

@@ -15,7 +15,9 @@
 #define CACHE 512
 
 typedef struct {
-	int used, type, outbf, m, n, k, ok;
+	int used, type, outbf, m, n, k, ldo, ok;
+	cublasLtMatmulDesc_t op;
+	cublasLtMatrixLayout_t la, lb, ld;
 	cublasLtMatmulAlgo_t algo;
 } algo_slot;
 
@@ -29,8 +31,11 @@ struct dsk_gemm {
 	dsk_bf16 *tmp;  /* bf16 result widened to float32 */
 	size_t tmp_cap;
 	long n_bf16, n_fp8;
+	int no_gemv;    /* force cuBLASLt for every M (tests, benchmarks) */
 	algo_slot cache[CACHE];
 };
+
+static void slot_clear(algo_slot *a);
 
 static int lt_err(ds_err *e, cublasStatus_t st, const char *what)
 {
@@ -67,10 +72,14 @@ extern "C" dsk_gemm *dsk_gemm_free(dsk_gemm *g)
 	cudaFree(g->q);
 	cudaFree(g->qs);
 	cudaFree(g->tmp);
+	for (int i = 0; i < CACHE; i++)
+		slot_clear(&g->cache[i]);
 	cublasLtDestroy(g->lt);
 	free(g);
 	return NULL;
 }
+
+extern "C" void dsk_gemm_set_gemv(dsk_gemm *g, int on) { g->no_gemv = !on; }
 
 extern "C" void dsk_gemm_stats(const dsk_gemm *g, long *b, long *f)
 {
@@ -159,12 +168,13 @@ static int grow_q(dsk_gemm *g, size_t elems, int M, int K, ds_err *e)
 	return 0;
 }
 
-static algo_slot *lookup(dsk_gemm *g, int type, int outbf, int m, int n, int k)
+static algo_slot *lookup(dsk_gemm *g, int type, int outbf, int m, int n, int k, int ldo)
 {
-	unsigned h = (unsigned)(m * 2654435761u) ^ (unsigned)(n * 40503u) ^ (unsigned)(k * 9973u) ^ (unsigned)(type * 7 + outbf);
+	unsigned h = (unsigned)(m * 2654435761u) ^ (unsigned)(n * 40503u) ^ (unsigned)(k * 9973u) ^
+		     (unsigned)(ldo * 31u) ^ (unsigned)(type * 7 + outbf);
 	for (int i = 0; i < CACHE; i++) {
 		algo_slot *a = &g->cache[(h + i) % CACHE];
-		if (!a->used || (a->type == type && a->outbf == outbf && a->m == m && a->n == n && a->k == k))
+		if (!a->used || (a->type == type && a->outbf == outbf && a->m == m && a->n == n && a->k == k && a->ldo == ldo))
 			return a;
 	}
 	return &g->cache[h % CACHE]; /* full: evict */
@@ -177,112 +187,221 @@ static __global__ void widen_k(float *out, int ldo, const dsk_bf16 *in, int M, i
 		out[(i / N) * ldo + i % N] = __bfloat162float(in[i]);
 }
 
+static void slot_clear(algo_slot *a)
+{
+	if (a->op)
+		cublasLtMatmulDescDestroy(a->op);
+	if (a->la)
+		cublasLtMatrixLayoutDestroy(a->la);
+	if (a->lb)
+		cublasLtMatrixLayoutDestroy(a->lb);
+	if (a->ld)
+		cublasLtMatrixLayoutDestroy(a->ld);
+	memset(a, 0, sizeof(*a));
+}
+
+/* Descriptors and the heuristic's algorithm for one shape, made once. */
+static cublasStatus_t slot_fill(dsk_gemm *g, algo_slot *a, int fp8, int outbf, int Mp, int N, int K, int ldo)
+{
+	cudaDataType_t ab = fp8 ? CUDA_R_8F_E4M3 : CUDA_R_16BF, dt = outbf ? CUDA_R_16BF : CUDA_R_32F;
+	cublasOperation_t tA = CUBLAS_OP_T, tB = CUBLAS_OP_N;
+	cublasLtMatmulPreference_t pref = NULL;
+	cublasStatus_t st = cublasLtMatmulDescCreate(&a->op, CUBLAS_COMPUTE_32F, CUDA_R_32F);
+	if (st == CUBLAS_STATUS_SUCCESS)
+		st = cublasLtMatmulDescSetAttribute(a->op, CUBLASLT_MATMUL_DESC_TRANSA, &tA, sizeof(tA));
+	if (st == CUBLAS_STATUS_SUCCESS)
+		st = cublasLtMatmulDescSetAttribute(a->op, CUBLASLT_MATMUL_DESC_TRANSB, &tB, sizeof(tB));
+	if (fp8 && st == CUBLAS_STATUS_SUCCESS) {
+		int32_t am = CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F, bm = CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
+		st = cublasLtMatmulDescSetAttribute(a->op, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &am, sizeof(am));
+		if (st == CUBLAS_STATUS_SUCCESS)
+			st = cublasLtMatmulDescSetAttribute(a->op, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &bm, sizeof(bm));
+	}
+	if (st == CUBLAS_STATUS_SUCCESS)
+		st = cublasLtMatrixLayoutCreate(&a->la, ab, K, N, K);
+	if (st == CUBLAS_STATUS_SUCCESS)
+		st = cublasLtMatrixLayoutCreate(&a->lb, ab, K, Mp, K);
+	if (st == CUBLAS_STATUS_SUCCESS)
+		st = cublasLtMatrixLayoutCreate(&a->ld, dt, N, Mp, ldo);
+	if (st != CUBLAS_STATUS_SUCCESS)
+		return st;
+	size_t wsb = WS_BYTES;
+	cublasLtMatmulHeuristicResult_t hr;
+	int found = 0;
+	memset(&hr, 0, sizeof(hr));
+	st = cublasLtMatmulPreferenceCreate(&pref);
+	if (st == CUBLAS_STATUS_SUCCESS)
+		st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsb, sizeof(wsb));
+	if (st == CUBLAS_STATUS_SUCCESS)
+		st = cublasLtMatmulAlgoGetHeuristic(g->lt, a->op, a->la, a->lb, a->ld, a->ld, pref, 1, &hr, &found);
+	if (pref)
+		cublasLtMatmulPreferenceDestroy(pref);
+	a->ok = st == CUBLAS_STATUS_SUCCESS && found > 0;
+	if (a->ok)
+		a->algo = hr.algo;
+	return CUBLAS_STATUS_SUCCESS;
+}
+
 /* B is x (bf16) or its quantized copy (fp8, scales in g->qs). */
 static int matmul(dsk_gemm *g, void *out, int ldo, int outbf, const void *B, int Mp, const dsk_weight *W, ds_err *e)
 {
 	const int N = W->rows, K = W->cols;
 	const int fp8 = W->type == DSK_W_FP8;
-	cudaDataType_t ab = fp8 ? CUDA_R_8F_E4M3 : CUDA_R_16BF, dt = outbf ? CUDA_R_16BF : CUDA_R_32F;
-	cublasLtMatmulDesc_t op = NULL;
-	cublasLtMatrixLayout_t la = NULL, lb = NULL, ld = NULL;
-	cublasLtMatmulPreference_t pref = NULL;
-	cublasStatus_t st;
-	int rc = 0;
-	cublasOperation_t tA = CUBLAS_OP_T, tB = CUBLAS_OP_N;
 	float alpha = 1.0f, beta = 0.0f;
-	st = cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F);
-	if (st == CUBLAS_STATUS_SUCCESS)
-		st = cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &tA, sizeof(tA));
-	if (st == CUBLAS_STATUS_SUCCESS)
-		st = cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &tB, sizeof(tB));
-	if (fp8 && st == CUBLAS_STATUS_SUCCESS) {
-		int32_t am = CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F, bm = CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
+	algo_slot *a = lookup(g, W->type, outbf, Mp, N, K, ldo);
+	if (!a->used || a->type != W->type || a->outbf != outbf || a->m != Mp || a->n != N || a->k != K ||
+	    a->ldo != ldo) {
+		slot_clear(a);
+		a->used = 1;
+		a->type = W->type;
+		a->outbf = outbf;
+		a->m = Mp;
+		a->n = N;
+		a->k = K;
+		a->ldo = ldo;
+		cublasStatus_t st = slot_fill(g, a, fp8, outbf, Mp, N, K, ldo);
+		if (st != CUBLAS_STATUS_SUCCESS) {
+			slot_clear(a);
+			return lt_err(e, st, "descriptors");
+		}
+	}
+	if (!a->ok && fp8 && !outbf) {
+		/* Block-scaled FP8 with a float32 result is not offered
+		 * everywhere: take bf16 and widen it. */
+		if (g->tmp_cap < (size_t)Mp * N) {
+			cudaFree(g->tmp);
+			g->tmp_cap = 0;
+			if (cudaMalloc(&g->tmp, sizeof(dsk_bf16) * (size_t)Mp * N) != cudaSuccess) {
+				cudaGetLastError();
+				return ds_errf(e, -ENOMEM, "cuda: no memory for a %dx%d gemm result", Mp, N);
+			}
+			g->tmp_cap = (size_t)Mp * N;
+		}
+		int rc = matmul(g, g->tmp, N, 1, B, Mp, W, e);
+		if (rc)
+			return rc;
+		widen_k<<<(unsigned)(((size_t)Mp * N + 255) / 256), 256, 0, g->s>>>((float *)out, ldo, g->tmp, Mp, N);
+		return dsk_check(e, "widen");
+	}
+	if (!a->ok)
+		return ds_errf(e, -ENOTSUP, "cublasLt: no %s algorithm for M=%d N=%d K=%d (%s out)",
+			       fp8 ? "block-scaled fp8" : "bf16", Mp, N, K, outbf ? "bf16" : "fp32");
+	cublasStatus_t st = CUBLAS_STATUS_SUCCESS;
+	if (fp8) {
 		const void *as = W->scale, *bs = g->qs;
-		st = cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &am, sizeof(am));
+		st = cublasLtMatmulDescSetAttribute(a->op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &as, sizeof(as));
 		if (st == CUBLAS_STATUS_SUCCESS)
-			st = cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &bm, sizeof(bm));
-		if (st == CUBLAS_STATUS_SUCCESS)
-			st = cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &as, sizeof(as));
-		if (st == CUBLAS_STATUS_SUCCESS)
-			st = cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &bs, sizeof(bs));
+			st = cublasLtMatmulDescSetAttribute(a->op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &bs, sizeof(bs));
 	}
 	if (st == CUBLAS_STATUS_SUCCESS)
-		st = cublasLtMatrixLayoutCreate(&la, ab, K, N, K);
-	if (st == CUBLAS_STATUS_SUCCESS)
-		st = cublasLtMatrixLayoutCreate(&lb, ab, K, Mp, K);
-	if (st == CUBLAS_STATUS_SUCCESS)
-		st = cublasLtMatrixLayoutCreate(&ld, dt, N, Mp, ldo);
-	if (st != CUBLAS_STATUS_SUCCESS) {
-		rc = lt_err(e, st, "descriptors");
-		goto out;
-	}
-	{
-		algo_slot *a = lookup(g, W->type, outbf, Mp, N, K);
-		if (!a->used || a->type != W->type || a->outbf != outbf || a->m != Mp || a->n != N || a->k != K) {
-			size_t wsb = WS_BYTES;
-			cublasLtMatmulHeuristicResult_t hr;
-			int found = 0;
-			memset(&hr, 0, sizeof(hr));
-			st = cublasLtMatmulPreferenceCreate(&pref);
-			if (st == CUBLAS_STATUS_SUCCESS)
-				st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsb,
-									  sizeof(wsb));
-			if (st == CUBLAS_STATUS_SUCCESS)
-				st = cublasLtMatmulAlgoGetHeuristic(g->lt, op, la, lb, ld, ld, pref, 1, &hr, &found);
-			memset(a, 0, sizeof(*a));
-			a->used = 1;
-			a->type = W->type;
-			a->outbf = outbf;
-			a->m = Mp;
-			a->n = N;
-			a->k = K;
-			a->ok = st == CUBLAS_STATUS_SUCCESS && found > 0;
-			if (a->ok)
-				a->algo = hr.algo;
-		}
-		if (!a->ok && fp8 && !outbf) {
-			/* Block-scaled FP8 with a float32 result is not offered
-			 * everywhere: take bf16 and widen it. */
-			if (g->tmp_cap < (size_t)Mp * N) {
-				cudaFree(g->tmp);
-				g->tmp_cap = 0;
-				if (cudaMalloc(&g->tmp, sizeof(dsk_bf16) * (size_t)Mp * N) != cudaSuccess) {
-					cudaGetLastError();
-					rc = ds_errf(e, -ENOMEM, "cuda: no memory for a %dx%d gemm result", Mp, N);
-					goto out;
-				}
-				g->tmp_cap = (size_t)Mp * N;
-			}
-			if (!(rc = matmul(g, g->tmp, N, 1, B, Mp, W, e))) {
-				widen_k<<<(unsigned)(((size_t)Mp * N + 255) / 256), 256, 0, g->s>>>((float *)out, ldo, g->tmp,
-												 Mp, N);
-				rc = dsk_check(e, "widen");
-			}
-			goto out;
-		}
-		if (!a->ok) {
-			rc = ds_errf(e, -ENOTSUP, "cublasLt: no %s algorithm for M=%d N=%d K=%d (%s out)",
-				     fp8 ? "block-scaled fp8" : "bf16", Mp, N, K, outbf ? "bf16" : "fp32");
-			goto out;
-		}
-		st = cublasLtMatmul(g->lt, op, &alpha, W->w, la, B, lb, &beta, out, ld, out, ld, &a->algo, g->ws, WS_BYTES,
-				    g->s);
-		if (st != CUBLAS_STATUS_SUCCESS)
-			rc = lt_err(e, st, "matmul");
-	}
-out:
-	if (pref)
-		cublasLtMatmulPreferenceDestroy(pref);
-	if (la)
-		cublasLtMatrixLayoutDestroy(la);
-	if (lb)
-		cublasLtMatrixLayoutDestroy(lb);
-	if (ld)
-		cublasLtMatrixLayoutDestroy(ld);
-	if (op)
-		cublasLtMatmulDescDestroy(op);
-	return rc;
+		st = cublasLtMatmul(g->lt, a->op, &alpha, W->w, a->la, B, a->lb, &beta, out, a->ld, out, a->ld, &a->algo,
+				    g->ws, WS_BYTES, g->s);
+	return st == CUBLAS_STATUS_SUCCESS ? 0 : lt_err(e, st, "matmul");
 }
+
+
+/* Small-M path (decode): one warp per output row streams its weight row with
+ * 16-byte loads; the M activation rows come through L1. FP8 uses the same
+ * quantized activations and scales as the block-scaled GEMM, so both paths
+ * compute the same function. */
+#define GEMV_MAX_M 8
+template <int M, bool FP8>
+static __global__ void __launch_bounds__(256) gemv_k(float *out, int ldo, const void *xv, const float *xs, int Mp,
+						     const void *wv, const float *ws, int sld, int N, int K)
+{
+	const int n = blockIdx.x * 8 + threadIdx.x / 32, lane = threadIdx.x & 31;
+	if (n >= N)
+		return;
+	float acc[M];
+#pragma unroll
+	for (int m = 0; m < M; m++)
+		acc[m] = 0;
+	if (FP8) {
+		/* 16 fp8 a lane; 8 lanes cover one 128-wide scale block. */
+		const uint8_t *w = (const uint8_t *)wv + (size_t)n * K;
+		const uint8_t *x = (const uint8_t *)xv;
+		const float *wsr = ws + (size_t)(n / 128) * sld;
+		for (int k = lane * 16; k < K; k += 512) {
+			const uint4 wq = *(const uint4 *)(w + k);
+			float wf[16];
+			const uint8_t *wb = (const uint8_t *)&wq;
+#pragma unroll
+			for (int i = 0; i < 16; i++) {
+				__nv_fp8_e4m3 f;
+				f.__x = wb[i];
+				wf[i] = (float)f;
+			}
+			const float sw = wsr[k / 128];
+#pragma unroll
+			for (int m = 0; m < M; m++) {
+				const uint4 xq = *(const uint4 *)(x + (size_t)m * K + k);
+				const uint8_t *xb = (const uint8_t *)&xq;
+				float d = 0;
+#pragma unroll
+				for (int i = 0; i < 16; i++) {
+					__nv_fp8_e4m3 f;
+					f.__x = xb[i];
+					d += wf[i] * (float)f;
+				}
+				acc[m] += d * sw * xs[(size_t)(k / 128) * Mp + m];
+			}
+		}
+	} else {
+		const dsk_bf16 *w = (const dsk_bf16 *)wv + (size_t)n * K;
+		const dsk_bf16 *x = (const dsk_bf16 *)xv;
+		for (int k = lane * 8; k < K; k += 256) {
+			const uint4 wq = *(const uint4 *)(w + k);
+			const __nv_bfloat162 *w2 = (const __nv_bfloat162 *)&wq;
+			float2 wf[4];
+#pragma unroll
+			for (int i = 0; i < 4; i++)
+				wf[i] = __bfloat1622float2(w2[i]);
+#pragma unroll
+			for (int m = 0; m < M; m++) {
+				const uint4 xq = *(const uint4 *)(x + (size_t)m * K + k);
+				const __nv_bfloat162 *x2 = (const __nv_bfloat162 *)&xq;
+#pragma unroll
+				for (int i = 0; i < 4; i++) {
+					const float2 xf = __bfloat1622float2(x2[i]);
+					acc[m] += wf[i].x * xf.x + wf[i].y * xf.y;
+				}
+			}
+		}
+	}
+#pragma unroll
+	for (int m = 0; m < M; m++) {
+		float v = acc[m];
+		for (int o = 16; o; o >>= 1)
+			v += __shfl_xor_sync(0xffffffffu, v, o);
+		if (lane == 0)
+			out[(size_t)m * ldo + n] = v;
+	}
+}
+
+template <bool FP8>
+static void gemv_launch(int M, float *out, int ldo, const void *x, const float *xs, int Mp, const dsk_weight *W,
+			cudaStream_t s)
+{
+	dim3 grid((W->rows + 7) / 8);
+#define GEMV_CASE(m)                                                                                        \
+	case m:                                                                                             \
+		gemv_k<m, FP8><<<grid, 256, 0, s>>>(out, ldo, x, xs, Mp, W->w, W->scale, W->sld, W->rows, W->cols); \
+		break;
+	switch (M) {
+		GEMV_CASE(1)
+		GEMV_CASE(2)
+		GEMV_CASE(3)
+		GEMV_CASE(4)
+		GEMV_CASE(5)
+		GEMV_CASE(6)
+		GEMV_CASE(7)
+		GEMV_CASE(8)
+	}
+#undef GEMV_CASE
+}
+
+/* The GEMV path takes rows whose length is a multiple of 16-byte vectors. */
+static int gemv_ok(const dsk_weight *W, int M) { return M <= GEMV_MAX_M && W->cols % (W->type == DSK_W_FP8 ? 128 : 8) == 0; }
 
 static int run(dsk_gemm *g, void *out, int ldo, int outbf, const dsk_bf16 *x, int M, const dsk_weight *W, ds_err *e)
 {
@@ -298,9 +417,17 @@ static int run(dsk_gemm *g, void *out, int ldo, int outbf, const dsk_bf16 *x, in
 		if ((rc = dsk_quant_fp8(g->q, g->qs, x, Mp, K, g->s, e)))
 			return rc;
 		g->n_fp8++;
+		if (!outbf && !g->no_gemv && gemv_ok(W, M)) {
+			gemv_launch<true>(M, (float *)out, ldo, g->q, g->qs, Mp, W, g->s);
+			return dsk_check(e, "gemv_fp8");
+		}
 		return matmul(g, out, ldo, outbf, g->q, Mp, W, e);
 	}
 	g->n_bf16++;
+	if (!outbf && !g->no_gemv && gemv_ok(W, M)) {
+		gemv_launch<false>(M, (float *)out, ldo, x, NULL, Mp, W, g->s);
+		return dsk_check(e, "gemv_bf16");
+	}
 	return matmul(g, out, ldo, outbf, x, Mp, W, e);
 }
 

@@ -5,3 +5,8 @@ TESTS += test_cuda_ops test_cuda_backend
 test_cuda_ops_SRCS := tests/test_cuda_ops.c
 test_cuda_backend_SRCS := tests/test_cuda_backend.c
 endif
+
+ifeq ($(CUDA),1)
+BENCHES += bench_gpu
+bench_gpu_SRCS := tests/bench_gpu.c
+endif

@@ -72,6 +72,8 @@ static uint8_t e4m3_nearest(float x)
 	return (uint8_t)best;
 }
 
+static int gemv_on = 1;
+
 /* W [N][K] random, stored bf16 or fp8 with block scales; x [M][K] bf16. */
 static void check_gemm(int fp8, int M, int N, int K)
 {
@@ -115,13 +117,15 @@ static void check_gemm(int fp8, int M, int N, int K)
 	dsk_weight dwt = { .type = fp8 ? DSK_W_FP8 : DSK_W_BF16, .rows = N, .cols = K, .w = dw, .scale = ds, .sld = sld };
 	dsk_gemm *g;
 	assert_int_equal(dsk_gemm_create(NULL, &g, &e), 0);
+	dsk_gemm_set_gemv(g, gemv_on);
 	int rc = dsk_gemm_run(g, dout, N, dx, M, &dwt, &e);
 	if (rc)
 		fail_msg("gemm: %s", e.msg);
 	assert_int_equal(cudaDeviceSynchronize(), cudaSuccess);
 	down(got, dout, 4 * (size_t)M * N);
 	double r = rel_err(got, ref, (size_t)M * N);
-	print_message("gemm %s M=%d N=%d K=%d: rel err vs float32 CPU %.3g\n", fp8 ? "fp8" : "bf16", M, N, K, r);
+	print_message("gemm %s M=%d N=%d K=%d (%s): rel err vs float32 CPU %.3g\n", fp8 ? "fp8" : "bf16", M, N, K,
+		      M <= 8 && gemv_on ? "gemv" : "cublasLt", r);
 	if (!(r < (fp8 ? 6e-2 : 1e-3)))
 		fail_msg("gemm rel err %g", r);
 	if (fp8) {
@@ -160,8 +164,27 @@ static void check_gemm(int fp8, int M, int N, int K)
 	free(got);
 }
 
-static void test_gemm_bf16(void **st) { (void)st; check_gemm(0, 37, 384, 512); check_gemm(0, 1, 576, 256); }
-static void test_gemm_fp8(void **st) { (void)st; check_gemm(1, 37, 384, 512); check_gemm(1, 5, 576, 1024); }
+/* Small M goes through the GEMV kernel by default: both paths are checked. */
+static void test_gemm_bf16(void **st)
+{
+	(void)st;
+	check_gemm(0, 37, 384, 512);
+	for (gemv_on = 1; gemv_on >= 0; gemv_on--) {
+		check_gemm(0, 1, 576, 256);
+		check_gemm(0, 8, 200, 1032);
+	}
+	gemv_on = 1;
+}
+static void test_gemm_fp8(void **st)
+{
+	(void)st;
+	check_gemm(1, 37, 384, 512);
+	for (gemv_on = 1; gemv_on >= 0; gemv_on--) {
+		check_gemm(1, 5, 576, 1024);
+		check_gemm(1, 1, 256, 384);
+	}
+	gemv_on = 1;
+}
 
 static void test_rmsnorm_silu(void **st)
 {
@@ -414,14 +437,18 @@ static int bench(void)
 {
 	ds_err e = { { 0 } };
 	const int shapes[][3] = { { 4096, 7168, 2048 }, { 4096, 2048, 7168 }, { 4096, 24576, 1536 }, { 4096, 7168, 16384 },
-				  { 4096, 4096, 7168 }, { 1, 7168, 2048 }, { 64, 7168, 2048 } };
+				  { 4096, 4096, 7168 }, { 1, 7168, 2048 }, { 8, 7168, 2048 }, { 64, 7168, 2048 } };
 	dsk_gemm *g;
 	if (dsk_gemm_create(NULL, &g, &e))
 		return 1;
 	printf("%-6s %6s %6s %6s %10s %10s\n", "type", "M", "N", "K", "ms", "TFLOP/s");
 	for (int fp8 = 1; fp8 >= 0; fp8--)
-		for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++) {
-			const int M = shapes[s][0], N = shapes[s][1], K = shapes[s][2];
+		for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]) + 2; s++) {
+			/* the last two: M=1 and 8 through cuBLASLt instead of the GEMV */
+			const int extra = s >= sizeof(shapes) / sizeof(shapes[0]);
+			const int M = extra ? (s == sizeof(shapes) / sizeof(shapes[0]) ? 1 : 8) : shapes[s][0];
+			const int N = extra ? 7168 : shapes[s][1], K = extra ? 2048 : shapes[s][2];
+			dsk_gemm_set_gemv(g, !extra);
 			const int sr = (N + 127) / 128, sld = ((K / 128) + 3) & ~3;
 			void *dx, *dw, *dout;
 			float *ds;
@@ -461,8 +488,10 @@ static int bench(void)
 							ms[j] = t;
 						}
 				double med = (ms[9] + ms[10]) / 2;
-				printf("%-6s %6d %6d %6d %10.4f %10.1f\n", fp8 ? "fp8" : "bf16", M, N, K, med,
-				       2.0 * M * N * K / (med * 1e-3) / 1e12);
+				printf("%-6s %6d %6d %6d %10.4f %10.1f %8.0f GB/s %s\n", fp8 ? "fp8" : "bf16", M, N, K, med,
+				       2.0 * M * N * K / (med * 1e-3) / 1e12,
+				       ((double)N * K * (fp8 ? 1 : 2) + 2.0 * M * K + 4.0 * M * N) / (med * 1e-3) / 1e9,
+				       M <= 8 && !extra ? "gemv" : "cublasLt");
 			}
 			cudaFree(dx);
 			cudaFree(dw);

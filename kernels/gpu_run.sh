@@ -1,0 +1,39 @@
+#!/bin/bash
+# The GPU machine's part of `make check-gpu` / `make bench-gpu` for a carried
+# build folder (no rebuild there): gpu_run.sh BUILD tests|bench-v2|bench-v3 [OUTDIR]
+set -o pipefail
+B=$1; what=$2; out=${3:-/tmp}
+export PYTHONUNBUFFERED=1
+M=/tmp/dsd-bench-models
+case $what in
+tests)
+	python3 tools/make_bench_models.py --tiny /tmp/gm || exit 1
+	fail=0
+	$B/tests/test_cuda_ops || fail=1
+	DS_GPU_MODELS=/tmp/gm $B/tests/test_cuda_backend || fail=1
+	exit $fail ;;
+bench-v2)
+	python3 - <<'PY' || exit 1
+import sys; sys.argv = ["x", "--bench", "/tmp/dsd-bench-models"]
+sys.path.insert(0, "tools"); import make_bench_models as m
+m.write_model("/tmp/dsd-bench-models/v2lite-bf16", m.v2_config(False), False, 3, True)
+PY
+	timeout 240 $B/bench/bench_gpu $M/v2lite-bf16 v2lite-bf16
+	timeout 200 python3 tests/bench_transformers.py $M/v2lite-bf16 v2lite-bf16 1,8
+	rm -rf $M/v2lite-bf16 ;;
+bench-fp8)
+	python3 - <<'PY' || exit 1
+import sys
+sys.path.insert(0, "tools"); import make_bench_models as m
+m.write_model("/tmp/dsd-bench-models/v2lite-fp8", m.v2_config(False), True, 3, True)
+PY
+	timeout 240 $B/bench/bench_gpu $M/v2lite-fp8 v2lite-fp8
+	rm -rf $M/v2lite-fp8
+	python3 - <<'PY' || exit 1
+import sys
+sys.path.insert(0, "tools"); import make_bench_models as m
+m.write_model("/tmp/dsd-bench-models/v3slice-fp8", m.v3_config(False), True, 4, True)
+PY
+	timeout 300 $B/bench/bench_gpu $M/v3slice-fp8 v3slice-fp8
+	rm -rf $M/v3slice-fp8 ;;
+esac
