@@ -51,6 +51,14 @@ install: install-bins
 		cp -R "$${m%/config.json}" "$$d$(MODELDIR)/$(DEFAULT_MODEL)/"; \
 	done; \
 	for f in models/$(DEFAULT_MODEL)/*.md; do if [ -f "$$f" ]; then cp "$$f" "$$d$(MODELDIR)/$(DEFAULT_MODEL)/"; fi; done; \
+	def=$(notdir $(DEFAULT_MODEL_PATH)); \
+	for v in "$$d$(MODELDIR)/$(DEFAULT_MODEL)"/*/; do \
+		v=$${v%/}; [ "$${v##*/}" = "$$def" ] && continue; \
+		for f in "$$v"/*; do \
+			o="$$d$(MODELDIR)/$(DEFAULT_MODEL)/$$def/$${f##*/}"; \
+			if [ -f "$$o" ] && cmp -s "$$f" "$$o"; then ln -sf "../$$def/$${f##*/}" "$$f"; fi; \
+		done; \
+	done; \
 	find "$$d$(MODELDIR)/$(DEFAULT_MODEL)" -type d -exec chmod 0755 {} +; \
 	find "$$d$(MODELDIR)/$(DEFAULT_MODEL)" -type f -exec chmod 0644 {} +; \
 	for m in $(PKG_MANPAGES); do \

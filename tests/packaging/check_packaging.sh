@@ -151,7 +151,7 @@ else
 fi
 check "program built with pkg-config dsclient links and runs" \
 	bash -c "cc -std=c11 -Wall -Werror -o '$T/client' $HERE/client_smoke.c \$(pkg-config --cflags --libs dsclient) &&
-		ldd '$T/client' | grep -q 'libdsclient.so.0 => /usr/lib/' && '$T/client' '$sock'"
+		ldd '$T/client' | grep -qE 'libdsclient.so.0 => /(usr/)?lib/' && '$T/client' '$sock'"
 out=$(dsctl doctor --socket "$sock" 2>&1)
 rc=$?
 fails=$(grep '^\[FAIL\]' <<<"$out")
