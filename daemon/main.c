@@ -13,6 +13,8 @@ static const struct {
 	{ "inspect", ds_cmd_inspect, "summarize a model directory" },
 	{ "logits", ds_cmd_logits, "write the logits of a token sequence as .npy" },
 	{ "generate", ds_cmd_generate, "generate text offline" },
+	{ "serve", ds_cmd_serve, "run the daemon (the default with no verb)" },
+	{ "check-config", ds_cmd_check_config, "validate the configuration and print it" },
 	{ "tokenize", ds_cmd_tokenize, "JSON strings (one a line) to arrays of token ids" },
 	{ "detokenize", ds_cmd_detokenize, "arrays of token ids (one a line) to JSON strings" },
 };
@@ -32,8 +34,7 @@ int main(int argc, char **argv)
 			usage(stdout);
 			return 0;
 		}
-		usage(stderr);
-		return 2;
+		return ds_cmd_serve(argc, argv); /* no verb, or options first: serve */
 	}
 	for (size_t i = 0; i < sizeof(verbs) / sizeof(verbs[0]); i++)
 		if (!strcmp(argv[1], verbs[i].name))
