@@ -725,20 +725,12 @@ def train(args):
     for s, vd in zip(refs, val_docs[:2]):
         ids = [BOS] + tok.encode(s + " " + vd["text"][:400], add_special_tokens=False).ids
         seqs.append(ids[:32])
-    ids = torch.tensor(seqs, device=dev)
-    with torch.no_grad():
-        lg, ml, _, _, hh = model(ids, torch.cat((ids[:, 1:], ids[:, :1]), 1))
-    ref = {"note": "float32 logits of tools/train_tiny.py on the bf16 weights; mtp[p] predicts token p+2 "
-                   "from h[p] and token p+1 (defined for p < len-1)",
-           "sequences": seqs, "text": [tok.decode(s) for s in seqs], "main_top20": [], "mtp_top20": []}
-    for b in range(len(seqs)):
-        v, i = lg[b].topk(20, -1)
-        ref["main_top20"].append([{"ids": i[p].tolist(), "logits": [round(x, 5) for x in v[p].tolist()]}
-                                  for p in range(len(seqs[b]))])
-        v, i = ml[b, :-1].topk(20, -1)
-        ref["mtp_top20"].append([{"ids": i[p].tolist(), "logits": [round(x, 5) for x in v[p].tolist()]}
-                                 for p in range(len(seqs[b]) - 1)])
+    ref, lg, ml = top20_ref(model, seqs, dev, "bf16")
+    ref["text"] = [tok.decode(s) for s in seqs]
     json.dump(ref, open(os.path.join(ref_dir, "ref.json"), "w", encoding="utf-8"), ensure_ascii=False)
+    import_state(model, {k: v.to(dev) for k, v in sd_f8.items()})
+    json.dump(top20_ref(model, seqs, dev, "fp8")[0], open(os.path.join(ref_dir, "ref_fp8.json"), "w"))
+    import_state(model, {k: v.to(dev) for k, v in sd_bf.items()})
     np.save(os.path.join(ref_dir, "main_logits_seq0_pos0-7.npy"), lg[0, :8].float().cpu().numpy())
     np.save(os.path.join(ref_dir, "mtp_logits_seq0_pos0-7.npy"), ml[0, :8].float().cpu().numpy())
     np.save(os.path.join(ref_dir, "tokens_seq0.npy"), np.array(seqs[0], dtype=np.int32))
@@ -756,6 +748,67 @@ def train(args):
     metrics["log"] = LOG
     json.dump(metrics, open(os.path.join(args.out, "metrics.json"), "w"), indent=1)
     log("done")
+
+
+def top20_ref(model, seqs, dev, which):
+    """Top-20 ids and float32 logits per position, main model and MTP module."""
+    import torch
+    ids = torch.tensor(seqs, device=dev)
+    with torch.no_grad():
+        lg, ml, _, _, _ = model(ids, torch.cat((ids[:, 1:], ids[:, :1]), 1))
+    ref = {"note": f"float32 logits of tools/train_tiny.py on the {which} copy's weights"
+                   f"{' (dequantized)' if which == 'fp8' else ''}; mtp[p] predicts token p+2 "
+                   "from h[p] and token p+1 (defined for p < len-1)",
+           "sequences": seqs, "main_top20": [], "mtp_top20": []}
+    for b in range(len(seqs)):
+        v, i = lg[b].topk(20, -1)
+        ref["main_top20"].append([{"ids": i[p].tolist(), "logits": [round(x, 5) for x in v[p].tolist()]}
+                                  for p in range(len(seqs[b]))])
+        v, i = ml[b, :-1].topk(20, -1)
+        ref["mtp_top20"].append([{"ids": i[p].tolist(), "logits": [round(x, 5) for x in v[p].tolist()]}
+                                 for p in range(len(seqs[b]) - 1)])
+    return ref, lg, ml
+
+
+def load_dir_state(d):
+    """A model folder's safetensors -> float32 tensors under the export names (FP8 dequantized)."""
+    import torch
+    from safetensors.torch import load_file
+    t = load_file(os.path.join(d, "model.safetensors"))
+    out = {}
+    for n, v in t.items():
+        if n.endswith("_scale_inv"):
+            continue
+        out[n] = dequant_fp8(v, t[n + "_scale_inv"]) if v.dtype == torch.float8_e4m3fn else v.float()
+    return out
+
+
+def make_ref(args):
+    """Recompute ref/ from the shipped folders: check ref.json, write ref_fp8.json."""
+    import torch
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    TinyV3, _ = build_model_classes()
+    model = TinyV3(CFG).to(dev).eval()
+    ref_dir = os.path.join(args.model, "ref")
+    old = json.load(open(os.path.join(ref_dir, "ref.json"), encoding="utf-8"))
+    seqs = old["sequences"]
+    res = {}
+    for which in ("bf16", "fp8"):
+        import_state(model, {k: v.to(dev) for k, v in load_dir_state(os.path.join(args.model, which)).items()})
+        ref = top20_ref(model, seqs, dev, which)[0]
+        for key in ("main_top20", "mtp_top20"):
+            d = max(abs(a - b) for so, sn in zip(old[key], ref[key]) for po, pn in zip(so, sn)
+                    for a, b in zip(po["logits"], pn["logits"]))
+            same = sum(po["ids"][0] == pn["ids"][0] for so, sn in zip(old[key], ref[key]) for po, pn in zip(so, sn))
+            n = sum(len(x) for x in old[key])
+            res[f"{which}_{key}_vs_ref_json"] = {"max_abs_diff_top20_values": d, "argmax_same": f"{same}/{n}"}
+            print(f"{which} {key}: vs ref.json max|diff| of top-20 values {d:.3g}, argmax same {same}/{n}")
+        if which == "fp8":
+            ref["text"] = old.get("text")
+            json.dump(ref, open(os.path.join(args.out, "ref_fp8.json"), "w", encoding="utf-8"), ensure_ascii=False)
+    json.dump(res, open(os.path.join(args.out, "ref_check.json"), "w"), indent=1)
 
 
 def hf_checks(bf_dir, model, tok, seqs, dev):
@@ -880,6 +933,9 @@ def main():
     p = sub.add_parser("prep-tok")
     p.add_argument("src")
     p.add_argument("out")
+    r = sub.add_parser("ref", help="check ref/ref.json against the shipped weights; write ref_fp8.json")
+    r.add_argument("--model", default=f"models/{NAME}")
+    r.add_argument("--out", required=True)
     t = sub.add_parser("train")
     t.add_argument("--data", default=".gpu/train")
     t.add_argument("--out", required=True)
@@ -898,6 +954,9 @@ def main():
     a = ap.parse_args()
     if a.cmd == "prep-tok":
         prep_tok(a.src, a.out)
+    elif a.cmd == "ref":
+        os.makedirs(a.out, exist_ok=True)
+        make_ref(a)
     else:
         train(a)
 
