@@ -5,6 +5,12 @@
 # backend = auto (CUDA when a GPU answers, the CPU otherwise), since one
 # package serves machines with and without a GPU.
 set -eu
+if [ ! -f "$1" ]; then
+	# No documented example in the tree: the two settings the package needs.
+	printf '# /etc/dsd/dsd.conf -- see dsd.conf(5) for every setting and its default.\n\n'
+	printf '[model]\npath = %s\nbackend = auto\n' "$2"
+	exit 0
+fi
 awk -v model="$2" '
 function flush() {
 	if (sec == "model") {

@@ -1,5 +1,3 @@
 # tests/packaging/: `dsctl doctor` runs in `make check`; the package tests
-# (check_packaging.sh) need root and install packages: `make check-packaging`.
-ifneq ($(filter dsctl,$(PROGS)),)
+# (manpages.sh, check_packaging.sh) run from `make check-packaging`.
 SHELL_TESTS += tests/packaging/doctor.sh
-endif
