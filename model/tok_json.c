@@ -35,8 +35,12 @@ static uint32_t new_node(parser *P, uint8_t type)
 		d->cap = nc;
 	}
 	tj_node *x = &d->n[d->count];
-	memset(x, 0, sizeof(*x));
 	x->type = type;
+	x->len = 0;
+	x->key = NULL;
+	x->key_len = 0;
+	x->child = NULL;
+	x->next = NULL;
 	return d->count++;
 }
 

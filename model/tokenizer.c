@@ -29,7 +29,14 @@ uint64_t ds_tok_hash(const void *p, size_t n)
 		n -= 8;
 	}
 	uint64_t w = 0;
-	memcpy(&w, s, n);
+	if (n >= 4) { /* two overlapping loads cover 4..7 bytes */
+		uint32_t lo, hi;
+		memcpy(&lo, s, 4);
+		memcpy(&hi, s + n - 4, 4);
+		w = (uint64_t)lo << 32 | hi;
+	} else if (n) {
+		w = (uint64_t)s[0] << 16 | (uint64_t)s[n >> 1] << 8 | s[n - 1];
+	}
 	h = (h ^ w) * 0x94d049bb133111ebull;
 	h ^= h >> 29;
 	return h;
@@ -55,10 +62,12 @@ static void strmap_free(tok_strmap *m)
 	free(m->e);
 }
 
-/* Inserts strs[off..off+len) -> id; returns the id already there for a duplicate. */
-static int32_t strmap_put(const char *strs, tok_strmap *m, uint32_t off, uint32_t len, int32_t id)
+/* Inserts strs[off..off+len) (whose hash is h) -> id; returns the id already there for a
+ * duplicate. */
+static int32_t strmap_put_h(const char *strs, tok_strmap *m, uint32_t off, uint32_t len,
+			    int32_t id, uint64_t h)
 {
-	uint64_t h = ds_tok_hash(strs + off, len), tag = h >> 32 << 32;
+	uint64_t tag = h >> 32 << 32;
 	uint32_t i = (uint32_t)h & m->mask;
 	for (;; i = (i + 1) & m->mask) {
 		uint64_t s = m->slot[i];
@@ -73,6 +82,11 @@ static int32_t strmap_put(const char *strs, tok_strmap *m, uint32_t off, uint32_
 	m->e[m->n] = (tok_strent){ off, len, id };
 	m->slot[i] = tag | ++m->n;
 	return -1;
+}
+
+static int32_t strmap_put(const char *strs, tok_strmap *m, uint32_t off, uint32_t len, int32_t id)
+{
+	return strmap_put_h(strs, m, off, len, id, ds_tok_hash(strs + off, len));
 }
 
 int32_t ds_tok_map_get(const ds_tok *t, const tok_strmap *m, const char *s, size_t n)
@@ -90,6 +104,53 @@ int32_t ds_tok_map_get(const ds_tok *t, const tok_strmap *m, const char *s, size
 		const tok_strent *x = &m->e[(uint32_t)v - 1];
 		if (x->len == n && !memcmp(t->strs + x->off, s, n))
 			return x->id;
+	}
+}
+
+/* Many lookups at once. Each one is three dependent cache misses (slot, entry, string) on
+ * tables far larger than the caches, so they are software-pipelined: item i+3D's slot, i+2D's
+ * entry and i+D's string are prefetched while item i is compared. */
+#define MG_D 8
+static void strmap_get_many(const ds_tok *t, const tok_strmap *m, size_t n,
+			    const char *const *s, const uint32_t *len, int32_t *out)
+{
+	uint64_t hh[4 * MG_D];	/* ring of hashes, indexed by item mod 4D */
+	uint32_t cand[4 * MG_D]; /* candidate entry + 1, 0 = none, UINT32_MAX = not found */
+	for (size_t i = 0; i < n + 3 * MG_D; i++) {
+		size_t a = i, b = i - MG_D, c = i - 2 * MG_D, d = i - 3 * MG_D;
+		if (a < n) {
+			uint64_t h = ds_tok_hash(s[a], len[a]);
+			hh[a % (4 * MG_D)] = h;
+			__builtin_prefetch(&m->slot[(uint32_t)h & m->mask]);
+		}
+		if (i >= MG_D && b < n) {
+			uint64_t h = hh[b % (4 * MG_D)], tag = h >> 32 << 32, v;
+			uint32_t x = (uint32_t)h & m->mask, r = UINT32_MAX;
+			while ((v = m->slot[x])) {
+				if ((v & ~0xffffffffull) == tag) {
+					r = (uint32_t)v;
+					__builtin_prefetch(&m->e[r - 1]);
+					break;
+				}
+				x = (x + 1) & m->mask;
+			}
+			cand[b % (4 * MG_D)] = r;
+		}
+		if (i >= 2 * MG_D && c < n) {
+			uint32_t r = cand[c % (4 * MG_D)];
+			if (r != UINT32_MAX)
+				__builtin_prefetch(t->strs + m->e[r - 1].off);
+		}
+		if (i >= 3 * MG_D && d < n) {
+			uint32_t r = cand[d % (4 * MG_D)];
+			if (r == UINT32_MAX)
+				out[d] = -1;
+			else if (m->e[r - 1].len == len[d] &&
+				 !memcmp(t->strs + m->e[r - 1].off, s[d], len[d]))
+				out[d] = m->e[r - 1].id;
+			else /* a tag collision: look further the slow way */
+				out[d] = ds_tok_map_get(t, m, s[d], len[d]);
+		}
 	}
 }
 
@@ -161,26 +222,6 @@ size_t ds_tok_utf8_valid_prefix(const uint8_t *s, size_t n)
 		i += k + 1;
 	}
 	return n;
-}
-
-/* Decodes one code point of valid UTF-8 at s; returns its length. */
-static int utf8_get(const uint8_t *s, uint32_t *cp)
-{
-	if (s[0] < 0x80) {
-		*cp = s[0];
-		return 1;
-	}
-	if (s[0] < 0xe0) {
-		*cp = (uint32_t)(s[0] & 0x1f) << 6 | (s[1] & 0x3f);
-		return 2;
-	}
-	if (s[0] < 0xf0) {
-		*cp = (uint32_t)(s[0] & 0x0f) << 12 | (uint32_t)(s[1] & 0x3f) << 6 | (s[2] & 0x3f);
-		return 3;
-	}
-	*cp = (uint32_t)(s[0] & 0x07) << 18 | (uint32_t)(s[1] & 0x3f) << 12 |
-	      (uint32_t)(s[2] & 0x3f) << 6 | (s[3] & 0x3f);
-	return 4;
 }
 
 /* ---- loading ------------------------------------------------------------------------- */
@@ -329,6 +370,14 @@ static int trie_add(tok_trie *t, const uint8_t *s, size_t n, int32_t id)
 	/* Two added tokens with one content: the later wins, as in HF's map. */
 	t->term[node] = id;
 	return 0;
+}
+
+static void merge_prefetch(const ds_tok *t, int32_t a, int32_t b)
+{
+	uint64_t k = ((uint64_t)(uint32_t)a << 32 | (uint32_t)b) + 1;
+	uint32_t i = (uint32_t)((k * 0x9e3779b97f4a7c15ull) >> 32) & t->merge_mask;
+	__builtin_prefetch(&t->merge_key[i]);
+	__builtin_prefetch(&t->merge_val[i]);
 }
 
 static int merge_put(ds_tok *t, int32_t a, int32_t b, uint32_t rank, int32_t m)
@@ -553,20 +602,44 @@ static int load_json(ds_tok *t, const tj_node *root, const char *path, ds_err *e
 		return ds_errf(e, -ENOMEM, "%s: out of memory", path);
 	memset(t->piece_len, 0xff, t->n_ids * sizeof(uint32_t));
 
-	uint32_t off = 0;
-	tj_foreach(it, vocab) {
-		uint32_t id = 0, len = it->key_len;
-		jid(it, &id);
-		memcpy(t->strs + off, it->key, len);
-		if (t->piece_len[id] != UINT32_MAX)
-			return ds_errf(e, -EINVAL, "%s: id %u appears twice in the vocab", path, id);
-		if (strmap_put(t->strs, &t->vocab, off, len, (int32_t)id) >= 0)
-			return ds_errf(e, -EINVAL, "%s: token \"%.64s\" appears twice in the vocab",
-				       path, it->key);
-		t->piece_off[id] = off;
-		t->piece_len[id] = len;
-		off += len;
+	/* Strings into the arena and their hashes first; then the inserts, each prefetching the
+	 * slot a few entries ahead (the table is far larger than the caches). */
+	uint64_t *vh = malloc(((size_t)n_vocab + 1) * sizeof(*vh));
+	uint32_t *voff = malloc(((size_t)n_vocab + 1) * sizeof(*voff));
+	uint32_t *vid = malloc(((size_t)n_vocab + 1) * sizeof(*vid));
+	if (!vh || !voff || !vid) {
+		free(vh);
+		free(voff);
+		free(vid);
+		return ds_errf(e, -ENOMEM, "%s: out of memory", path);
 	}
+	uint32_t off = 0, nv = 0;
+	tj_foreach(it, vocab) {
+		jid(it, &vid[nv]);
+		memcpy(t->strs + off, it->key, it->key_len);
+		voff[nv] = off;
+		vh[nv++] = ds_tok_hash(it->key, it->key_len);
+		off += it->key_len;
+	}
+	rc = 0;
+	const tj_node *vk = vocab->child;
+	for (uint32_t i = 0; i < nv && !rc; i++, vk = vk->next) {
+		if (i + 16 < nv)
+			__builtin_prefetch(&t->vocab.slot[(uint32_t)vh[i + 16] & t->vocab.mask]);
+		uint32_t id = vid[i], len = vk->key_len;
+		if (t->piece_len[id] != UINT32_MAX)
+			rc = ds_errf(e, -EINVAL, "%s: id %u appears twice in the vocab", path, id);
+		else if (strmap_put_h(t->strs, &t->vocab, voff[i], len, (int32_t)id, vh[i]) >= 0)
+			rc = ds_errf(e, -EINVAL, "%s: token \"%.64s\" appears twice in the vocab",
+				     path, vk->key);
+		t->piece_off[id] = voff[i];
+		t->piece_len[id] = len;
+	}
+	free(vh);
+	free(voff);
+	free(vid);
+	if (rc)
+		return rc;
 	if (tj_is(added, TJ_ARR)) {
 		if (trie_init(&t->trie_raw) || trie_init(&t->trie_norm))
 			return ds_errf(e, -ENOMEM, "%s: out of memory", path);
@@ -610,43 +683,69 @@ static int load_json(ds_tok *t, const tj_node *root, const char *path, ds_err *e
 	t->merge_val = malloc(cap * sizeof(uint64_t));
 	if (!t->merge_key || !t->merge_val)
 		return ds_errf(e, -ENOMEM, "%s: out of memory", path);
-	/* The three vocab lookups of each merge are independent and dominate loading, so they run
-	 * in parallel; the table is then filled in rank order. */
+	/* The three vocab lookups of each merge (a, b, a+b) are independent and dominate loading:
+	 * they run batched (strmap_get_many), in chunks spread over threads. */
 	const tj_node **mv = malloc(((size_t)n_merges + 1) * sizeof(*mv));
 	int32_t *tri = malloc(((size_t)n_merges + 1) * 3 * sizeof(int32_t));
-	if (!mv || !tri) {
+	const char **ms = malloc(((size_t)n_merges + 1) * 3 * sizeof(*ms));
+	uint32_t *ml = malloc(((size_t)n_merges + 1) * 3 * sizeof(*ml));
+	size_t cat_bytes = 0;
+	uint32_t nm = 0;
+	tj_foreach(it, merges) {
+		if (mv)
+			mv[nm] = it;
+		nm++;
+		cat_bytes += tj_is(it, TJ_STR) ? it->len : 0;
+		if (tj_is(it, TJ_ARR) && it->len == 2 && tj_is(it->child, TJ_STR) &&
+		    tj_is(it->child->next, TJ_STR))
+			cat_bytes += (size_t)it->child->len + it->child->next->len;
+	}
+	char *cat = malloc(cat_bytes + 1);
+	if (!mv || !tri || !ms || !ml || !cat) {
 		free(mv);
 		free(tri);
+		free(ms);
+		free(ml);
+		free(cat);
 		return ds_errf(e, -ENOMEM, "%s: out of memory", path);
 	}
-	uint32_t nm = 0;
-	tj_foreach(it, merges)
-		mv[nm++] = it;
-#pragma omp parallel for schedule(static) if (n_merges > 8192)
+	size_t co = 0;
 	for (uint32_t r = 0; r < n_merges; r++) {
 		const char *ma, *mb;
 		size_t la, lb;
-		tri[3 * r] = merge_parts(mv[r], &ma, &la, &mb, &lb) ? -2 : -1;
-		if (tri[3 * r] == -2)
-			continue;
-		char stack[512], *tmp = la + lb <= sizeof(stack) ? stack : malloc(la + lb);
-		if (!tmp) {
-			tri[3 * r] = -3;
+		if (merge_parts(mv[r], &ma, &la, &mb, &lb)) {
+			for (int j = 0; j < 3; j++) {
+				ms[3 * r + j] = ""; /* looked up harmlessly, then reported */
+				ml[3 * r + j] = 0;
+			}
+			tri[3 * r] = -2;
 			continue;
 		}
-		memcpy(tmp, ma, la);
-		memcpy(tmp + la, mb, lb);
-		int32_t ia = ds_tok_map_get(t, &t->vocab, ma, la);
-		int32_t ib = ds_tok_map_get(t, &t->vocab, mb, lb);
-		int32_t im = ds_tok_map_get(t, &t->vocab, tmp, la + lb);
-		if (tmp != stack)
-			free(tmp);
-		if (ia >= 0 && ib >= 0 && im >= 0) {
-			tri[3 * r] = ia;
-			tri[3 * r + 1] = ib;
-			tri[3 * r + 2] = im;
-		}
+		memcpy(cat + co, ma, la);
+		memcpy(cat + co + la, mb, lb);
+		ms[3 * r] = ma;
+		ml[3 * r] = (uint32_t)la;
+		ms[3 * r + 1] = mb;
+		ml[3 * r + 1] = (uint32_t)lb;
+		ms[3 * r + 2] = cat + co;
+		ml[3 * r + 2] = (uint32_t)(la + lb);
+		co += la + lb;
 	}
+	size_t n_items = 3 * (size_t)n_merges, chunk = 3 * 4096;
+#pragma omp parallel for schedule(dynamic) if (n_items > 2 * chunk)
+	for (size_t c0 = 0; c0 < n_items; c0 += chunk) {
+		size_t cn = n_items - c0 < chunk ? n_items - c0 : chunk;
+		strmap_get_many(t, &t->vocab, cn, ms + c0, ml + c0, tri + c0);
+	}
+	for (uint32_t r = 0; r < n_merges; r++) {
+		if (ml[3 * r] == 0 && ml[3 * r + 1] == 0)
+			tri[3 * r] = -2;
+		else if (tri[3 * r] < 0 || tri[3 * r + 1] < 0 || tri[3 * r + 2] < 0)
+			tri[3 * r] = -1;
+	}
+	free(ms);
+	free(ml);
+	free(cat);
 	rc = 0;
 	for (uint32_t r = 0; r < n_merges && !rc; r++) {
 		const char *ma, *mb;
@@ -654,13 +753,14 @@ static int load_json(ds_tok *t, const tj_node *root, const char *path, ds_err *e
 		if (tri[3 * r] == -2)
 			rc = ds_errf(e, -EINVAL, "%s: merge %u is neither \"a b\" (one space) nor [a, b]",
 				     path, r);
-		else if (tri[3 * r] == -3)
-			rc = ds_errf(e, -ENOMEM, "%s: out of memory", path);
 		else if (tri[3 * r] < 0 && !merge_parts(mv[r], &ma, &la, &mb, &lb))
 			rc = ds_errf(e, -EINVAL, "%s: merge %u (%.40s + %.40s): token not in the vocab",
 				     path, r, ma, mb);
-		else
+		else {
+			if (r + 16 < n_merges && tri[3 * (r + 16)] >= 0)
+				merge_prefetch(t, tri[3 * (r + 16)], tri[3 * (r + 16) + 1]);
 			merge_put(t, tri[3 * r], tri[3 * r + 1], r, tri[3 * r + 2]);
+		}
 	}
 	free(mv);
 	free(tri);
@@ -674,33 +774,43 @@ static int load_json(ds_tok *t, const tj_node *root, const char *path, ds_err *e
 		rev[i] = -1;
 	for (int b = 0; b < 256; b++)
 		rev[byte_char(b)] = (int16_t)b;
+	/* Decoded bytes are never longer than the token string, so each id's bytes sit at its
+	 * string's offset in an arena of the same size, and ids convert independently. */
 	t->bytes = malloc(str_bytes + 1);
-	t->bytes_off = malloc(t->n_ids * sizeof(uint32_t));
+	t->bytes_off = t->piece_off; /* shared; freed once */
 	t->bytes_len = calloc(t->n_ids, sizeof(uint32_t));
-	if (!t->bytes || !t->bytes_off || !t->bytes_len)
+	if (!t->bytes || !t->bytes_len)
 		return ds_errf(e, -ENOMEM, "%s: out of memory", path);
-	uint32_t bo = 0;
+#pragma omp parallel for schedule(dynamic, 4096) if (t->n_ids > 16384)
 	for (uint32_t id = 0; id < t->n_ids; id++) {
-		t->bytes_off[id] = bo;
 		if (t->piece_len[id] == UINT32_MAX)
 			continue;
 		const uint8_t *p = (const uint8_t *)t->strs + t->piece_off[id];
+		uint8_t *o = t->bytes + t->piece_off[id];
 		uint32_t n = t->piece_len[id], i = 0, k = 0;
-		int all = ds_tok_utf8_valid_prefix(p, n) == n;
-		while (all && i < n) {
-			uint32_t cp;
-			i += (uint32_t)utf8_get(p + i, &cp);
-			if (cp >= 324 || rev[cp] < 0)
+		int all = 1;
+		while (i < n) {
+			uint32_t cp = UINT32_MAX;
+			if (p[i] < 0x80)
+				cp = p[i++];
+			else if ((p[i] & 0xe0) == 0xc0 && i + 1 < n && (p[i + 1] & 0xc0) == 0x80) {
+				cp = (uint32_t)(p[i] & 0x1f) << 6 | (p[i + 1] & 0x3f);
+				i += 2;
+				if (cp < 0x80)
+					cp = UINT32_MAX; /* overlong: not UTF-8 */
+			}
+			/* byte-level characters are all below U+0144; anything else keeps its bytes */
+			if (cp >= 324 || rev[cp] < 0) {
 				all = 0;
-			else
-				t->bytes[bo + k++] = (uint8_t)rev[cp];
+				break;
+			}
+			o[k++] = (uint8_t)rev[cp];
 		}
 		if (!all) {
-			memcpy(t->bytes + bo, p, n);
+			memcpy(o, p, n);
 			k = n;
 		}
 		t->bytes_len[id] = k;
-		bo += k;
 	}
 	return load_pretok(t, root, path, e);
 }
@@ -713,7 +823,6 @@ ds_tok *ds_tok_free(ds_tok *t)
 	free(t->piece_off);
 	free(t->piece_len);
 	free(t->bytes);
-	free(t->bytes_off);
 	free(t->bytes_len);
 	free(t->special);
 	strmap_free(&t->vocab);
