@@ -49,7 +49,7 @@ typedef struct ds_gen_params {
 	const int32_t *ids;
 	size_t n_ids;
 	int32_t max_tokens;         /* 0: the server's default */
-	float temperature;          /* NaN (the init value): server default, greedy */
+	float temperature;          /* 0: greedy; NaN (the init value): the server's default, 1.0 */
 	int32_t top_k;              /* -1: default */
 	float top_p, min_p;         /* NaN: default */
 	float repetition_penalty, presence_penalty, frequency_penalty; /* NaN: default */

@@ -51,7 +51,7 @@ static const ds_conf_key keys[] = {
 	{ "limits", "max_tokens", "max-tokens", DS_CONF_T_INT, F(max_tokens), 1, 1 << 22, "8192", 1,
 	  "largest max_tokens a request may ask for", NULL },
 	{ "limits", "default_max_tokens", "default-max-tokens", DS_CONF_T_INT, F(default_max_tokens), 1, 1 << 22, "256", 1,
-	  "max_tokens of a request that does not say", NULL },
+	  "max_tokens of a request that does not say (capped by max_tokens)", NULL },
 	{ "limits", "max_clients", "max-clients", DS_CONF_T_INT, F(max_clients), 1, 65536, "256", 1,
 	  "connections served at once; more are refused", NULL },
 	{ "limits", "max_requests", "max-requests", DS_CONF_T_INT, F(max_requests), 1, 65536, "256", 1,
@@ -247,9 +247,6 @@ int ds_conf_load(ds_conf *c, const char *path, ds_err *e)
 
 int ds_conf_check(const ds_conf *c, ds_err *e)
 {
-	if (c->default_max_tokens > c->max_tokens)
-		return ds_errf(e, -EINVAL, "limits.default_max_tokens (%lld) exceeds limits.max_tokens (%lld)",
-			       (long long)c->default_max_tokens, (long long)c->max_tokens);
 	if (c->max_requests_per_client > c->max_requests)
 		return ds_errf(e, -EINVAL, "limits.max_requests_per_client (%lld) exceeds limits.max_requests (%lld)",
 			       (long long)c->max_requests_per_client, (long long)c->max_requests);

@@ -289,7 +289,8 @@ static void m_generate(ds_srv *s, ds_conn *c, const ds_ipc_msg *m, int chat)
 	int64_t v;
 	double d;
 	int rc;
-	int max_tokens = (int)s->conf.default_max_tokens;
+	int max_tokens = (int)(s->conf.default_max_tokens < s->conf.max_tokens ? s->conf.default_max_tokens
+										 : s->conf.max_tokens);
 	if ((rc = ds_mp_int(p, "max_tokens", 1, s->conf.max_tokens, &v)) == 0)
 		max_tokens = (int)v;
 	else if (rc != -ENOENT)
