@@ -56,7 +56,7 @@ debs=()
 for p in $PKGS; do debs+=("$(ls "$BUILD"/deb/"$p"_*.deb 2>/dev/null | head -1)"); done
 lint=$(grep -E '^[EW]: ' "$BUILD/deb/lintian.log" 2>/dev/null)
 if [ -f "$BUILD/deb/lintian.log" ] && [ -z "$lint" ]; then
-	ok "lintian: no errors or warnings ($(grep -c '^[IP]: ' "$BUILD/deb/lintian.log") info tags)"
+	ok "lintian: no errors or warnings"
 else
 	bad "lintian" "$lint"
 fi
@@ -133,14 +133,18 @@ wait_notify() { # wait_notify REGEX SECONDS [AFTER_LINE]: line number of the fir
 # The first client connection starts the daemon; dsctl waits in the backlog.
 out=$(timeout 120 dsctl --socket "$sock" status 2>&1)
 rc=$?
-if [ $rc -eq 0 ] && [ -n "$out" ]; then ok "installed dsctl answered through the activated socket"; else
+model=$(sed -n 's/^path *= *//p' /etc/dsd/dsd.conf)
+if [ $rc -eq 0 ] && grep -qF "$model" <<<"$out"; then ok "installed dsctl answered through the activated socket"; else
 	bad "dsctl through the activated socket (exit $rc)" "$out
 --- daemon log:
 $(cat "$T/daemon.log")"; fi
 if ready=$(wait_notify '(^| |\|)READY=1' 60); then
 	loading=$(awk -v r="$ready" 'NR < r && /STATUS=/ && tolower($0) ~ /load/' "$T/notify.log")
-	if [ -n "$loading" ]; then ok "READY=1 after STATUS= while loading the model"; else
-		bad "READY=1 before any loading STATUS=" "$(cat "$T/notify.log")"; fi
+	if [ -n "$loading" ] && sed -n "${ready}p" "$T/notify.log" | grep -qF "STATUS=serving $model"; then
+		ok "READY=1 after STATUS= while loading, with the model being served"
+	else
+		bad "READY=1 without a loading STATUS= before it or the model in its STATUS=" "$(cat "$T/notify.log")"
+	fi
 else
 	bad "READY=1 not received" "$(cat "$T/notify.log" "$T/daemon.log")"
 fi
