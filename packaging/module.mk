@@ -76,8 +76,7 @@ rpm:
 
 check-packaging:
 	@./scripts/deps-packaging.sh
-	@DS_BUILD=$(BUILD) bash tests/packaging/manpages.sh
-	@DS_BUILD=$(BUILD) bash tests/packaging/check_packaging.sh
+	@DS_BUILD=$(BUILD) bash tests/packaging/run.sh
 
 .PHONY: install install-bins deb rpm check-packaging
 
