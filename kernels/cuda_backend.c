@@ -9,6 +9,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "kernels/act.h"
 #include "kernels/attn.h"
@@ -27,6 +28,11 @@ typedef struct {
 	dsk_weight *eg, *eu, *ed;
 	float *input_norm, *post_norm, *q_a_norm, *kv_a_norm, *router_bias, *enorm, *hnorm, *head_norm;
 	dsk_bf16 *kvb;     /* kv_b_proj in bf16 [nh*(nope+v)][kvl] */
+	/* Device arrays of the experts' gate/up/down weights and scales, for
+	 * the grouped GEMV; dev_moe when every expert takes that path. */
+	const void **ew[3];
+	const float **es[3];
+	int esld[3], dev_moe, moe_fp8;
 	dsk_bf16 *mtp_embed;
 } dlayer;
 
@@ -54,15 +60,55 @@ struct ds_backend {
 	float *x, *y, *q, *qa, *kvx, *qabs, *g, *u, *logits_r, *moe_w, *gp, *up, *yp, *ysh, *attn_ws, *of, *hin;
 	dsk_bf16 *xn, *qan, *qb, *lat, *o, *h, *xp, *hp, *sel;
 	int32_t *tok, *pos, *seq, *tables, *ids, *cnt, *off, *ppos, *row_tok, *sel_idx;
+	uint8_t *qx;     /* quantized MoE activations (device MoE path) */
+	float *qxs;
 	int moe_rows;
 	size_t attn_ws_n;
+	int dev_moe_max_t; /* steps up to this many tokens skip the host round trip */
+	int prof;        /* synchronize and time each phase of a step */
+	double prof_t[DS_CUDA_PHASES], prof_last;
 	int32_t *h_i32;  /* pinned host staging */
 	float *h_f32;
 	size_t h_cap;
 };
 
 int ds_cuda_backend_fallbacks(const ds_backend *b) { return b->fallbacks; }
+
+static const char *phase_names[DS_CUDA_PHASES] = { "embed+io", "attn proj", "attention", "attn out", "moe route",
+						   "experts", "shared+mlp", "head" };
+
+void ds_cuda_backend_set_profile(ds_backend *b, int on)
+{
+	b->prof = on;
+	memset(b->prof_t, 0, sizeof(b->prof_t));
+}
+
+const char *ds_cuda_backend_profile(const ds_backend *b, int phase, double *seconds)
+{
+	*seconds = b->prof_t[phase];
+	return phase_names[phase];
+}
+
+static double wall(void)
+{
+	struct timespec t;
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return t.tv_sec + t.tv_nsec * 1e-9;
+}
+
+/* Profiling only: charges the time since the last mark to a phase. */
+static void mark(ds_backend *b, int phase)
+{
+	if (!b->prof)
+		return;
+	cudaStreamSynchronize(b->s);
+	double t = wall();
+	if (phase >= 0)
+		b->prof_t[phase] += t - b->prof_last;
+	b->prof_last = t;
+}
 int ds_cuda_backend_kv_blocks(const ds_backend *b) { return b->kv_blocks; }
+void ds_cuda_backend_set_device_moe(ds_backend *b, int max_tokens) { b->dev_moe_max_t = max_tokens; }
 
 static int cerr(ds_err *e, cudaError_t err, const char *what)
 {
@@ -201,6 +247,42 @@ static dsk_bf16 *load_embed(ds_backend *b, const ds_tensor_ref *t, int rows, int
 	return upload_bf16(b, &w, e, rc);
 }
 
+/* Pointer tables for dsk_moe_gemv; the path is used only when all experts
+ * share one type and the GEMV takes their shapes. */
+static int expert_tables(ds_backend *b, dlayer *d, int E, ds_err *e)
+{
+	const dsk_weight *mats[3] = { d->eg, d->eu, d->ed };
+	int rc = 0, ok = 1;
+	const int type = d->eg[0].type;
+	for (int k = 0; k < 3; k++)
+		for (int x = 0; x < E; x++)
+			ok &= mats[k][x].type == type && mats[k][x].cols % (type == DSK_W_FP8 ? 128 : 8) == 0;
+	d->dev_moe = ok;
+	d->moe_fp8 = type == DSK_W_FP8;
+	if (!ok)
+		return 0;
+	const void **hw = malloc(sizeof(void *) * (size_t)E);
+	const float **hs = malloc(sizeof(float *) * (size_t)E);
+	if (!hw || !hs)
+		rc = -ENOMEM;
+	for (int k = 0; k < 3 && !rc; k++) {
+		for (int x = 0; x < E; x++) {
+			hw[x] = mats[k][x].w;
+			hs[x] = mats[k][x].scale;
+		}
+		d->esld[k] = mats[k][0].sld;
+		d->ew[k] = dalloc(b, sizeof(void *) * (size_t)E, e, &rc);
+		d->es[k] = dalloc(b, sizeof(float *) * (size_t)E, e, &rc);
+		if (!rc)
+			rc = upload((void *)d->ew[k], hw, sizeof(void *) * (size_t)E, e);
+		if (!rc)
+			rc = upload((void *)d->es[k], hs, sizeof(float *) * (size_t)E, e);
+	}
+	free(hw);
+	free(hs);
+	return rc;
+}
+
 static void destroy(ds_backend *b)
 {
 	if (!b)
@@ -277,6 +359,7 @@ static int create(const ds_model *m, const ds_backend_config *cfg, ds_backend **
 	b->m = m;
 	b->dev = cfg->device;
 	b->block_tokens = cfg->block_tokens;
+	b->dev_moe_max_t = 64;
 	int rc = 0;
 	cudaDeviceGetAttribute(&b->sms, cudaDevAttrMultiProcessorCount, b->dev);
 	if ((err = cudaStreamCreateWithFlags(&b->s, cudaStreamNonBlocking)) != cudaSuccess) {
@@ -336,6 +419,8 @@ static int create(const ds_model *m, const ds_backend_config *cfg, ds_backend **
 				load_weight(b, &w->exp_up[x], &d->eu[x], e, &rc);
 				load_weight(b, &w->exp_down[x], &d->ed[x], e, &rc);
 			}
+			if (!rc)
+				rc = expert_tables(b, d, E, e);
 			if (c->n_shared_experts > 0) {
 				load_weight(b, &w->sh_gate, &d->sh_gate, e, &rc);
 				load_weight(b, &w->sh_up, &d->sh_up, e, &rc);
@@ -463,6 +548,12 @@ static int ensure_ws(ds_backend *b, int T, int n_seqs, int mb, ds_err *e)
 	CARVE(off, int32_t, E + 1);
 	CARVE(ppos, int32_t, (size_t)cT * K);
 	CARVE(row_tok, int32_t, P);
+	{
+		const size_t wmax = (size_t)(H > c->moe_intermediate_size ? H : c->moe_intermediate_size);
+		const size_t rmax = (size_t)(P > Tp ? P : Tp);
+		CARVE(qx, uint8_t, rmax * wmax);
+		CARVE(qxs, float, rmax * (wmax / 128 + 1));
+	}
 #undef CARVE
 	cudaStreamSynchronize(b->s);
 	cudaFree(b->ws);
@@ -480,7 +571,7 @@ static int ensure_ws(ds_backend *b, int T, int n_seqs, int mb, ds_err *e)
 	FIX(x); FIX(y); FIX(hin); FIX(of); FIX(q); FIX(qa); FIX(kvx); FIX(qabs); FIX(g); FIX(u); FIX(logits_r);
 	FIX(moe_w); FIX(gp); FIX(up); FIX(yp); FIX(ysh); FIX(attn_ws); FIX(xn); FIX(qan); FIX(qb); FIX(lat); FIX(o);
 	FIX(h); FIX(xp); FIX(hp); FIX(sel); FIX(tok); FIX(pos); FIX(seq); FIX(sel_idx); FIX(tables); FIX(ids);
-	FIX(cnt); FIX(off); FIX(ppos); FIX(row_tok);
+	FIX(cnt); FIX(off); FIX(ppos); FIX(row_tok); FIX(qx); FIX(qxs);
 #undef FIX
 	b->moe_rows = P;
 	b->attn_ws_n = attn_n;
@@ -553,6 +644,7 @@ static int attention(ds_backend *b, int li, int T, int max_len, const dsk_kv_geo
 		(long long)(nope + vd) * kvl, b->qb, CUDA_R_16BF, nh * qk, qk, &zero, b->qabs, CUDA_R_32F, nh * kvl, kvl, nh,
 		CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
 	TRY(blas_err(e, st, "W_UK absorption"));
+	mark(b, 1);
 	const int nsplit = dsk_attn_splits(T, nh, max_len, b->sms);
 	dsk_attn_args a = { .g = *geo, .layer = li, .q = b->q, .qabs = b->qabs, .nh = nh, .nope = nope, .rope = rope,
 			    .kvl = kvl, .seq = b->seq, .pos = b->pos, .T = T, .max_len = max_len,
@@ -561,13 +653,18 @@ static int attention(ds_backend *b, int li, int T, int max_len, const dsk_kv_geo
 	while (ns > 1 && dsk_attn_ws_floats(T, nh, kvl, ns) > b->attn_ws_n)
 		ns--;
 	TRY(dsk_mla_attention(&a, ns, b->s, e));
+	mark(b, 2);
 	/* o[t][h] = W_UV_h lat[t][h]: per head, (vd x kvl) * (kvl x T). */
 	st = cublasGemmStridedBatchedEx(b->blas, CUBLAS_OP_T, CUBLAS_OP_N, vd, T, kvl, &one, d->kvb + (size_t)nope * kvl,
 					CUDA_R_16BF, kvl, (long long)(nope + vd) * kvl, b->lat, CUDA_R_16BF, nh * kvl, kvl,
 					&zero, b->o, CUDA_R_16BF, nh * vd, vd, nh, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
 	TRY(blas_err(e, st, "W_UV"));
-	return gemm(b, b->y, c->hidden_size, b->o, T, &d->o_proj, e);
+	rc = gemm(b, b->y, c->hidden_size, b->o, T, &d->o_proj, e);
+	mark(b, 3);
+	return rc;
 }
+
+static int moe_host_planned(ds_backend *b, const dlayer *d, int T, ds_err *e);
 
 static int moe(ds_backend *b, int li, int T, ds_err *e)
 {
@@ -582,7 +679,49 @@ static int moe(ds_backend *b, int li, int T, ds_err *e)
 			       .norm_topk = c->norm_topk_prob, .scale = c->routed_scaling_factor };
 	TRY(dsk_moe_route(&rcfg, b->logits_r, d->router_bias, T, b->ids, b->moe_w, b->s, e));
 	TRY(dsk_moe_plan(b->ids, T, K, E, b->cnt, b->off, b->ppos, b->row_tok, b->moe_rows, b->s, e));
-	/* The expert row counts come back to the host to size each GEMM. */
+	if (d->dev_moe && T <= b->dev_moe_max_t) {
+		/* Decode-sized steps: grouped GEMVs read the plan on the device. */
+		const int Pn = T * K + 15 * E, Tp = dsk_gemm_pad(T);
+		const void *xin = b->xn;
+		if (d->moe_fp8) {
+			TRY(dsk_quant_fp8(b->qx, b->qxs, b->xn, Tp, H, b->s, e));
+			xin = b->qx;
+		}
+		mark(b, 4);
+		TRY(dsk_moe_gemv(b->gp, I, xin, b->qxs, Tp, b->row_tok, b->off, b->cnt, E, (const void *const *)d->ew[0],
+				 (const float *const *)d->es[0], d->esld[0], d->moe_fp8, I, H, b->s, e));
+		TRY(dsk_moe_gemv(b->up, I, xin, b->qxs, Tp, b->row_tok, b->off, b->cnt, E, (const void *const *)d->ew[1],
+				 (const float *const *)d->es[1], d->esld[1], d->moe_fp8, I, H, b->s, e));
+		TRY(dsk_silu_mul(b->hp, b->gp, b->up, Pn, I, b->s, e));
+		const void *hin = b->hp;
+		if (d->moe_fp8) {
+			TRY(dsk_quant_fp8(b->qx, b->qxs, b->hp, Pn, I, b->s, e));
+			hin = b->qx;
+		}
+		TRY(dsk_moe_gemv(b->yp, H, hin, b->qxs, Pn, NULL, b->off, b->cnt, E, (const void *const *)d->ew[2],
+				 (const float *const *)d->es[2], d->esld[2], d->moe_fp8, H, I, b->s, e));
+	} else {
+		TRY(moe_host_planned(b, d, T, e));
+	}
+	mark(b, 5);
+	const float *shared = NULL;
+	if (c->n_shared_experts > 0) {
+		TRY(mlp(b, &d->sh_gate, &d->sh_up, &d->sh_down, b->xn, T, b->g, b->u, b->h, b->ysh, e));
+		shared = b->ysh;
+	}
+	rc = dsk_moe_combine(b->y, shared, b->yp, b->ppos, b->moe_w, T, K, H, b->s, e);
+	mark(b, 6);
+	return rc;
+}
+
+/* Larger steps: the row offsets come back to the host and each active
+ * expert runs as a GEMM triple (cuBLASLt, or the GEMV for few rows). */
+static int moe_host_planned(ds_backend *b, const dlayer *d, int T, ds_err *e)
+{
+	const ds_config *c = &b->m->cfg;
+	const int H = c->hidden_size, E = c->n_routed_experts, I = c->moe_intermediate_size;
+	int rc;
+	(void)T;
 	int32_t *hoff = b->h_i32;
 	cudaError_t err = cudaMemcpyAsync(hoff, b->off, sizeof(int32_t) * (size_t)(E + 1), cudaMemcpyDeviceToHost, b->s);
 	if (err == cudaSuccess)
@@ -590,6 +729,7 @@ static int moe(ds_backend *b, int li, int T, ds_err *e)
 	if (err != cudaSuccess)
 		return cerr(e, err, "moe plan");
 	const int P = hoff[E];
+	mark(b, 4);
 	TRY(dsk_moe_gather(b->xp, b->xn, b->row_tok, P, H, b->s, e));
 	for (int x = 0; x < E; x++) {
 		const int r0 = hoff[x], n = hoff[x + 1] - r0;
@@ -600,12 +740,7 @@ static int moe(ds_backend *b, int li, int T, ds_err *e)
 		TRY(dsk_silu_mul(b->hp + (size_t)r0 * I, b->gp + (size_t)r0 * I, b->up + (size_t)r0 * I, n, I, b->s, e));
 		TRY(gemm(b, b->yp + (size_t)r0 * H, H, b->hp + (size_t)r0 * I, n, &d->ed[x], e));
 	}
-	const float *shared = NULL;
-	if (c->n_shared_experts > 0) {
-		TRY(mlp(b, &d->sh_gate, &d->sh_up, &d->sh_down, b->xn, T, b->g, b->u, b->h, b->ysh, e));
-		shared = b->ysh;
-	}
-	return dsk_moe_combine(b->y, shared, b->yp, b->ppos, b->moe_w, T, K, H, b->s, e);
+	return 0;
 }
 
 static int block(ds_backend *b, int li, int T, int max_len, const dsk_kv_geom *geo, int first, ds_err *e)
@@ -620,7 +755,9 @@ static int block(ds_backend *b, int li, int T, int max_len, const dsk_kv_geom *g
 	TRY(dsk_add_rmsnorm(b->x, b->y, d->post_norm, T, H, c->rms_norm_eps, b->xn, H, NULL, b->s, e));
 	if (b->m->layers[li].is_moe)
 		return moe(b, li, T, e);
-	return mlp(b, &d->gate, &d->up, &d->down, b->xn, T, b->g, b->u, b->h, b->y, e);
+	rc = mlp(b, &d->gate, &d->up, &d->down, b->xn, T, b->g, b->u, b->h, b->y, e);
+	mark(b, 6);
+	return rc;
 }
 
 static int forward(ds_backend *b, const ds_batch *bt, ds_step_out *out, ds_err *e)
@@ -656,6 +793,7 @@ static int forward(ds_backend *b, const ds_batch *bt, ds_step_out *out, ds_err *
 				return ds_errf(e, -EINVAL, "cuda backend: sequence %d names KV block %d of %d", s,
 					       bt->block_tables[s][i], b->kv_blocks);
 	}
+	mark(b, -1);
 	TRY(ensure_ws(b, T, bt->n_seqs, mb, e));
 	if ((cudaSetDevice(b->dev)) != cudaSuccess)
 		return cerr(e, cudaGetLastError(), "set device");
@@ -712,6 +850,7 @@ static int forward(ds_backend *b, const ds_batch *bt, ds_step_out *out, ds_err *
 		first = li;
 		last = li + 1;
 	}
+	mark(b, 0);
 	for (int li = first; li < last; li++)
 		TRY(block(b, li, T, max_len, &geo, li == first, e));
 
@@ -742,6 +881,7 @@ static int forward(ds_backend *b, const ds_batch *bt, ds_step_out *out, ds_err *
 	}
 	if ((err = cudaStreamSynchronize(b->s)) != cudaSuccess)
 		return cerr(e, err, "step");
+	mark(b, 7);
 	return 0;
 }
 

@@ -11,5 +11,15 @@ extern const ds_backend_ops ds_cuda_backend;
 
 int ds_cuda_backend_fallbacks(const ds_backend *b);
 int ds_cuda_backend_kv_blocks(const ds_backend *b);
+/* Steps of at most max_tokens tokens (default 64) route experts without a
+ * host round trip (grouped GEMVs); 0 turns that path off. */
+void ds_cuda_backend_set_device_moe(ds_backend *b, int max_tokens);
+
+/* Benchmarks: with profiling on, each step synchronizes after every phase
+ * and adds its wall time to the phase (slower steps; off by default). */
+enum { DS_CUDA_PHASES = 8 };
+void ds_cuda_backend_set_profile(ds_backend *b, int on);
+/* Seconds accumulated in phase p since profiling was turned on; its name. */
+const char *ds_cuda_backend_profile(const ds_backend *b, int p, double *seconds);
 
 #endif

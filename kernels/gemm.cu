@@ -201,7 +201,8 @@ static void slot_clear(algo_slot *a)
 }
 
 /* Descriptors and the heuristic's algorithm for one shape, made once. */
-static cublasStatus_t slot_fill(dsk_gemm *g, algo_slot *a, int fp8, int outbf, int Mp, int N, int K, int ldo)
+static cublasStatus_t slot_fill(dsk_gemm *g, algo_slot *a, int fp8, int outbf, int Mp, int N, int K, int ldo,
+				 const float *ascale)
 {
 	cudaDataType_t ab = fp8 ? CUDA_R_8F_E4M3 : CUDA_R_16BF, dt = outbf ? CUDA_R_16BF : CUDA_R_32F;
 	cublasOperation_t tA = CUBLAS_OP_T, tB = CUBLAS_OP_N;
@@ -212,10 +213,16 @@ static cublasStatus_t slot_fill(dsk_gemm *g, algo_slot *a, int fp8, int outbf, i
 	if (st == CUBLAS_STATUS_SUCCESS)
 		st = cublasLtMatmulDescSetAttribute(a->op, CUBLASLT_MATMUL_DESC_TRANSB, &tB, sizeof(tB));
 	if (fp8 && st == CUBLAS_STATUS_SUCCESS) {
+		/* The heuristic needs the scale pointers set, not only the modes. */
 		int32_t am = CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F, bm = CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
+		const void *as = ascale, *bs = g->qs;
 		st = cublasLtMatmulDescSetAttribute(a->op, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &am, sizeof(am));
 		if (st == CUBLAS_STATUS_SUCCESS)
 			st = cublasLtMatmulDescSetAttribute(a->op, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &bm, sizeof(bm));
+		if (st == CUBLAS_STATUS_SUCCESS)
+			st = cublasLtMatmulDescSetAttribute(a->op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &as, sizeof(as));
+		if (st == CUBLAS_STATUS_SUCCESS)
+			st = cublasLtMatmulDescSetAttribute(a->op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &bs, sizeof(bs));
 	}
 	if (st == CUBLAS_STATUS_SUCCESS)
 		st = cublasLtMatrixLayoutCreate(&a->la, ab, K, N, K);
@@ -259,7 +266,7 @@ static int matmul(dsk_gemm *g, void *out, int ldo, int outbf, const void *B, int
 		a->n = N;
 		a->k = K;
 		a->ldo = ldo;
-		cublasStatus_t st = slot_fill(g, a, fp8, outbf, Mp, N, K, ldo);
+		cublasStatus_t st = slot_fill(g, a, fp8, outbf, Mp, N, K, ldo, W->scale);
 		if (st != CUBLAS_STATUS_SUCCESS) {
 			slot_clear(a);
 			return lt_err(e, st, "descriptors");
@@ -440,4 +447,107 @@ extern "C" int dsk_gemm_run_bf16(dsk_gemm *g, dsk_bf16 *out, int ldo, const dsk_
 				 ds_err *e)
 {
 	return run(g, out, ldo, 1, x, M, W, e);
+}
+
+/* Grouped GEMV for the routed experts (see gemm.h): block (row tile, expert)
+ * reads its expert's row range from the plan on the device, so no count
+ * goes back to the host. Rows are taken 8 at a time. */
+template <bool FP8>
+static __global__ void __launch_bounds__(256) moe_gemv_k(float *out, int ldo, const void *xv, const float *xs, int xs_ld,
+							 const int32_t *row_src, const int32_t *off, const int32_t *cnt,
+							 const void *const *wp, const float *const *sp, int sld, int N, int K)
+{
+	const int x = blockIdx.y, n = blockIdx.x * 8 + threadIdx.x / 32, lane = threadIdx.x & 31;
+	const int c = cnt[x];
+	if (n >= N || c == 0)
+		return;
+	const int r0 = off[x];
+	for (int c0 = 0; c0 < c; c0 += 8) {
+		const int m = min(8, c - c0);
+		int src[8];
+#pragma unroll
+		for (int i = 0; i < 8; i++)
+			src[i] = i < m ? (row_src ? row_src[r0 + c0 + i] : r0 + c0 + i) : 0;
+		float acc[8];
+#pragma unroll
+		for (int i = 0; i < 8; i++)
+			acc[i] = 0;
+		if (FP8) {
+			const uint8_t *w = (const uint8_t *)wp[x] + (size_t)n * K;
+			const float *wsr = sp[x] + (size_t)(n / 128) * sld;
+			const uint8_t *xb = (const uint8_t *)xv;
+			for (int k = lane * 16; k < K; k += 512) {
+				const uint4 wq = *(const uint4 *)(w + k);
+				const uint8_t *wb = (const uint8_t *)&wq;
+				float wf[16];
+#pragma unroll
+				for (int i = 0; i < 16; i++) {
+					__nv_fp8_e4m3 f;
+					f.__x = wb[i];
+					wf[i] = (float)f;
+				}
+				const float sw = wsr[k / 128];
+#pragma unroll
+				for (int i = 0; i < 8; i++) {
+					if (i < m) {
+						const uint4 xq = *(const uint4 *)(xb + (size_t)src[i] * K + k);
+						const uint8_t *q = (const uint8_t *)&xq;
+						float d = 0;
+#pragma unroll
+						for (int j = 0; j < 16; j++) {
+							__nv_fp8_e4m3 f;
+							f.__x = q[j];
+							d += wf[j] * (float)f;
+						}
+						acc[i] += d * sw * xs[(size_t)(k / 128) * xs_ld + src[i]];
+					}
+				}
+			}
+		} else {
+			const dsk_bf16 *w = (const dsk_bf16 *)wp[x] + (size_t)n * K;
+			const dsk_bf16 *xb = (const dsk_bf16 *)xv;
+			for (int k = lane * 8; k < K; k += 256) {
+				const uint4 wq = *(const uint4 *)(w + k);
+				const __nv_bfloat162 *w2 = (const __nv_bfloat162 *)&wq;
+				float2 wf[4];
+#pragma unroll
+				for (int j = 0; j < 4; j++)
+					wf[j] = __bfloat1622float2(w2[j]);
+#pragma unroll
+				for (int i = 0; i < 8; i++) {
+					if (i < m) {
+						const uint4 xq = *(const uint4 *)(xb + (size_t)src[i] * K + k);
+						const __nv_bfloat162 *x2 = (const __nv_bfloat162 *)&xq;
+#pragma unroll
+						for (int j = 0; j < 4; j++) {
+							const float2 xf = __bfloat1622float2(x2[j]);
+							acc[i] += wf[j].x * xf.x + wf[j].y * xf.y;
+						}
+					}
+				}
+			}
+		}
+#pragma unroll
+		for (int i = 0; i < 8; i++) {
+			float v = acc[i];
+			for (int o = 16; o; o >>= 1)
+				v += __shfl_xor_sync(0xffffffffu, v, o);
+			if (lane == 0 && i < m)
+				out[(size_t)(r0 + c0 + i) * ldo + n] = v;
+		}
+	}
+}
+
+extern "C" int dsk_moe_gemv(float *out, int ldo, const void *x, const float *xs, int xs_ld, const int32_t *row_src,
+			    const int32_t *off, const int32_t *cnt, int E, const void *const *wp, const float *const *sp,
+			    int sld, int fp8, int N, int K, dsk_stream s, ds_err *e)
+{
+	if (K % (fp8 ? 128 : 8))
+		return ds_errf(e, -EINVAL, "moe_gemv: K=%d", K);
+	dim3 grid((N + 7) / 8, E);
+	if (fp8)
+		moe_gemv_k<true><<<grid, 256, 0, s>>>(out, ldo, x, xs, xs_ld, row_src, off, cnt, wp, sp, sld, N, K);
+	else
+		moe_gemv_k<false><<<grid, 256, 0, s>>>(out, ldo, x, xs, xs_ld, row_src, off, cnt, wp, sp, sld, N, K);
+	return dsk_check(e, "moe_gemv");
 }

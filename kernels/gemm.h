@@ -45,6 +45,14 @@ DSK_EXTERN_C int dsk_quant_fp8(uint8_t *q, float *sc, const dsk_bf16 *x, int M, 
 DSK_EXTERN_C int dsk_dequant_fp8(dsk_bf16 *out, const dsk_weight *W, dsk_stream s, ds_err *e);
 /* Rows up to 8 go through a weight-streaming GEMV kernel unless off. */
 DSK_EXTERN_C void dsk_gemm_set_gemv(dsk_gemm *g, int on);
+/* Routed experts without a host round trip: for each expert x with cnt[x]
+ * rows from off[x], out[r][N] = x_row(src(r)) @ W_x^T, src(r) = row_src[r]
+ * (or r when row_src is NULL). Weights wp[x] (bf16, or fp8 with scales
+ * sp[x], row stride sld) all [N][K]. FP8 takes activations quantized by
+ * dsk_quant_fp8 (xs[K/128][xs_ld]); bf16 takes bf16 rows. */
+DSK_EXTERN_C int dsk_moe_gemv(float *out, int ldo, const void *x, const float *xs, int xs_ld, const int32_t *row_src,
+			      const int32_t *off, const int32_t *cnt, int E, const void *const *wp, const float *const *sp,
+			      int sld, int fp8, int N, int K, dsk_stream s, ds_err *e);
 /* Counters for the log: calls that used each path. */
 DSK_EXTERN_C void dsk_gemm_stats(const dsk_gemm *g, long *bf16_calls, long *fp8_calls);
 

@@ -176,6 +176,9 @@ int main(int argc, char **argv)
 			free(tok);
 			free(t);
 		}
+	/* Where a step's time goes (synchronizing after each phase): batch 1
+	 * at 1024 and the 4096-token prefill. */
+	const int prof = getenv("DS_BENCH_PROFILE") && atoi(getenv("DS_BENCH_PROFILE"));
 	/* Prefill: one 4096-token prompt. */
 	{
 		const int P = 4096, per = (P + bt - 1) / bt;
@@ -195,6 +198,31 @@ int main(int argc, char **argv)
 			double a = now();
 			rc = ds_cuda_backend.forward(b, &batch, &out, &e);
 			t[i] = now() - a;
+		}
+		if (!rc && prof) {
+			ds_cuda_backend_set_profile(b, 1);
+			rc = ds_cuda_backend.forward(b, &batch, &out, &e);
+			printf("%-14s prefill profile:", label);
+			for (int p = 0; p < DS_CUDA_PHASES; p++) {
+				double sec;
+				const char *nm = ds_cuda_backend_profile(b, p, &sec);
+				printf(" %s %.1f ms;", nm, sec * 1e3);
+			}
+			printf("\n");
+			const int32_t *t1[1] = { tab };
+			int one = 1, p0 = 1023, l0 = 0;
+			ds_batch d1 = { .n_seqs = 1, .n_new = &one, .pos0 = &p0, .tokens = tok, .block_tables = t1, .logits_from = &l0 };
+			ds_cuda_backend_set_profile(b, 1);
+			for (int i = 0; i < 5 && !rc; i++)
+				rc = ds_cuda_backend.forward(b, &d1, &out, &e);
+			printf("%-14s decode b=1 profile (5 steps):", label);
+			for (int p = 0; p < DS_CUDA_PHASES; p++) {
+				double sec;
+				const char *nm = ds_cuda_backend_profile(b, p, &sec);
+				printf(" %s %.2f ms;", nm, sec * 1e3 / 5);
+			}
+			printf("\n");
+			ds_cuda_backend_set_profile(b, 0);
 		}
 		if (rc) {
 			printf("%-14s prefill %d failed: %s\n", label, P, e.msg);

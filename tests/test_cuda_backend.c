@@ -132,8 +132,10 @@ static void check_model(const char *name)
 {
 	env v;
 	env_open(&v, name);
-	const int V = v.m->cfg.vocab_size, H = v.m->cfg.hidden_size, n = 48;
-	int32_t ids[48];
+	/* 80 tokens: more than the backend's device-MoE threshold (64), so this
+	 * covers the host-planned expert path; decode steps cover the other. */
+	const int V = v.m->cfg.vocab_size, H = v.m->cfg.hidden_size, n = 80;
+	int32_t ids[80];
 	prompt(ids, n, V, 7);
 	ds_seq *sc, *sg;
 	assert_int_equal(ds_seq_new(v.cpu, &sc), 0);
@@ -213,7 +215,8 @@ static void check_consistency(const char *name)
 		fail_msg("%s: KV decode differs from the full forward (rel %g)", name, r.rel);
 	ds_seq_free(s);
 
-	/* Batch: sequence A (n tokens) and B (the first 25 of another prompt). */
+	/* Batch: sequence A (n tokens) and B (25 of another prompt): 65 tokens
+	 * take the host-planned MoE path, each alone the device path. */
 	int32_t ids2[25];
 	prompt(ids2, 25, V, 99);
 	ds_seq *a, *b;
