@@ -15,13 +15,14 @@ ok() { pass=$((pass + 1)); echo "ok   $1"; }
 bad() { fail=$((fail + 1)); echo "FAIL $1"; [ -n "${2:-}" ] && sed 's/^/     | /' <<<"$2"; }
 check() { if [ "$1" = "$2" ]; then ok "$3"; else bad "$3" "got:  $1"$'\n'"want: $2"; fi; }
 
+export LSAN_OPTIONS=suppressions=$(readlink -f tests/integration/lsan.supp)${LSAN_OPTIONS:+:$LSAN_OPTIONS}
 T=$(mktemp -d)
 SOCK=$T/dsd.sock
 : >"$T/empty.conf"
 DPID=
 cleanup() {
 	[ -n "$DPID" ] && kill "$DPID" 2>/dev/null && wait "$DPID" 2>/dev/null
-	rm -rf "$T"
+	[ -n "${KEEP:-}" ] && echo "kept $T" || rm -rf "$T"
 }
 trap cleanup EXIT
 
@@ -122,7 +123,9 @@ grep -q '"prefix_cache":{"prompt_tokens":' <<<"$st" && grep -q '"ttft_ms":{"p50"
 "$DSCTL" --socket "$SOCK" ps | grep -q "^ID" && ok "dsctl ps" || bad "dsctl ps"
 
 # --- the example program, built against the shared library via pkg-config ---
-if PKG_CONFIG_PATH=$BUILD/lib cc -o "$T/example" docs/dsclient_example.c $(PKG_CONFIG_PATH=$BUILD/lib pkg-config --cflags --libs dsclient) -Wl,-rpath,"$(readlink -f "$BUILD/lib")" 2>"$T/err"; then
+SAN=
+ldd "$BUILD/lib/libdsclient.so.0" | grep -q libasan && SAN=-fsanitize=address,undefined # a sanitizer build
+if cc $SAN -o "$T/example" docs/dsclient_example.c $(PKG_CONFIG_PATH=$BUILD/lib pkg-config --cflags --libs dsclient) -Wl,-rpath,"$(readlink -f "$BUILD/lib")" 2>"$T/err"; then
 	out=$("$T/example" "$SOCK" 2>&1)
 	want=$(offline 5,6,7,8 16 0 0)
 	check "$out" "$want" "docs/dsclient_example.c (libdsclient.so.0 via pkg-config) prints the greedy ids"
