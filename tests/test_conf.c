@@ -121,6 +121,39 @@ static void test_diff(void **st)
 	assert_string_equal(list, "model.path");
 }
 
+/* conf/dsd.conf.example documents every key, commented out with its
+ * default, under its section, and names its flag. */
+static void test_example_documents_every_key(void **st)
+{
+	(void)st;
+	FILE *f = fopen("conf/dsd.conf.example", "r");
+	if (!f)
+		f = fopen("../conf/dsd.conf.example", "r");
+	assert_non_null(f);
+	static char text[1 << 16];
+	size_t n = fread(text, 1, sizeof(text) - 1, f);
+	fclose(f);
+	text[n] = 0;
+	size_t nk;
+	const ds_conf_key *k = ds_conf_keys(&nk);
+	for (size_t i = 0; i < nk; i++) {
+		char sec[64], line[128], flag[80];
+		snprintf(sec, sizeof(sec), "\n[%s]\n", k[i].section);
+		snprintf(line, sizeof(line), k[i].def[0] ? "\n#%s = %s\n" : "\n#%s =%s\n", k[i].name, k[i].def);
+		snprintf(flag, sizeof(flag), "[--%s]", k[i].flag);
+		const char *s = strstr(text, sec), *l = strstr(text, line);
+		if (!s || !l || l < s || !strstr(text, flag))
+			fail_msg("conf/dsd.conf.example: %s.%s (default %s, flag --%s) is not documented", k[i].section,
+				 k[i].name, k[i].def, k[i].flag);
+		/* and the next section header, if any, comes after it */
+		const char *next = strstr(s + 1, "\n[");
+		while (next && next[2] == '-')
+			next = strstr(next + 1, "\n[");
+		if (next && l > next && strncmp(next + 2, k[i].section, strlen(k[i].section)))
+			fail_msg("conf/dsd.conf.example: %s.%s is outside its section", k[i].section, k[i].name);
+	}
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -128,6 +161,7 @@ int main(void)
 		cmocka_unit_test(test_file),
 		cmocka_unit_test(test_errors),
 		cmocka_unit_test(test_diff),
+		cmocka_unit_test(test_example_documents_every_key),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
