@@ -5,11 +5,13 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 passed=0
 failed=0
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
 for t in manpages install check_packaging; do
 	echo "== tests/packaging/$t.sh"
-	out=$(bash "tests/packaging/$t.sh" 2>&1 | tee /dev/stderr)
-	rc=$?
-	line=$(grep -E '^[0-9]+ passed, [0-9]+ failed$' <<<"$out" | tail -1)
+	bash "tests/packaging/$t.sh" 2>&1 | tee "$log"
+	rc=${PIPESTATUS[0]}
+	line=$(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$log" | tail -1)
 	p=$(cut -d' ' -f1 <<<"$line")
 	f=$(cut -d' ' -f3 <<<"$line")
 	passed=$((passed + ${p:-0}))
