@@ -344,17 +344,27 @@ static void check_gpu(struct doc *d)
 			     d->backend);
 		return;
 	}
+	bool nodes = check_node(d, "/dev/nvidiactl", true, "sudo nvidia-modprobe -c0 (or reboot)");
+	/* One directory per GPU (by PCI address); its node is /dev/nvidia<minor>,
+	 * the "Device Minor" of its information file. */
 	if ((dir = opendir("/proc/driver/nvidia/gpus"))) {
 		struct dirent *e;
-		while ((e = readdir(dir)))
-			gpus += e->d_name[0] != '.';
+		char path[PATH_MAX], line[128], fix[96];
+		while ((e = readdir(dir))) {
+			if (e->d_name[0] == '.')
+				continue;
+			int minor = gpus++;
+			fmt(path, sizeof(path), "/proc/driver/nvidia/gpus/%s/information", e->d_name);
+			FILE *f = fopen(path, "r");
+			while (f && fgets(line, sizeof(line), f))
+				sscanf(line, "Device Minor: %d", &minor);
+			if (f)
+				fclose(f);
+			snprintf(path, sizeof(path), "/dev/nvidia%d", minor);
+			snprintf(fix, sizeof(fix), "sudo nvidia-modprobe -c%d (or reboot)", minor);
+			nodes &= check_node(d, path, true, fix);
+		}
 		closedir(dir);
-	}
-	bool nodes = check_node(d, "/dev/nvidiactl", true, "sudo nvidia-modprobe -c0 (or reboot)");
-	char path[32];
-	for (int i = 0; i < gpus; i++) {
-		snprintf(path, sizeof(path), "/dev/nvidia%d", i);
-		nodes &= check_node(d, path, true, "sudo nvidia-modprobe -c0 (or reboot)");
 	}
 	nodes &= check_node(d, "/dev/nvidia-uvm", true,
 			    "sudo nvidia-modprobe -u -c0 (dsd.socket runs it at boot when it is installed)");
