@@ -586,6 +586,15 @@ static void test_load_errors(void **state)
 		{ "{\"model\": {\"vocab\": {\"a\": 0}}, \"decoder\": {\"type\": \"ByteLevel\"}, \"pre_tokenizer\": {\"type\": \"Split\", \"pattern\": {\"Regex\": \"a\"}, \"behavior\": \"Removed\"}}", -ENOTSUP, "Removed" },
 		{ "{\"model\": {\"vocab\": {\"a\": 0}}, \"decoder\": {\"type\": \"ByteLevel\"}, \"pre_tokenizer\": {\"type\": \"Metaspace\"}}", -ENOTSUP, "Metaspace" },
 		{ "{\"model\": {\"vocab\": {\"a\": 0}, \"unk_token\": \"zz\"}, \"decoder\": {\"type\": \"ByteLevel\"}}", -EINVAL, "unk_token" },
+		/* JSON grammar (model/tok_json.c) */
+		{ "{\"model\": {\"vocab\": {\"a\": 0}}, \"decoder\": {\"type\": \"ByteLevel\"}} x", -EINVAL, "malformed JSON at byte" },
+		{ "{\"model\": {\"vocab\": {\"\\ud800\": 0}}, \"decoder\": {\"type\": \"ByteLevel\"}}", -EINVAL, "malformed" },
+		{ "{\"model\": {\"vocab\": {\"a\": 01}}, \"decoder\": {\"type\": \"ByteLevel\"}}", -EINVAL, "malformed" },
+		{ "{\"model\": {\"vocab\": {\"a\": 0,}}, \"decoder\": {\"type\": \"ByteLevel\"}}", -EINVAL, "malformed" },
+		{ "{\"model\": {\"vocab\": {\"a\" 0}}, \"decoder\": {\"type\": \"ByteLevel\"}}", -EINVAL, "malformed" },
+		{ "{\"model\": {\"vocab\": {\"a\\q\": 0}}, \"decoder\": {\"type\": \"ByteLevel\"}}", -EINVAL, "malformed" },
+		{ "{\"model\": {\"vocab\": {\"a\tb\": 0}}, \"decoder\": {\"type\": \"ByteLevel\"}}", -EINVAL, "malformed" },
+		{ "{\"model\": {\"vocab\": {\"a\": tru}}, \"decoder\": {\"type\": \"ByteLevel\"}}", -EINVAL, "malformed" },
 	};
 	char dir[] = "/tmp/ds_tok_test_XXXXXX";
 	assert_non_null(mkdtemp(dir));
@@ -600,6 +609,28 @@ static void test_load_errors(void **state)
 		if (rc != cases[i].rc || !strstr(e.msg, cases[i].msg))
 			fail_msg("case %zu: rc %d (want %d), msg \"%s\" (want \"%s\")", i, rc,
 				 cases[i].rc, e.msg, cases[i].msg);
+	}
+	/* Nesting deeper than the parser allows is refused, not recursed into. */
+	{
+		FILE *f = fopen(path, "w");
+		for (int i = 0; i < 100000; i++)
+			fputc('[', f);
+		fclose(f);
+		assert_int_equal(ds_tok_load(path, &t, &e), -EINVAL);
+	}
+	/* Escapes decode to the same token strings as raw UTF-8 (and "\u0000" keeps its NUL). */
+	{
+		static const char js[] =
+			"{\"model\": {\"vocab\": {\"\\u0041\\u00e9\": 0, \"\\ud83d\\ude00\": 1, "
+			"\"x\\u0000y\": 2, \"\\\"\\\\\\/\\b\\f\\n\\r\\t\": 3}, \"merges\": []}, "
+			"\"decoder\": {\"type\": \"ByteLevel\"}, \"pre_tokenizer\": null}";
+		assert_int_equal(ds_tok_load_buffer(js, sizeof(js) - 1, "escapes", &t, &e), 0);
+		assert_int_equal(ds_tok_piece_to_id(t, "A\xc3\xa9", 3), 0);
+		assert_int_equal(ds_tok_piece_to_id(t, "\xf0\x9f\x98\x80", 4), 1);
+		assert_int_equal(ds_tok_piece_to_id(t, "x\0y", 3), 2);
+		assert_int_equal(ds_tok_piece_to_id(t, "\"\\/\b\f\n\r\t", 8), 3);
+		assert_int_equal(ds_tok_vocab_size(t), 4);
+		ds_tok_free(t);
 	}
 	/* A valid tokenizer.json with a broken tokenizer_config.json. */
 	char src[1024];
