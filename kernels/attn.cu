@@ -21,7 +21,7 @@ static __global__ void __launch_bounds__(NT) attn_k(dsk_attn_args a, int nsplit,
 	float *p = qs + HB * kvd;                          /* [HB][TILE] */
 	float *alpha = p + HB * TILE;                      /* [HB] */
 	dsk_bf16 *kt = (dsk_bf16 *)(alpha + HB + 8);       /* [TILE][kvd], 16-byte aligned */
-	const int t = blockIdx.x, h0 = blockIdx.y * HB, split = blockIdx.z;
+	const int t = a.list ? a.list[blockIdx.x] : blockIdx.x, h0 = blockIdx.y * HB, split = blockIdx.z;
 	const int tid = threadIdx.x, w = tid / 32, lane = tid & 31;
 	const int n = a.pos[t] + 1;
 	const int j0 = split * chunk, j1 = min(n, j0 + chunk);
@@ -131,7 +131,7 @@ static __global__ void __launch_bounds__(NT) attn_k(dsk_attn_args a, int nsplit,
 
 static __global__ void merge_k(dsk_attn_args a, int nsplit)
 {
-	const int t = blockIdx.x, h = blockIdx.y, kvl = a.kvl;
+	const int t = a.list ? a.list[blockIdx.x] : blockIdx.x, h = blockIdx.y, kvl = a.kvl;
 	const size_t base = ((size_t)t * a.nh + h) * nsplit;
 	const float *part = a.ws + base * kvl;
 	const float *ml = a.ws + (size_t)a.T * a.nh * nsplit * kvl + 2 * base;
@@ -174,7 +174,8 @@ extern "C" int dsk_mla_attention(const dsk_attn_args *a, int nsplit, dsk_stream 
 	const int kvd = a->kvl + a->rope;
 	if (a->kvl > MAXC * NT || kvd % 8)
 		return ds_errf(e, -EINVAL, "mla_attention: kv_lora_rank %d + rope %d unsupported", a->kvl, a->rope);
-	if (a->T <= 0)
+	const int rows = a->list ? a->n_list : a->T;
+	if (a->T <= 0 || rows <= 0)
 		return 0;
 	int chunk = (a->max_len + nsplit - 1) / nsplit;
 	chunk = (chunk + TILE - 1) / TILE * TILE;
@@ -184,11 +185,113 @@ extern "C" int dsk_mla_attention(const dsk_attn_args *a, int nsplit, dsk_stream 
 		cudaFuncSetAttribute(attn_k, cudaFuncAttributeMaxDynamicSharedMemorySize, 96 * 1024);
 		raised = 1;
 	}
-	dim3 grid(a->T, (a->nh + HB - 1) / HB, nsplit);
+	dim3 grid(rows, (a->nh + HB - 1) / HB, nsplit);
 	attn_k<<<grid, NT, smem, s>>>(*a, nsplit, chunk);
 	int rc = dsk_check(e, "mla_attention");
 	if (rc)
 		return rc;
-	merge_k<<<dim3(a->T, a->nh), 128, 0, s>>>(*a, nsplit);
+	merge_k<<<dim3(rows, a->nh), 128, 0, s>>>(*a, nsplit);
 	return dsk_check(e, "mla_attention_merge");
+}
+
+/* ---- prefill through GEMMs (see attn.h) ---- */
+
+static __global__ void kv_gather_k(dsk_kv_geom g, int layer, const int32_t *table, int kvd, dsk_bf16 *kc)
+{
+	const int j = blockIdx.x;
+	const int32_t blk = table[j / g.block_tokens];
+	const uint4 *src = (const uint4 *)(g.pool + (size_t)blk * g.block_stride + (size_t)layer * g.layer_stride +
+					   (size_t)(j % g.block_tokens) * kvd);
+	uint4 *dst = (uint4 *)(kc + (size_t)j * kvd);
+	for (int v = threadIdx.x; v < kvd / 8; v += blockDim.x)
+		dst[v] = src[v];
+}
+
+extern "C" int dsk_kv_gather(const dsk_kv_geom *g, int layer, const int32_t *table, int len, int kvd, dsk_bf16 *kc,
+			     dsk_stream s, ds_err *e)
+{
+	if (len <= 0)
+		return 0;
+	kv_gather_k<<<len, 128, 0, s>>>(*g, layer, table, kvd, kc);
+	return dsk_check(e, "kv_gather");
+}
+
+static __global__ void qcat_k(dsk_bf16 *qc, const float *qabs, const float *q, int nh, int h0, int hc, int nope,
+			      int rope, int kvl)
+{
+	const int i = blockIdx.x, kvd = kvl + rope, qk = nope + rope;
+	for (int x = threadIdx.x; x < hc * kvd; x += blockDim.x) {
+		const int hh = x / kvd, d = x % kvd, h = h0 + hh;
+		float v = d < kvl ? qabs[((size_t)i * nh + h) * kvl + d] : q[((size_t)i * nh + h) * qk + nope + d - kvl];
+		qc[(size_t)i * hc * kvd + x] = __float2bfloat16(v);
+	}
+}
+
+extern "C" int dsk_qcat(dsk_bf16 *qc, const float *qabs, const float *q, int n, int nh, int h0, int hc, int nope,
+			int rope, int kvl, dsk_stream s, ds_err *e)
+{
+	if (n <= 0)
+		return 0;
+	qcat_k<<<n, 256, 0, s>>>(qc, qabs, q, nh, h0, hc, nope, rope, kvl);
+	return dsk_check(e, "qcat");
+}
+
+#define SM_MAXE 32
+/* Row (h, i) of S [rows][len] float: softmax of scale*S over j <= p0+i,
+ * written back as bf16 over the first half of the same row. */
+static __global__ void causal_softmax_k(float *S, int len, int n, int p0, float scale)
+{
+	__shared__ float red[32];
+	const size_t row = blockIdx.x;
+	const int i = (int)(row % n), last = p0 + i;
+	float *r = S + row * len;
+	float v[SM_MAXE];
+	float mx = -INFINITY;
+#pragma unroll
+	for (int k = 0; k < SM_MAXE; k++) {
+		const int j = threadIdx.x + k * blockDim.x;
+		v[k] = j < len && j <= last ? r[j] * scale : -INFINITY;
+		mx = fmaxf(mx, v[k]);
+	}
+	for (int o = 16; o; o >>= 1)
+		mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+	if ((threadIdx.x & 31) == 0)
+		red[threadIdx.x / 32] = mx;
+	__syncthreads();
+	mx = -INFINITY;
+	for (int w = 0; w < (int)blockDim.x / 32; w++)
+		mx = fmaxf(mx, red[w]);
+	__syncthreads();
+	float sum = 0;
+#pragma unroll
+	for (int k = 0; k < SM_MAXE; k++) {
+		v[k] = v[k] == -INFINITY ? 0.0f : expf(v[k] - mx);
+		sum += v[k];
+	}
+	for (int o = 16; o; o >>= 1)
+		sum += __shfl_xor_sync(0xffffffffu, sum, o);
+	if ((threadIdx.x & 31) == 0)
+		red[threadIdx.x / 32] = sum;
+	__syncthreads();
+	sum = 0;
+	for (int w = 0; w < (int)blockDim.x / 32; w++)
+		sum += red[w];
+	const float inv = 1.0f / sum;
+	dsk_bf16 *p = (dsk_bf16 *)r;
+#pragma unroll
+	for (int k = 0; k < SM_MAXE; k++) {
+		const int j = threadIdx.x + k * blockDim.x;
+		if (j < len)
+			p[j] = __float2bfloat16(v[k] * inv);
+	}
+}
+
+extern "C" int dsk_causal_softmax(float *S, int rows, int len, int n, int p0, float scale, dsk_stream s, ds_err *e)
+{
+	if (len > SM_MAXE * 256)
+		return ds_errf(e, -EINVAL, "causal_softmax: %d positions (at most %d)", len, SM_MAXE * 256);
+	if (rows <= 0)
+		return 0;
+	causal_softmax_k<<<rows, 256, 0, s>>>(S, len, n, p0, scale);
+	return dsk_check(e, "causal_softmax");
 }

@@ -23,6 +23,10 @@
 
 #include <cublas_v2.h>
 
+/* Sequences with at least this many new tokens in a step (and at most 8192
+ * positions) take the GEMM attention path. */
+#define PF_MIN_TOKENS 64
+
 typedef struct {
 	dsk_weight q_proj, q_a, q_b, kv_a, o_proj, gate, up, down, router, sh_gate, sh_up, sh_down, eh_proj, head;
 	dsk_weight *eg, *eu, *ed;
@@ -60,6 +64,14 @@ struct ds_backend {
 	float *x, *y, *q, *qa, *kvx, *qabs, *g, *u, *logits_r, *moe_w, *gp, *up, *yp, *ysh, *attn_ws, *of, *hin;
 	dsk_bf16 *xn, *qan, *qb, *lat, *o, *h, *xp, *hp, *sel;
 	int32_t *tok, *pos, *seq, *tables, *ids, *cnt, *off, *ppos, *row_tok, *sel_idx;
+	int32_t *alist;  /* tokens the split-KV kernel attends for */
+	/* Long prefill chunks go through GEMM attention (see attention()). */
+	struct pf_seq {
+		int s, t0, n, p0;
+	} *pf;
+	int n_pf, n_short;
+	void *pf_buf;
+	size_t pf_cap;
 	uint8_t *qx;     /* quantized MoE activations (device MoE path) */
 	float *qxs;
 	int moe_rows;
@@ -293,6 +305,8 @@ static void destroy(ds_backend *b)
 		cudaFree(b->allocs[i]);
 	free(b->allocs);
 	cudaFree(b->ws);
+	cudaFree(b->pf_buf);
+	free(b->pf);
 	cudaFreeHost(b->h_i32);
 	cudaFreeHost(b->h_f32);
 	if (b->L) {
@@ -548,6 +562,7 @@ static int ensure_ws(ds_backend *b, int T, int n_seqs, int mb, ds_err *e)
 	CARVE(off, int32_t, E + 1);
 	CARVE(ppos, int32_t, (size_t)cT * K);
 	CARVE(row_tok, int32_t, P);
+	CARVE(alist, int32_t, Tp);
 	{
 		const size_t wmax = (size_t)(H > c->moe_intermediate_size ? H : c->moe_intermediate_size);
 		const size_t rmax = (size_t)(P > Tp ? P : Tp);
@@ -571,14 +586,14 @@ static int ensure_ws(ds_backend *b, int T, int n_seqs, int mb, ds_err *e)
 	FIX(x); FIX(y); FIX(hin); FIX(of); FIX(q); FIX(qa); FIX(kvx); FIX(qabs); FIX(g); FIX(u); FIX(logits_r);
 	FIX(moe_w); FIX(gp); FIX(up); FIX(yp); FIX(ysh); FIX(attn_ws); FIX(xn); FIX(qan); FIX(qb); FIX(lat); FIX(o);
 	FIX(h); FIX(xp); FIX(hp); FIX(sel); FIX(tok); FIX(pos); FIX(seq); FIX(sel_idx); FIX(tables); FIX(ids);
-	FIX(cnt); FIX(off); FIX(ppos); FIX(row_tok); FIX(qx); FIX(qxs);
+	FIX(cnt); FIX(off); FIX(ppos); FIX(row_tok); FIX(qx); FIX(qxs); FIX(alist);
 #undef FIX
 	b->moe_rows = P;
 	b->attn_ws_n = attn_n;
 	b->cap_T = cT;
 	b->cap_seqs = cs;
 	b->cap_mb = cm;
-	size_t hneed = (size_t)cs * cm + 4 * (size_t)Tp + 2 * (size_t)E + 8;
+	size_t hneed = (size_t)cs * cm + 5 * (size_t)Tp + 2 * (size_t)E + 8;
 	if (hneed > b->h_cap) {
 		cudaFreeHost(b->h_i32);
 		b->h_i32 = NULL;
@@ -619,6 +634,57 @@ static int blas_err(ds_err *e, cublasStatus_t st, const char *what)
 	return st == CUBLAS_STATUS_SUCCESS ? 0 : ds_errf(e, -EIO, "cublas: %s: status %d", what, (int)st);
 }
 
+/* One long prefill chunk: scores, causal softmax and the latent sum as
+ * tensor-core GEMMs over the sequence's gathered cache rows, a chunk of heads
+ * at a time (scores take at most 512 MiB). */
+static int prefill_attention(ds_backend *b, int li, const struct pf_seq *p, const dsk_kv_geom *geo, ds_err *e)
+{
+	const ds_config *c = &b->m->cfg;
+	const int nh = c->num_attention_heads, nope = c->qk_nope_head_dim, rope = c->qk_rope_head_dim;
+	const int qk = nope + rope, kvl = c->kv_lora_rank, kvd = kvl + rope;
+	const int n = p->n, len = p->p0 + p->n;
+	int hc = (int)(((size_t)512 << 20) / ((size_t)n * len * 4));
+	hc = hc < 1 ? 1 : hc > nh ? nh : hc;
+	const size_t s_bytes = (size_t)hc * n * len * 4, qc_bytes = (size_t)n * hc * kvd * 2, kc_bytes = (size_t)len * kvd * 2;
+	const size_t need = s_bytes + qc_bytes + kc_bytes + 1024;
+	int rc;
+	if (need > b->pf_cap) {
+		cudaStreamSynchronize(b->s);
+		cudaFree(b->pf_buf);
+		b->pf_buf = NULL;
+		b->pf_cap = 0;
+		if (cudaMalloc(&b->pf_buf, need) != cudaSuccess) {
+			cudaGetLastError();
+			return ds_errf(e, -ENOMEM, "cuda backend: no GPU memory for a %d-token prefill (%zu MiB)", n, need >> 20);
+		}
+		b->pf_cap = need;
+	}
+	float *S = b->pf_buf;
+	dsk_bf16 *qc = (dsk_bf16 *)((char *)b->pf_buf + s_bytes);
+	dsk_bf16 *kc = (dsk_bf16 *)((char *)qc + ((qc_bytes + 255) & ~(size_t)255));
+	TRY(dsk_kv_gather(geo, li, geo->tables + (size_t)p->s * geo->max_blocks, len, kvd, kc, b->s, e));
+	const float one = 1.0f, zero = 0.0f;
+	for (int h0 = 0; h0 < nh; h0 += hc) {
+		const int hn = nh - h0 < hc ? nh - h0 : hc;
+		TRY(dsk_qcat(qc, b->qabs + (size_t)p->t0 * nh * kvl, b->q + (size_t)p->t0 * nh * qk, n, nh, h0, hn, nope,
+			     rope, kvl, b->s, e));
+		/* S_h^T (len x n) = kc (kvd x len)^T qc_h (kvd x n) */
+		cublasStatus_t st = cublasGemmStridedBatchedEx(
+			b->blas, CUBLAS_OP_T, CUBLAS_OP_N, len, n, kvd, &one, kc, CUDA_R_16BF, kvd, 0, qc, CUDA_R_16BF,
+			hn * kvd, kvd, &zero, S, CUDA_R_32F, len, (long long)len * n, hn, CUBLAS_COMPUTE_32F,
+			CUBLAS_GEMM_DEFAULT);
+		TRY(blas_err(e, st, "prefill scores"));
+		TRY(dsk_causal_softmax(S, hn * n, len, n, p->p0, b->softmax_scale, b->s, e));
+		/* lat_h (kvl x n) = kc[:, :kvl]^T (kvl x len) P_h (len x n) */
+		st = cublasGemmStridedBatchedEx(b->blas, CUBLAS_OP_N, CUBLAS_OP_N, kvl, n, len, &one, kc, CUDA_R_16BF, kvd,
+						0, (const dsk_bf16 *)S, CUDA_R_16BF, 2 * len, 2LL * len * n, &zero,
+						b->lat + ((size_t)p->t0 * nh + h0) * kvl, CUDA_R_16BF, nh * kvl, kvl, hn,
+						CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+		TRY(blas_err(e, st, "prefill latent sum"));
+	}
+	return 0;
+}
+
 static int attention(ds_backend *b, int li, int T, int max_len, const dsk_kv_geom *geo, ds_err *e)
 {
 	const ds_config *c = &b->m->cfg;
@@ -645,14 +711,19 @@ static int attention(ds_backend *b, int li, int T, int max_len, const dsk_kv_geo
 		CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
 	TRY(blas_err(e, st, "W_UK absorption"));
 	mark(b, 1);
-	const int nsplit = dsk_attn_splits(T, nh, max_len, b->sms);
-	dsk_attn_args a = { .g = *geo, .layer = li, .q = b->q, .qabs = b->qabs, .nh = nh, .nope = nope, .rope = rope,
-			    .kvl = kvl, .seq = b->seq, .pos = b->pos, .T = T, .max_len = max_len,
-			    .scale = b->softmax_scale, .ws = b->attn_ws, .lat = b->lat };
-	int ns = nsplit;
-	while (ns > 1 && dsk_attn_ws_floats(T, nh, kvl, ns) > b->attn_ws_n)
-		ns--;
-	TRY(dsk_mla_attention(&a, ns, b->s, e));
+	for (int k = 0; k < b->n_pf; k++)
+		TRY(prefill_attention(b, li, &b->pf[k], geo, e));
+	if (b->n_short > 0) {
+		const int nsplit = dsk_attn_splits(b->n_short, nh, max_len, b->sms);
+		dsk_attn_args a = { .g = *geo, .layer = li, .q = b->q, .qabs = b->qabs, .nh = nh, .nope = nope,
+				    .rope = rope, .kvl = kvl, .seq = b->seq, .pos = b->pos, .T = T, .max_len = max_len,
+				    .scale = b->softmax_scale, .ws = b->attn_ws, .lat = b->lat,
+				    .list = b->n_pf ? b->alist : NULL, .n_list = b->n_short };
+		int ns = nsplit;
+		while (ns > 1 && dsk_attn_ws_floats(T, nh, kvl, ns) > b->attn_ws_n)
+			ns--;
+		TRY(dsk_mla_attention(&a, ns, b->s, e));
+	}
 	mark(b, 2);
 	/* o[t][h] = W_UV_h lat[t][h]: per head, (vd x kvl) * (kvl x T). */
 	st = cublasGemmStridedBatchedEx(b->blas, CUBLAS_OP_T, CUBLAS_OP_N, vd, T, kvl, &one, d->kvb + (size_t)nope * kvl,
@@ -804,6 +875,21 @@ static int forward(ds_backend *b, const ds_batch *bt, ds_step_out *out, ds_err *
 	const int Tp = dsk_gemm_pad(T);
 	int32_t *h_tok = hs, *h_pos = hs + Tp, *h_seq = hs + 2 * Tp, *h_sel = hs + 3 * Tp, *h_tab = hs + 4 * Tp;
 	int rows = 0;
+	int32_t *h_list = hs + 4 * Tp + (size_t)b->cap_seqs * b->cap_mb;
+	free(b->pf);
+	b->pf = malloc(sizeof(*b->pf) * (size_t)bt->n_seqs);
+	if (!b->pf)
+		return -ENOMEM;
+	b->n_pf = b->n_short = 0;
+	for (int s = 0, t = 0; s < bt->n_seqs; s++) {
+		const int len = bt->pos0[s] + bt->n_new[s];
+		if (bt->n_new[s] >= PF_MIN_TOKENS && len <= 8192)
+			b->pf[b->n_pf++] = (struct pf_seq){ .s = s, .t0 = t, .n = bt->n_new[s], .p0 = bt->pos0[s] };
+		else
+			for (int j = 0; j < bt->n_new[s]; j++)
+				h_list[b->n_short++] = t + j;
+		t += bt->n_new[s];
+	}
 	for (int s = 0, t = 0; s < bt->n_seqs; s++) {
 		for (int j = 0; j < bt->n_new[s]; j++, t++) {
 			h_tok[t] = bt->tokens[t];
@@ -827,6 +913,8 @@ static int forward(ds_backend *b, const ds_batch *bt, ds_step_out *out, ds_err *
 	UP(b->seq, h_seq, T);
 	UP(b->sel_idx, h_sel, rows > 0 ? rows : 1);
 	UP(b->tables, h_tab, (size_t)bt->n_seqs * mb);
+	if (b->n_pf && b->n_short)
+		UP(b->alist, h_list, b->n_short);
 #undef UP
 	dsk_kv_geom geo = { .pool = b->kv, .block_stride = (long)b->kv_block_stride, .layer_stride = (long)b->kv_layer_stride,
 			    .block_tokens = b->block_tokens, .tables = b->tables, .max_blocks = mb };
