@@ -65,6 +65,7 @@ struct ds_backend {
 	dsk_bf16 *xn, *qan, *qb, *lat, *o, *h, *xp, *hp, *sel;
 	int32_t *tok, *pos, *seq, *tables, *ids, *cnt, *off, *ppos, *row_tok, *sel_idx;
 	int32_t *alist;  /* tokens the split-KV kernel attends for */
+	int32_t *act;    /* experts with rows in this layer's plan */
 	/* Long prefill chunks go through GEMM attention (see attention()). */
 	struct pf_seq {
 		int s, t0, n, p0;
@@ -121,6 +122,7 @@ static void mark(ds_backend *b, int phase)
 }
 int ds_cuda_backend_kv_blocks(const ds_backend *b) { return b->kv_blocks; }
 void ds_cuda_backend_set_device_moe(ds_backend *b, int max_tokens) { b->dev_moe_max_t = max_tokens; }
+void ds_cuda_backend_set_gemv(ds_backend *b, int on) { dsk_gemm_set_gemv(b->gemm, on); }
 
 static int cerr(ds_err *e, cudaError_t err, const char *what)
 {
@@ -563,6 +565,7 @@ static int ensure_ws(ds_backend *b, int T, int n_seqs, int mb, ds_err *e)
 	CARVE(ppos, int32_t, (size_t)cT * K);
 	CARVE(row_tok, int32_t, P);
 	CARVE(alist, int32_t, Tp);
+	CARVE(act, int32_t, E + 1);
 	{
 		const size_t wmax = (size_t)(H > c->moe_intermediate_size ? H : c->moe_intermediate_size);
 		const size_t rmax = (size_t)(P > Tp ? P : Tp);
@@ -586,7 +589,7 @@ static int ensure_ws(ds_backend *b, int T, int n_seqs, int mb, ds_err *e)
 	FIX(x); FIX(y); FIX(hin); FIX(of); FIX(q); FIX(qa); FIX(kvx); FIX(qabs); FIX(g); FIX(u); FIX(logits_r);
 	FIX(moe_w); FIX(gp); FIX(up); FIX(yp); FIX(ysh); FIX(attn_ws); FIX(xn); FIX(qan); FIX(qb); FIX(lat); FIX(o);
 	FIX(h); FIX(xp); FIX(hp); FIX(sel); FIX(tok); FIX(pos); FIX(seq); FIX(sel_idx); FIX(tables); FIX(ids);
-	FIX(cnt); FIX(off); FIX(ppos); FIX(row_tok); FIX(qx); FIX(qxs); FIX(alist);
+	FIX(cnt); FIX(off); FIX(ppos); FIX(row_tok); FIX(qx); FIX(qxs); FIX(alist); FIX(act);
 #undef FIX
 	b->moe_rows = P;
 	b->attn_ws_n = attn_n;
@@ -749,7 +752,8 @@ static int moe(ds_backend *b, int li, int T, ds_err *e)
 			       .sigmoid = c->scoring_func == DS_SCORE_SIGMOID, .method = (int)c->topk_method,
 			       .norm_topk = c->norm_topk_prob, .scale = c->routed_scaling_factor };
 	TRY(dsk_moe_route(&rcfg, b->logits_r, d->router_bias, T, b->ids, b->moe_w, b->s, e));
-	TRY(dsk_moe_plan(b->ids, T, K, E, b->cnt, b->off, b->ppos, b->row_tok, b->moe_rows, b->s, e));
+	TRY(dsk_moe_plan(b->ids, T, K, E, b->cnt, b->off, b->ppos, b->row_tok, b->act, b->moe_rows, b->s, e));
+	const int max_act = T * K < E ? T * K : E;
 	if (d->dev_moe && T <= b->dev_moe_max_t) {
 		/* Decode-sized steps: grouped GEMVs read the plan on the device. */
 		const int Pn = T * K + 15 * E, Tp = dsk_gemm_pad(T);
@@ -759,9 +763,9 @@ static int moe(ds_backend *b, int li, int T, ds_err *e)
 			xin = b->qx;
 		}
 		mark(b, 4);
-		TRY(dsk_moe_gemv(b->gp, I, xin, b->qxs, Tp, b->row_tok, b->off, b->cnt, E, (const void *const *)d->ew[0],
+		TRY(dsk_moe_gemv(b->gp, I, xin, b->qxs, Tp, b->row_tok, b->off, b->cnt, b->act, max_act, (const void *const *)d->ew[0],
 				 (const float *const *)d->es[0], d->esld[0], d->moe_fp8, I, H, b->s, e));
-		TRY(dsk_moe_gemv(b->up, I, xin, b->qxs, Tp, b->row_tok, b->off, b->cnt, E, (const void *const *)d->ew[1],
+		TRY(dsk_moe_gemv(b->up, I, xin, b->qxs, Tp, b->row_tok, b->off, b->cnt, b->act, max_act, (const void *const *)d->ew[1],
 				 (const float *const *)d->es[1], d->esld[1], d->moe_fp8, I, H, b->s, e));
 		TRY(dsk_silu_mul(b->hp, b->gp, b->up, Pn, I, b->s, e));
 		const void *hin = b->hp;
@@ -769,7 +773,7 @@ static int moe(ds_backend *b, int li, int T, ds_err *e)
 			TRY(dsk_quant_fp8(b->qx, b->qxs, b->hp, Pn, I, b->s, e));
 			hin = b->qx;
 		}
-		TRY(dsk_moe_gemv(b->yp, H, hin, b->qxs, Pn, NULL, b->off, b->cnt, E, (const void *const *)d->ew[2],
+		TRY(dsk_moe_gemv(b->yp, H, hin, b->qxs, Pn, NULL, b->off, b->cnt, b->act, max_act, (const void *const *)d->ew[2],
 				 (const float *const *)d->es[2], d->esld[2], d->moe_fp8, H, I, b->s, e));
 	} else {
 		TRY(moe_host_planned(b, d, T, e));

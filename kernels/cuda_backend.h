@@ -14,6 +14,8 @@ int ds_cuda_backend_kv_blocks(const ds_backend *b);
 /* Steps of at most max_tokens tokens (default 64) route experts without a
  * host round trip (grouped GEMVs); 0 turns that path off. */
 void ds_cuda_backend_set_device_moe(ds_backend *b, int max_tokens);
+/* Decode-sized GEMMs through the GEMV kernel (default) or cuBLASLt. */
+void ds_cuda_backend_set_gemv(ds_backend *b, int on);
 
 /* Benchmarks: with profiling on, each step synchronizes after every phase
  * and adds its wall time to the phase (slower steps; off by default). */

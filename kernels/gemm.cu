@@ -328,10 +328,18 @@ static __global__ void __launch_bounds__(256) gemv_k(float *out, int ldo, const 
 		const uint8_t *w = (const uint8_t *)wv + (size_t)n * K;
 		const uint8_t *x = (const uint8_t *)xv;
 		const float *wsr = ws + (size_t)(n / 128) * sld;
-		for (int k = lane * 16; k < K; k += 512) {
-			const uint4 wq = *(const uint4 *)(w + k);
+		for (int k0 = lane * 16; k0 < K; k0 += 4 * 512) {
+		uint4 wv[4];
+#pragma unroll
+		for (int u = 0; u < 4; u++)
+			wv[u] = k0 + u * 512 < K ? *(const uint4 *)(w + k0 + u * 512) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+		for (int u = 0; u < 4; u++) {
+			const int k = k0 + u * 512;
+			if (k >= K)
+				break;
 			float wf[16];
-			const uint8_t *wb = (const uint8_t *)&wq;
+			const uint8_t *wb = (const uint8_t *)&wv[u];
 #pragma unroll
 			for (int i = 0; i < 16; i++) {
 				__nv_fp8_e4m3 f;
@@ -353,12 +361,21 @@ static __global__ void __launch_bounds__(256) gemv_k(float *out, int ldo, const 
 				acc[m] += d * sw * xs[(size_t)(k / 128) * Mp + m];
 			}
 		}
+		}
 	} else {
 		const dsk_bf16 *w = (const dsk_bf16 *)wv + (size_t)n * K;
 		const dsk_bf16 *x = (const dsk_bf16 *)xv;
-		for (int k = lane * 8; k < K; k += 256) {
-			const uint4 wq = *(const uint4 *)(w + k);
-			const __nv_bfloat162 *w2 = (const __nv_bfloat162 *)&wq;
+		for (int k0 = lane * 8; k0 < K; k0 += 4 * 256) {
+		uint4 wv[4];
+#pragma unroll
+		for (int u = 0; u < 4; u++)
+			wv[u] = k0 + u * 256 < K ? *(const uint4 *)(w + k0 + u * 256) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+		for (int u = 0; u < 4; u++) {
+			const int k = k0 + u * 256;
+			if (k >= K)
+				break;
+			const __nv_bfloat162 *w2 = (const __nv_bfloat162 *)&wv[u];
 			float2 wf[4];
 #pragma unroll
 			for (int i = 0; i < 4; i++)
@@ -373,6 +390,7 @@ static __global__ void __launch_bounds__(256) gemv_k(float *out, int ldo, const 
 					acc[m] += wf[i].x * xf.x + wf[i].y * xf.y;
 				}
 			}
+		}
 		}
 	}
 #pragma unroll
@@ -455,9 +473,12 @@ extern "C" int dsk_gemm_run_bf16(dsk_gemm *g, dsk_bf16 *out, int ldo, const dsk_
 template <bool FP8>
 static __global__ void __launch_bounds__(256) moe_gemv_k(float *out, int ldo, const void *xv, const float *xs, int xs_ld,
 							 const int32_t *row_src, const int32_t *off, const int32_t *cnt,
-							 const void *const *wp, const float *const *sp, int sld, int N, int K)
+							 const int32_t *act, const void *const *wp, const float *const *sp,
+							 int sld, int N, int K)
 {
-	const int x = blockIdx.y, n = blockIdx.x * 8 + threadIdx.x / 32, lane = threadIdx.x & 31;
+	if ((int)blockIdx.y >= act[0])
+		return;
+	const int x = act[1 + blockIdx.y], n = blockIdx.x * 8 + threadIdx.x / 32, lane = threadIdx.x & 31;
 	const int c = cnt[x];
 	if (n >= N || c == 0)
 		return;
@@ -476,9 +497,17 @@ static __global__ void __launch_bounds__(256) moe_gemv_k(float *out, int ldo, co
 			const uint8_t *w = (const uint8_t *)wp[x] + (size_t)n * K;
 			const float *wsr = sp[x] + (size_t)(n / 128) * sld;
 			const uint8_t *xb = (const uint8_t *)xv;
-			for (int k = lane * 16; k < K; k += 512) {
-				const uint4 wq = *(const uint4 *)(w + k);
-				const uint8_t *wb = (const uint8_t *)&wq;
+			for (int k0 = lane * 16; k0 < K; k0 += 2 * 512) {
+			uint4 wv[2];
+#pragma unroll
+			for (int u = 0; u < 2; u++)
+				wv[u] = k0 + u * 512 < K ? *(const uint4 *)(w + k0 + u * 512) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+			for (int u = 0; u < 2; u++) {
+				const int k = k0 + u * 512;
+				if (k >= K)
+					break;
+				const uint8_t *wb = (const uint8_t *)&wv[u];
 				float wf[16];
 #pragma unroll
 				for (int i = 0; i < 16; i++) {
@@ -503,12 +532,21 @@ static __global__ void __launch_bounds__(256) moe_gemv_k(float *out, int ldo, co
 					}
 				}
 			}
+			}
 		} else {
 			const dsk_bf16 *w = (const dsk_bf16 *)wp[x] + (size_t)n * K;
 			const dsk_bf16 *xb = (const dsk_bf16 *)xv;
-			for (int k = lane * 8; k < K; k += 256) {
-				const uint4 wq = *(const uint4 *)(w + k);
-				const __nv_bfloat162 *w2 = (const __nv_bfloat162 *)&wq;
+			for (int k0 = lane * 8; k0 < K; k0 += 2 * 256) {
+			uint4 wv[2];
+#pragma unroll
+			for (int u = 0; u < 2; u++)
+				wv[u] = k0 + u * 256 < K ? *(const uint4 *)(w + k0 + u * 256) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+			for (int u = 0; u < 2; u++) {
+				const int k = k0 + u * 256;
+				if (k >= K)
+					break;
+				const __nv_bfloat162 *w2 = (const __nv_bfloat162 *)&wv[u];
 				float2 wf[4];
 #pragma unroll
 				for (int j = 0; j < 4; j++)
@@ -526,6 +564,7 @@ static __global__ void __launch_bounds__(256) moe_gemv_k(float *out, int ldo, co
 					}
 				}
 			}
+			}
 		}
 #pragma unroll
 		for (int i = 0; i < 8; i++) {
@@ -539,15 +578,15 @@ static __global__ void __launch_bounds__(256) moe_gemv_k(float *out, int ldo, co
 }
 
 extern "C" int dsk_moe_gemv(float *out, int ldo, const void *x, const float *xs, int xs_ld, const int32_t *row_src,
-			    const int32_t *off, const int32_t *cnt, int E, const void *const *wp, const float *const *sp,
-			    int sld, int fp8, int N, int K, dsk_stream s, ds_err *e)
+			    const int32_t *off, const int32_t *cnt, const int32_t *act, int max_active, const void *const *wp,
+			    const float *const *sp, int sld, int fp8, int N, int K, dsk_stream s, ds_err *e)
 {
 	if (K % (fp8 ? 128 : 8))
 		return ds_errf(e, -EINVAL, "moe_gemv: K=%d", K);
-	dim3 grid((N + 7) / 8, E);
+	dim3 grid((N + 7) / 8, max_active);
 	if (fp8)
-		moe_gemv_k<true><<<grid, 256, 0, s>>>(out, ldo, x, xs, xs_ld, row_src, off, cnt, wp, sp, sld, N, K);
+		moe_gemv_k<true><<<grid, 256, 0, s>>>(out, ldo, x, xs, xs_ld, row_src, off, cnt, act, wp, sp, sld, N, K);
 	else
-		moe_gemv_k<false><<<grid, 256, 0, s>>>(out, ldo, x, xs, xs_ld, row_src, off, cnt, wp, sp, sld, N, K);
+		moe_gemv_k<false><<<grid, 256, 0, s>>>(out, ldo, x, xs, xs_ld, row_src, off, cnt, act, wp, sp, sld, N, K);
 	return dsk_check(e, "moe_gemv");
 }

@@ -49,10 +49,13 @@ DSK_EXTERN_C void dsk_gemm_set_gemv(dsk_gemm *g, int on);
  * rows from off[x], out[r][N] = x_row(src(r)) @ W_x^T, src(r) = row_src[r]
  * (or r when row_src is NULL). Weights wp[x] (bf16, or fp8 with scales
  * sp[x], row stride sld) all [N][K]. FP8 takes activations quantized by
- * dsk_quant_fp8 (xs[K/128][xs_ld]); bf16 takes bf16 rows. */
+ * dsk_quant_fp8 (xs[K/128][xs_ld]); bf16 takes bf16 rows. Only the experts
+ * listed in act (act[0] of them, ids from act[1]) run; max_active bounds
+ * act[0] and sizes the grid. */
 DSK_EXTERN_C int dsk_moe_gemv(float *out, int ldo, const void *x, const float *xs, int xs_ld, const int32_t *row_src,
-			      const int32_t *off, const int32_t *cnt, int E, const void *const *wp, const float *const *sp,
-			      int sld, int fp8, int N, int K, dsk_stream s, ds_err *e);
+			      const int32_t *off, const int32_t *cnt, const int32_t *act, int max_active,
+			      const void *const *wp, const float *const *sp, int sld, int fp8, int N, int K, dsk_stream s,
+			      ds_err *e);
 /* Counters for the log: calls that used each path. */
 DSK_EXTERN_C void dsk_gemm_stats(const dsk_gemm *g, long *bf16_calls, long *fp8_calls);
 

@@ -218,7 +218,11 @@ static void check_consistency(const char *name)
 	 * the same function up to summation order, which FP8 rounding and
 	 * expert choices can amplify in single rows; a cache bug would not
 	 * stay in single rows. */
-	if (!(r.row_med < 1e-2))
+	/* FP8 activation quantization turns any difference of kernel choice
+	 * (1e-4 relative) into a few percent on this small random model, as it
+	 * does against the CPU: the cache logic is checked strictly in bf16. */
+	const double tol = v.fp8 ? 0.1 : 1e-2;
+	if (!(r.row_med < tol))
 		fail_msg("%s: KV decode differs from the full forward (median row %g)", name, r.row_med);
 	ds_seq_free(s);
 
@@ -241,7 +245,7 @@ static void check_consistency(const char *name)
 	cmp ra = compare(both, full, n, V), rb = compare(both + (size_t)n * V, alone_b, 25, V);
 	print_message("%s: batched vs alone rel err %.3g / %.3g (median rows %.3g / %.3g)\n", name, ra.rel, rb.rel,
 		      ra.row_med, rb.row_med);
-	if (!(ra.row_med < 1e-2 && rb.row_med < 1e-2))
+	if (!(ra.row_med < tol && rb.row_med < tol))
 		fail_msg("%s: batched differs from alone (%g, %g)", name, ra.row_med, rb.row_med);
 	ds_seq_free(a);
 	ds_seq_free(b);
@@ -253,7 +257,79 @@ static void check_consistency(const char *name)
 }
 
 static void test_consistency_v3_fp8(void **st) { (void)st; check_consistency("v3-fp8"); }
+static void test_consistency_v3_bf16(void **st) { (void)st; check_consistency("v3-bf16"); }
 static void test_consistency_v2_bf16(void **st) { (void)st; check_consistency("v2-bf16"); }
+
+/* The backend directly: decode against a full forward (GEMM attention) with
+ * the decode-only paths (GEMV, device-side MoE) each on and off. */
+static double decode_vs_full(const ds_backend_ops *ops, ds_backend *b, const ds_model *m, const int32_t *ids, int n,
+			     int split)
+{
+	const int V = m->cfg.vocab_size, bt = 16;
+	int32_t table[16];
+	for (int i = 0; i < 16; i++)
+		table[i] = 15 - i;
+	const int32_t *tabs[1] = { table };
+	float *full = malloc(sizeof(float) * (size_t)n * V), *dec = malloc(sizeof(float) * (size_t)n * V);
+	int nn = n, p0 = 0, lf = 0;
+	ds_batch bf = { .n_seqs = 1, .n_new = &nn, .pos0 = &p0, .tokens = ids, .block_tables = tabs, .logits_from = &lf };
+	ds_step_out of = { .logits = full };
+	ds_err e = { { 0 } };
+	if (ops->forward(b, &bf, &of, &e))
+		fail_msg("%s", e.msg);
+	nn = split;
+	lf = split;
+	ds_step_out none = { 0 };
+	if (ops->forward(b, &bf, &none, &e))
+		fail_msg("%s", e.msg);
+	for (int i = split; i < n; i++) {
+		int one = 1, pi = i, l0 = 0;
+		ds_batch d1 = { .n_seqs = 1, .n_new = &one, .pos0 = &pi, .tokens = ids + i, .block_tables = tabs, .logits_from = &l0 };
+		ds_step_out o1 = { .logits = dec + (size_t)i * V };
+		if (ops->forward(b, &d1, &o1, &e))
+			fail_msg("%s", e.msg);
+	}
+	cmp r = compare(dec + (size_t)split * V, full + (size_t)split * V, n - split, V);
+	free(full);
+	free(dec);
+	(void)bt;
+	return r.row_med;
+}
+
+static void test_paths(void **st)
+{
+	(void)st;
+	const char *names[] = { "v3-bf16", "v2-bf16", "v3-fp8" };
+	for (int k = 0; k < 3; k++) {
+		char dir[1024];
+		snprintf(dir, sizeof(dir), "%s/%s", models_dir, names[k]);
+		ds_model *m;
+		ds_err e = { { 0 } };
+		if (ds_model_open(dir, 0, &m, &e))
+			fail_msg("%s", e.msg);
+		ds_backend_config bc = { .block_tokens = 16, .kv_blocks = 16 };
+		ds_backend *b;
+		if (ds_cuda_backend.create(m, &bc, &b, &e))
+			fail_msg("%s", e.msg);
+		int32_t ids[70];
+		prompt(ids, 70, m->cfg.vocab_size, 11);
+		double worst = 0;
+		for (int cfgi = 0; cfgi < 4; cfgi++) {
+			ds_cuda_backend_set_gemv(b, cfgi & 1);
+			ds_cuda_backend_set_device_moe(b, cfgi & 2 ? 64 : 0);
+			double r = decode_vs_full(&ds_cuda_backend, b, m, ids, 70, 13);
+			print_message("%s: decode vs full (gemv %s, device moe %s): median row rel err %.3g\n", names[k],
+				      cfgi & 1 ? "on" : "off", cfgi & 2 ? "on" : "off", r);
+			if (!(r <= worst))
+				worst = r;
+		}
+		const double tol = m->cfg.fp8 ? 0.1 : 1e-2; /* see check_consistency */
+		ds_cuda_backend.destroy(b);
+		ds_model_free(m);
+		if (!(worst < tol))
+			fail_msg("%s: decode differs from the full forward (median row %g)", names[k], worst);
+	}
+}
 
 /* The GPU backend refuses bad input with an error, not a crash. */
 static void test_bad_input(void **st)
@@ -293,7 +369,9 @@ int main(void)
 		cmocka_unit_test(test_v3_fp8),
 		cmocka_unit_test(test_v2_bf16),
 		cmocka_unit_test(test_consistency_v3_fp8),
+		cmocka_unit_test(test_consistency_v3_bf16),
 		cmocka_unit_test(test_consistency_v2_bf16),
+		cmocka_unit_test(test_paths),
 		cmocka_unit_test(test_bad_input),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);

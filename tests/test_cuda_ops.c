@@ -275,7 +275,19 @@ static void check_route(ds_config *c, int T)
 	const int D = 64, P = T * K + 15 * E;
 	int32_t *dcnt = dup_up(NULL, 4 * (size_t)E), *doff = dup_up(NULL, 4 * (size_t)(E + 1)), *dpos = dup_up(NULL, 4 * (size_t)T * K);
 	int32_t *drt = dup_up(NULL, 4 * (size_t)P);
-	assert_int_equal(dsk_moe_plan(di, T, K, E, dcnt, doff, dpos, drt, P, NULL, &e), 0);
+	int32_t *dact = dup_up(NULL, 4 * (size_t)(E + 1));
+	assert_int_equal(dsk_moe_plan(di, T, K, E, dcnt, doff, dpos, drt, dact, P, NULL, &e), 0);
+	int32_t *act = malloc(4 * (size_t)(E + 1)), *cnt = malloc(4 * (size_t)E);
+	down(act, dact, 4 * (size_t)(E + 1));
+	down(cnt, dcnt, 4 * (size_t)E);
+	for (int x = 0, na = 0; x < E; x++)
+		if (cnt[x]) {
+			assert_true(na < act[0]);
+			assert_int_equal(act[1 + na++], x);
+		}
+	cudaFree(dact);
+	free(act);
+	free(cnt);
 	int32_t *off = malloc(4 * (size_t)(E + 1)), *pos = malloc(4 * (size_t)T * K), *rt = malloc(4 * (size_t)P);
 	down(off, doff, 4 * (size_t)(E + 1));
 	down(pos, dpos, 4 * (size_t)T * K);
