@@ -1,8 +1,8 @@
 #!/bin/bash
 # The GPU machine's part of `make check-gpu` / `make bench-gpu` for a carried
-# build folder (no rebuild there): gpu_run.sh BUILD tests|bench-v2|bench-v3 [OUTDIR]
+# build folder (no rebuild there): gpu_run.sh BUILD tests|bench-v2|bench-fp8
 set -o pipefail
-B=$1; what=$2; out=${3:-/tmp}
+B=$1; what=$2
 export PYTHONUNBUFFERED=1
 M=/tmp/dsd-bench-models
 case $what in
