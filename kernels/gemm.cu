@@ -311,7 +311,9 @@ static int matmul(dsk_gemm *g, void *out, int ldo, int outbf, const void *B, int
  * 16-byte loads; the M activation rows come through L1. FP8 uses the same
  * quantized activations and scales as the block-scaled GEMM, so both paths
  * compute the same function. */
-#define GEMV_MAX_M 8
+/* cuBLASLt is faster from M = 8 on (docs/PERFORMANCE.md); the kernel itself
+ * handles up to 8 rows. */
+#define GEMV_MAX_M 2
 template <int M, bool FP8>
 static __global__ void __launch_bounds__(256) gemv_k(float *out, int ldo, const void *xv, const float *xs, int Mp,
 						     const void *wv, const float *ws, int sld, int N, int K)

@@ -43,7 +43,7 @@ DSK_EXTERN_C int dsk_gemm_run_bf16(dsk_gemm *g, dsk_bf16 *out, int ldo, const ds
 DSK_EXTERN_C int dsk_quant_fp8(uint8_t *q, float *sc, const dsk_bf16 *x, int M, int K, dsk_stream s, ds_err *e);
 /* Dequantizes an FP8 weight into bf16 [rows][cols] (the fallback path). */
 DSK_EXTERN_C int dsk_dequant_fp8(dsk_bf16 *out, const dsk_weight *W, dsk_stream s, ds_err *e);
-/* Rows up to 8 go through a weight-streaming GEMV kernel unless off. */
+/* Rows up to 2 go through a weight-streaming GEMV kernel unless off. */
 DSK_EXTERN_C void dsk_gemm_set_gemv(dsk_gemm *g, int on);
 /* Routed experts without a host round trip: for each expert x with cnt[x]
  * rows from off[x], out[r][N] = x_row(src(r)) @ W_x^T, src(r) = row_src[r]
