@@ -3,7 +3,7 @@
 ifeq ($(CUDA),1)
 TESTS += test_cuda_ops test_cuda_backend
 test_cuda_ops_SRCS := tests/test_cuda_ops.c
-test_cuda_backend_SRCS := tests/test_cuda_backend.c
+test_cuda_backend_SRCS := tests/test_cuda_backend.c tests/fixture_util.c
 endif
 
 ifeq ($(CUDA),1)
