@@ -152,6 +152,45 @@ crc=$?
 [ $rc -eq 0 ] && [ ! -e "$SOCK" ] && ok "SIGTERM: exit 0, socket removed" || bad "SIGTERM exit $rc" "$(tail -3 "$T/dsd.log")"
 [ $crc -eq 0 ] && [ "$(wc -w <"$T/last")" -eq 20 ] && ok "SIGTERM: the running request finished" || bad "request across SIGTERM ($crc)" "$(cat "$T/last")"
 
+# --- systemd: socket activation and sd_notify ---
+if command -v systemd-socket-activate >/dev/null && command -v python3 >/dev/null; then
+	# a NOTIFY_SOCKET listener of our own, logging each datagram on one line
+	python3 -c '
+import socket, sys, time
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.bind(sys.argv[1]); s.settimeout(0.2)
+end = time.time() + 20
+with open(sys.argv[2], "a") as f:
+    while time.time() < end:
+        try:
+            m = s.recv(4096).decode()
+        except socket.timeout:
+            continue
+        f.write(m.replace("\n", " ") + "\n"); f.flush()
+' "$T/notify.sock" "$T/notify.log" &
+	NPID=$!
+	for _ in $(seq 50); do [ -S "$T/notify.sock" ] && break; sleep 0.05; done
+	systemd-socket-activate -E NOTIFY_SOCKET="$T/notify.sock" -E LSAN_OPTIONS -l "$T/act.sock" \
+		"$DSD" serve --config "$T/empty.conf" --model tests/fixtures/v3 --threads 1 2>>"$T/act.log" &
+	APID=$!
+	sleep 0.3
+	got=$("$DSCTL" --socket "$T/act.sock" run --prompt-ids 5,6,7,8 --max-tokens 8 --ids --temperature 0)
+	check "$got" "$(offline 5,6,7,8 8 0 0)" "socket activation: served through the socket systemd passed"
+	grep -q "^READY=1 STATUS=serving" "$T/notify.log" && ok "sd_notify: READY=1 once loaded" || bad "READY=1" "$(cat "$T/notify.log")"
+	kill -HUP $APID
+	sleep 0.3
+	grep -A1 "^RELOADING=1 MONOTONIC_USEC=[0-9]" "$T/notify.log" | grep -q "^READY=1" && ok "sd_notify: SIGHUP gives RELOADING=1 + MONOTONIC_USEC, then READY=1" || bad "reload notifications" "$(cat "$T/notify.log")"
+	kill -TERM $APID
+	wait $APID
+	rc=$?
+	sleep 0.3
+	[ $rc -eq 0 ] && grep -q "^STOPPING=1" "$T/notify.log" && ok "sd_notify: STOPPING=1, exit 0" || bad "stop notifications ($rc)" "$(cat "$T/notify.log"; tail -30 "$T/act.log")"
+	kill $NPID 2>/dev/null
+	wait $NPID 2>/dev/null
+else
+	echo "note: systemd-socket-activate or python3 missing; socket activation checks skipped"
+fi
+
 # --- the trained default model, with text, when present ---
 DEF=models/dsv3-tiny/bf16
 if [ -f "$DEF/tokenizer.json" ]; then
