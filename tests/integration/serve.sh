@@ -71,6 +71,23 @@ check "$?" 3 "dsctl: exit 3 when no daemon answers"
 "$DSCTL" frobnicate >/dev/null 2>&1
 check "$?" 2 "dsctl: exit 2 on a usage error"
 
+# --- allow-list on SO_PEERCRED ---
+me=$(id -un)
+"$DSD" serve --config "$T/empty.conf" --model "$MODEL" --socket "$T/allow.sock" --threads 1 --allow-users nobody,12345 2>"$T/allow.log" &
+APID=$!
+for _ in $(seq 100); do [ -S "$T/allow.sock" ] && break; sleep 0.05; done
+"$DSCTL" --socket "$T/allow.sock" status >/dev/null 2>&1
+rc=$?
+[ $rc -eq 3 ] && grep -q "refused uid $(id -u)" "$T/allow.log" && ok "allow_users: a peer not in the list is refused" || bad "allow-list refusal ($rc)" "$(cat "$T/allow.log")"
+kill -TERM $APID; wait $APID
+"$DSD" serve --config "$T/empty.conf" --model "$MODEL" --socket "$T/allow.sock" --threads 1 --allow-users "nobody,$me" 2>"$T/allow.log" &
+APID=$!
+for _ in $(seq 100); do [ -S "$T/allow.sock" ] && break; sleep 0.05; done
+rc=1
+for _ in $(seq 40); do "$DSCTL" --socket "$T/allow.sock" status >/dev/null 2>&1 && { rc=0; break; }; sleep 0.05; done
+check "$rc" 0 "allow_users: a listed peer is served"
+kill -TERM $APID; wait $APID
+
 start_dsd --ring-bytes 4096 --max-requests-per-client 4 || { echo "$pass passed, $fail failed"; exit 1; }
 stat -c %a "$SOCK" | grep -qx 660 && ok "socket file is 0660" || bad "socket mode" "$(stat -c %a "$SOCK")"
 
