@@ -212,6 +212,7 @@ fi
 DEF=models/dsv3-tiny/bf16
 if [ -f "$DEF/tokenizer.json" ]; then
 	MODEL=$DEF
+	: >"$T/empty.conf" # the reload test left limits in it
 	start_dsd && {
 		out=$("$DSCTL" --socket "$SOCK" run --max-tokens 16 --json "Once upon a time")
 		grep -q '"done":true' <<<"$out" && ok "default model: text prompt streams text" || bad "default model text" "$out"
@@ -219,6 +220,16 @@ if [ -f "$DEF/tokenizer.json" ]; then
 		tids=$("$DSCTL" --socket "$SOCK" run --max-tokens 16 --ids --prompt-ids "$("$DSCTL" --socket "$SOCK" tokenize "Once upon a time" | tr ' ' ',')")
 		[ -n "$ids" ] && ok "default model: tokenize + ids path runs ($(wc -w <<<"$tids") tokens)" || bad "default model ids"
 		"$DRIVER" "$SOCK" hostile tok >"$T/out" 2>&1 && ok "default model: hostile input" || bad "default model hostile" "$(cat "$T/out")"
+		# a stop string cuts the text right before its first occurrence
+		full=$("$DSCTL" --socket "$SOCK" run --temperature 0 --max-tokens 40 --ignore-eos "Once upon a time")
+		stop=$(python3 -c 'import sys; t=sys.argv[1]; i=len(t)//2; print(t[i:i+3])' "$full")
+		want=$(python3 -c 'import sys; t,s=sys.argv[1],sys.argv[2]; print(t[:t.index(s)])' "$full" "$stop")
+		got=$("$DSCTL" --socket "$SOCK" run --temperature 0 --max-tokens 40 --ignore-eos --stop "$stop" "Once upon a time")
+		[ -n "$full" ] && [ -n "$stop" ] || bad "default model: greedy text for the stop-string check" "$full"
+		check "$got" "$want" "default model: stop string '$stop' ends the text just before it"
+		pieces=$("$DSCTL" --socket "$SOCK" run --temperature 0 --max-tokens 40 --ignore-eos --json "Once upon a time" |
+			python3 -c 'import sys, json; print("".join(json.loads(l)["text"] for l in sys.stdin))')
+		check "$pieces" "$full" "default model: the JSON events' text pieces concatenate to the plain output"
 		stop_dsd
 	}
 else
