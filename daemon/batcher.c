@@ -752,11 +752,6 @@ static void publish_stats(ds_batcher *b)
 		b->tps_t[b->tps_i] = now;
 		b->tps_g[b->tps_i] = gen;
 	}
-	int old = (b->tps_i + 1) % 11;
-	if (b->tps_t[old] == 0)
-		old = 0;
-	double span = now - b->tps_t[old];
-	b->st.tokens_per_s = span > 0.5 ? (double)(gen - b->tps_g[old]) / span : 0;
 	b->st.running = running;
 	b->st.waiting = waiting;
 	b->st.paused = paused;
@@ -909,6 +904,8 @@ int ds_batcher_start(ds_engine *eng, const ds_tok *tok, const ds_batcher_cfg *c,
 		free(b);
 		return ds_errf(e, rc, "scheduler: %s", strerror(-rc));
 	}
+	for (int i = 0; i < 11; i++)
+		b->tps_t[i] = ds_now();
 	uint64_t usec = 0;
 	if (sd_watchdog_enabled(0, &usec) > 0)
 		b->wd_usec = usec;
@@ -1012,6 +1009,11 @@ void ds_batcher_stats_get(ds_batcher *b, ds_batcher_stats *st)
 {
 	pthread_mutex_lock(&b->st_mu);
 	*st = b->st;
+	/* over the last ~10 s, from the oldest per-second mark to now: an idle
+	 * engine (which publishes nothing) decays to 0 */
+	int old = (b->tps_i + 1) % 11;
+	double span = ds_now() - b->tps_t[old];
+	st->tokens_per_s = span > 0.5 ? (double)(st->generated_tokens - b->tps_g[old]) / span : 0;
 	pthread_mutex_unlock(&b->st_mu);
 }
 
