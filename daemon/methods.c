@@ -369,7 +369,9 @@ static void m_generate(ds_srv *s, ds_conn *c, const ds_ipc_msg *m, int chat)
 	const msgpack_object *idso = ds_mp_get(p, "ids");
 	int has_ids = idso && idso->type != MSGPACK_OBJECT_NIL;
 	int n = 0;
-	size_t extra = (size_t)max_tokens + 1;
+	/* room for the output: never more than the context holds */
+	size_t extra = (size_t)(max_tokens < s->m->cfg.max_position_embeddings ? max_tokens
+										: s->m->cfg.max_position_embeddings) + 1;
 	if (chat) {
 		const msgpack_object *msgs = ds_mp_get(p, "messages");
 		if (has_ids || ds_mp_get(p, "prompt"))
