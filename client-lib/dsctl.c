@@ -465,6 +465,7 @@ static int cmd_stats(int argc, char **argv)
 			       num(j, "kv.blocks_total"), num(j, "kv.blocks_cached"));
 			cJSON_Delete(j);
 		}
+		fflush(stdout);
 		if (!watch || interrupted)
 			return 0;
 		usleep((useconds_t)(watch * 1e6));
