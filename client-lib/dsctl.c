@@ -523,6 +523,20 @@ static int cmd_tokenize(int argc, char **argv)
 	return rc;
 }
 
+static int cmd_cache(int argc, char **argv)
+{
+	if (argc != 2 || strcmp(argv[1], "flush")) {
+		fprintf(stderr, "usage: dsctl cache flush\n");
+		return 2;
+	}
+	cJSON *j = NULL;
+	int rc = call_json("cache_flush", &j, 0);
+	cJSON_Delete(j);
+	if (!rc)
+		printf("prefix cache flushed\n");
+	return rc;
+}
+
 /* One line per verb; `dsctl cache flush` and others add a line here. */
 static const struct {
 	const char *name;
@@ -535,6 +549,7 @@ static const struct {
 	{ "ps", cmd_ps, "running and waiting requests [--json]" },
 	{ "stats", cmd_stats, "counters and latencies [--json] [--watch [SECONDS]]" },
 	{ "cancel", cmd_cancel, "cancel a request by id" },
+	{ "cache", cmd_cache, "flush: forget every cached prompt prefix" },
 	{ "tokenize", cmd_tokenize, "token ids of a text" },
 	{ "doctor", ds_dsctl_doctor, "check the installation and print fixes" },
 };

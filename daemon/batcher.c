@@ -9,12 +9,13 @@
 #include <systemd/sd-daemon.h>
 #include <unistd.h>
 
+#include "cache/kvm.h"
 #include "daemon/log.h"
 #include "ipc/proto.h"
 
 #define NSAMPLES 1024
 
-enum { CMD_SUBMIT = 1, CMD_CANCEL, CMD_CANCEL_ALL, CMD_GONE };
+enum { CMD_SUBMIT = 1, CMD_CANCEL, CMD_CANCEL_ALL, CMD_GONE, CMD_FLUSH };
 
 typedef struct cmd {
 	int kind;
@@ -56,6 +57,7 @@ struct ds_batcher {
 	ds_out_msg *loc_head, *loc_tail; /* this iteration's, engine thread only */
 	/* engine thread */
 	ds_sched *sched;
+	ds_prefix *pc;           /* NULL with the prefix cache off */
 	ds_req *reqs;
 	ds_step_item *items;
 	ds_req **item_req;
@@ -353,9 +355,11 @@ static void finish(ds_batcher *b, ds_req *r, int why, const char *msg)
 	}
 	if (tail_len > DS_RING_MAX_TEXT)
 		tail_len = ds_utf8_complete(tail, DS_RING_MAX_TEXT);
+	ds_prefix_account(b->pc, r->n_prompt, r->hit_tokens);
 	ds_ring_stats st = {
 		.prompt_tokens = (uint32_t)r->n_prompt,
 		.generated_tokens = (uint32_t)r->n_gen,
+		.cached_tokens = (uint32_t)r->hit_tokens,
 		.ttft_ns = r->t_first > 0 ? (uint64_t)((r->t_first - r->t_arrive) * 1e9) : 0,
 		.total_ns = (uint64_t)((now - r->t_arrive) * 1e9),
 		.prefill_ns = r->t_prefill_done > 0 ? (uint64_t)((r->t_prefill_done - r->t_arrive) * 1e9) : 0,
@@ -552,7 +556,7 @@ static void submit(ds_batcher *b, ds_req *r)
 static int ops_available(void *ctx)
 {
 	ds_batcher *b = ctx;
-	return ds_kv_pool_free_count(ds_engine_pool(b->eng));
+	return ds_kv_pool_free_count(ds_engine_pool(b->eng)) + ds_prefix_cached(b->pc);
 }
 
 static int ops_admit(void *ctx, ds_sched_req *sr)
@@ -564,7 +568,16 @@ static int ops_admit(void *ctx, ds_sched_req *sr)
 		if (rc)
 			return rc;
 	}
-	return 0; /* positions already cached: none without a prefix cache */
+	/* positions already cached: the longest cached prefix (prompt, or
+	 * prompt + generated after a preemption) */
+	int hit = ds_prefix_adopt(b->pc, r->seq, r->tokens, sr->n_tokens);
+	if (hit < 0) {
+		r->seq = ds_seq_free(r->seq);
+		return hit;
+	}
+	if (r->n_gen == 0)
+		r->hit_tokens = hit < r->n_prompt ? hit : r->n_prompt;
+	return hit;
 }
 
 static void ops_release(void *ctx, ds_sched_req *sr)
@@ -601,6 +614,7 @@ static int grow(ds_batcher *b, int n, size_t rows)
 
 static int step(ds_batcher *b)
 {
+	const int bt = ds_kv_pool_block_tokens(ds_engine_pool(b->eng));
 	ds_sched_plan plan;
 	int rc = ds_sched_plan_step(b->sched, &plan);
 	if (rc < 0) {
@@ -654,6 +668,8 @@ static int step(ds_batcher *b)
 	for (int i = 0; i < n; i++) {
 		ds_req *r = b->item_req[i];
 		r->sr.n_cached += b->items[i].n;
+		if (b->pc && r->sr.n_cached / bt > (r->sr.n_cached - b->items[i].n) / bt)
+			ds_prefix_offer(b->pc, r->seq, r->tokens); /* a block filled: share it */
 		if (b->items[i].logits == DS_LOGITS_LAST) {
 			if (r->t_prefill_done == 0)
 				r->t_prefill_done = ds_now();
@@ -758,6 +774,14 @@ static void publish_stats(ds_batcher *b)
 	b->st.live = live;
 	b->st.kv_blocks_total = ds_kv_pool_blocks(pool);
 	b->st.kv_blocks_free = ds_kv_pool_free_count(pool);
+	b->st.kv_blocks_cached = ds_prefix_cached(b->pc);
+	if (b->pc) {
+		ds_prefix_stats ps_;
+		ds_prefix_stats_get(b->pc, &ps_);
+		b->st.prefix_prompt_tokens = ps_.prompt_tokens;
+		b->st.prefix_hit_tokens = ps_.hit_tokens;
+		b->st.prefix_evictions = ps_.evictions;
+	}
 	b->st.block_tokens = ds_kv_pool_block_tokens(pool);
 	if (b->samples_dirty) {
 		percentiles(&b->ttft, &b->st.ttft_p50_ms, &b->st.ttft_p99_ms);
@@ -810,6 +834,9 @@ static void run_cmds(ds_batcher *b, cmd *c)
 				if (!r->finished)
 					finish(b, r, DS_FINISH_CANCELLED, NULL);
 			}
+			break;
+		case CMD_FLUSH:
+			ds_prefix_flush(b->pc);
 			break;
 		case CMD_GONE:
 			for (ds_req *r = b->reqs, *nx; r; r = nx) {
@@ -894,12 +921,15 @@ int ds_batcher_start(ds_engine *eng, const ds_tok *tok, const ds_batcher_cfg *c,
 		sc.step_tokens = sc.max_running;
 	ds_sched_ops ops = { .ctx = b, .available = ops_available, .admit = ops_admit, .release = ops_release };
 	int rc = ds_sched_new(&sc, &ops, &b->sched);
+	if (!rc && c->prefix_cache)
+		rc = ds_prefix_new(pool, &b->pc);
 	if (!rc) {
 		b->probs = malloc(sizeof(float) * (size_t)b->V);
 		rc = b->probs ? 0 : -ENOMEM;
 	}
 	if (rc) {
 		ds_sched_free(b->sched);
+		ds_prefix_free(b->pc);
 		free(b->probs);
 		free(b);
 		return ds_errf(e, rc, "scheduler: %s", strerror(-rc));
@@ -913,6 +943,7 @@ int ds_batcher_start(ds_engine *eng, const ds_tok *tok, const ds_batcher_cfg *c,
 	rc = pthread_create(&b->th, NULL, run, b);
 	if (rc) {
 		ds_sched_free(b->sched);
+		ds_prefix_free(b->pc);
 		free(b->probs);
 		free(b);
 		return ds_errf(e, -rc, "cannot start the engine thread: %s", strerror(rc));
@@ -960,6 +991,11 @@ void ds_batcher_conn_gone(ds_batcher *b, ds_conn *c)
 	post(b, CMD_GONE, NULL, 0, ds_conn_ref(c));
 }
 
+void ds_batcher_cache_flush(ds_batcher *b)
+{
+	post(b, CMD_FLUSH, NULL, 0, NULL);
+}
+
 void ds_batcher_poke(ds_batcher *b)
 {
 	pthread_mutex_lock(&b->mu);
@@ -992,6 +1028,8 @@ ds_batcher *ds_batcher_stop(ds_batcher *b)
 		ds_out_msg_free(m);
 	}
 	ds_sched_free(b->sched);
+	/* the thread is gone; sequences freed later go straight to the free list */
+	b->pc = ds_prefix_free(b->pc);
 	free(b->items);
 	free(b->item_req);
 	free(b->logits);

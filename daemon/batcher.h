@@ -16,6 +16,7 @@ typedef struct ds_batcher_cfg {
 	int max_batch;          /* sequences in one step */
 	int step_tokens;        /* token budget of one step */
 	int uid_max_running;    /* 0 = no limit */
+	int prefix_cache;       /* 1: share KV of identical prompt prefixes (cache/prefix.h) */
 	long sock_budget;       /* socket bytes queued per connection before its streams pause */
 } ds_batcher_cfg;
 
@@ -37,6 +38,8 @@ typedef struct ds_batcher_stats {
 	uint64_t prompt_tokens, generated_tokens;
 	int running, waiting, paused, live;
 	int kv_blocks_total, kv_blocks_free, block_tokens;
+	int kv_blocks_cached;   /* unreferenced, kept by the prefix cache (not in free) */
+	uint64_t prefix_prompt_tokens, prefix_hit_tokens, prefix_evictions; /* of finished requests */
 	double ttft_p50_ms, ttft_p99_ms, tpot_p50_ms, tpot_p99_ms, tokens_per_s;
 	double last_step_ms;
 	int draining;
@@ -64,6 +67,9 @@ void ds_batcher_cancel_all(ds_batcher *b);
 void ds_batcher_conn_gone(ds_batcher *b, ds_conn *c);
 /* Something a paused stream waits for happened (a ring was read, a socket drained). */
 void ds_batcher_poke(ds_batcher *b);
+
+/* Drops every cached prefix (at the next step, on the engine thread). */
+void ds_batcher_cache_flush(ds_batcher *b);
 
 /* Takes the outbox (a list in order). */
 ds_out_msg *ds_batcher_take(ds_batcher *b);

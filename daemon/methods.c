@@ -668,7 +668,7 @@ static void m_status(ds_srv *s, ds_conn *c, const ds_ipc_msg *m)
 	msgpack_pack_map(&k.p, 5);
 	kv_i64(&k.p, "rss_bytes", rss_bytes());
 	kv_i64(&k.p, "kv_blocks_total", st.kv_blocks_total);
-	kv_i64(&k.p, "kv_blocks_used", st.kv_blocks_total - st.kv_blocks_free);
+	kv_i64(&k.p, "kv_blocks_used", st.kv_blocks_total - st.kv_blocks_free - st.kv_blocks_cached);
 	kv_i64(&k.p, "block_tokens", st.block_tokens);
 	kv_i64(&k.p, "live_requests", st.live);
 	ds_mp_pack_str(&k.p, "clients");
@@ -719,13 +719,17 @@ static void m_stats(ds_srv *s, ds_conn *c, const ds_ipc_msg *m)
 	ds_mp_pack_str(&k.p, "kv");
 	msgpack_pack_map(&k.p, 4);
 	kv_i64(&k.p, "blocks_total", st.kv_blocks_total);
-	kv_i64(&k.p, "blocks_used", st.kv_blocks_total - st.kv_blocks_free);
-	kv_i64(&k.p, "blocks_cached", 0); /* no prefix cache in the batcher yet */
+	kv_i64(&k.p, "blocks_used", st.kv_blocks_total - st.kv_blocks_free - st.kv_blocks_cached);
+	kv_i64(&k.p, "blocks_cached", st.kv_blocks_cached);
 	kv_i64(&k.p, "block_tokens", st.block_tokens);
 	ds_mp_pack_str(&k.p, "prefix_cache");
-	msgpack_pack_map(&k.p, 2);
-	kv_u64(&k.p, "prompt_tokens", st.prompt_tokens);
-	kv_u64(&k.p, "hit_tokens", 0);
+	/* counted when a request ends, so the rate compares like with like */
+	msgpack_pack_map(&k.p, 4);
+	kv_u64(&k.p, "prompt_tokens", st.prefix_prompt_tokens);
+	kv_u64(&k.p, "hit_tokens", st.prefix_hit_tokens);
+	kv_f64(&k.p, "hit_rate",
+	       st.prefix_prompt_tokens ? (double)st.prefix_hit_tokens / (double)st.prefix_prompt_tokens : 0.0);
+	kv_u64(&k.p, "evictions", st.prefix_evictions);
 	ds_mp_pack_str(&k.p, "engine");
 	msgpack_pack_map(&k.p, 2);
 	kv_u64(&k.p, "steps", st.steps);
@@ -736,6 +740,22 @@ static void m_stats(ds_srv *s, ds_conn *c, const ds_ipc_msg *m)
 	kv_u64(&k.p, "connections_total", s->connections);
 	kv_u64(&k.p, "protocol_errors", s->protocol_errors);
 	kv_f64(&k.p, "uptime_s", ds_now() - s->t_start);
+	ds_srv_send(s, c, &k.sb, NULL, 0);
+}
+
+/* cache_flush: forget every cached prefix (dsctl cache flush). */
+static void m_cache_flush(ds_srv *s, ds_conn *c, const ds_ipc_msg *m)
+{
+	static const char *const allowed[] = { NULL };
+	const msgpack_object *p;
+	if (get_params(s, c, m, allowed, &p))
+		return;
+	ds_batcher_cache_flush(s->b);
+	pk k;
+	pk_init(&k);
+	ds_ipc_pack_response_head(&k.p, m->msgid);
+	msgpack_pack_map(&k.p, 1);
+	kv_i64(&k.p, "flushed", 1);
 	ds_srv_send(s, c, &k.sb, NULL, 0);
 }
 
@@ -790,6 +810,7 @@ void ds_srv_dispatch(ds_srv *s, ds_conn *c, const ds_ipc_msg *m)
 	else if (ds_ipc_method_is(m, "status")) m_status(s, c, m);
 	else if (ds_ipc_method_is(m, "stats")) m_stats(s, c, m);
 	else if (ds_ipc_method_is(m, "ps")) m_ps(s, c, m);
+	else if (ds_ipc_method_is(m, "cache_flush")) m_cache_flush(s, c, m);
 	else {
 		size_t n = ds_utf8_complete(m->method, m->method_len < 64 ? m->method_len : 64);
 		ds_srv_error(s, c, m->msgid, DS_E_UNKNOWN_METHOD, "unknown method '%.*s'", (int)n, m->method);

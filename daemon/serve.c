@@ -826,7 +826,7 @@ int ds_cmd_serve(int argc, char **argv)
 	}
 	ds_batcher_cfg bc = {
 		.max_batch = (int)s.conf.max_batch, .step_tokens = (int)s.conf.step_tokens,
-		.uid_max_running = (int)s.conf.uid_max_running, .sock_budget = SOCK_BUDGET,
+		.uid_max_running = (int)s.conf.uid_max_running, .sock_budget = SOCK_BUDGET, .prefix_cache = 1,
 	};
 	if (ds_batcher_start(s.eng, s.tok, &bc, s.outefd, &s.b, &e)) {
 		ds_log(DS_LOG_ERR, "%s", e.msg);

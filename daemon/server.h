@@ -75,6 +75,7 @@ typedef struct ds_req {
 	char *hold;              /* text held back while it may start a stop string */
 	size_t hold_len, hold_cap;
 	int n_gen;
+	int hit_tokens;          /* prompt tokens served from the prefix cache */
 	uint32_t seq_no;
 	double t_first, t_prefill_done;
 	int finished;

@@ -14,3 +14,6 @@ bench_prefix_SRCS := tests/bench_prefix.c
 bench-prefix: $(BUILD)/bench/bench_prefix
 	OMP_WAIT_POLICY=passive DS_BENCH_THREADS=$${DS_BENCH_THREADS:-1} $(BUILD)/bench/bench_prefix tests/fixtures/v3 $(wildcard models/*/bf16)
 .PHONY: bench-prefix
+
+# The prefix cache through a real dsd: identical tokens, stats keys, dsctl cache flush.
+SHELL_TESTS += tests/integration/prefix_cache.sh
