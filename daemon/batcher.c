@@ -622,6 +622,11 @@ static int step(ds_batcher *b)
 		return 0;
 	}
 	int progress = plan.n_failed > 0;
+	if (plan.n_preempted) {
+		pthread_mutex_lock(&b->st_mu);
+		b->st.preempted += (uint64_t)plan.n_preempted;
+		pthread_mutex_unlock(&b->st_mu);
+	}
 	for (int i = 0; i < plan.n_failed; i++) {
 		ds_req *r = plan.failed[i]->user;
 		r->in_sched = 0; /* taken out by the scheduler */

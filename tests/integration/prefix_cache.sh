@@ -81,5 +81,34 @@ kill -TERM "$DPID"
 wait "$DPID"
 check "$?" 0 "dsd exits 0"
 DPID=
+
+# A pool of 12 blocks of 16 tokens (v3: 20 KiB each) for 6 concurrent
+# requests that need 5 blocks each: sequences are preempted and recomputed,
+# and every stream still equals the offline generation.
+rm -f "$SOCK"
+"$DSD" serve --config "$T/empty.conf" --model "$MODEL" --socket "$SOCK" --threads 1 --block-tokens 16 \
+	--kv-bytes 245760 2>>"$T/dsd.log" &
+DPID=$!
+for _ in $(seq 100); do
+	[ -S "$SOCK" ] && "$DSCTL" --socket "$SOCK" status >/dev/null 2>&1 && break
+	sleep 0.05
+done
+for i in 1 2 3 4 5 6; do
+	offline "$(seq -s, $((i * 50)) $((i * 50 + 39)))" 40 >"$T/want$i"
+done
+for i in 1 2 3 4 5 6; do
+	run "$(seq -s, $((i * 50)) $((i * 50 + 39)))" 40 >"$T/got$i" 2>&1 &
+done
+wait $(jobs -p | grep -v "^$DPID$")
+same=0
+for i in 1 2 3 4 5 6; do cmp -s "$T/want$i" "$T/got$i" && [ -s "$T/want$i" ] && same=$((same + 1)); done
+check "$same" 6 "tiny pool: 6 concurrent streams equal offline generation"
+st=$(stats_until '"live":0')
+pre=$(num preempted "$st")
+[ "${pre:-0}" -ge 1 ] && ok "tiny pool: $pre preemptions happened" || bad "tiny pool preemptions" "$st"
+kill -TERM "$DPID"
+wait "$DPID"
+check "$?" 0 "dsd exits 0 (tiny pool)"
+DPID=
 echo "$pass passed, $fail failed"
 [ $fail -eq 0 ]
