@@ -147,7 +147,7 @@ fuzz-run: fuzz
 
 # Copies the shared libraries the GPU machine (Ubuntu 24.04) lacks next to the
 # binaries ($(BUILD)/lib, found through the rpath) so the build folder can be carried.
-BUNDLE_LIBS := libcjson.so.1 libinih.so.1 libcmocka.so.0
+BUNDLE_LIBS := libcjson.so.1 libinih.so.1 libcmocka.so.0 libpcre2-8.so.0 libgomp.so.1
 bundle: all
 	@mkdir -p $(BUILD)/lib
 	@for l in $(BUNDLE_LIBS); do cp -L /usr/lib/x86_64-linux-gnu/$$l $(BUILD)/lib/; done

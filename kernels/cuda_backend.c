@@ -341,7 +341,7 @@ static size_t weights_needed(const ds_model *m)
 	return total;
 }
 
-static int create(const ds_model *m, const ds_backend_config *cfg, ds_backend **out, ds_err *e)
+static int create(const ds_model *m, ds_backend_config *cfg, ds_backend **out, ds_err *e)
 {
 	const ds_config *c = &m->cfg;
 	int ndev = 0;
@@ -482,7 +482,7 @@ static int create(const ds_model *m, const ds_backend_config *cfg, ds_backend **
 				       free_b / 1073741824.0, block_bytes);
 		}
 		/* The engine passes its own config and reads the count back. */
-		((ds_backend_config *)cfg)->kv_blocks = b->kv_blocks;
+		cfg->kv_blocks = b->kv_blocks;
 	}
 	b->kv = dalloc(b, block_bytes * (size_t)b->kv_blocks, e, &rc);
 	if (rc) {

@@ -16,7 +16,7 @@ typedef struct ds_backend ds_backend;
 
 typedef struct ds_backend_config {
 	int threads;        /* CPU threads; 0 = all cores */
-	int kv_blocks;      /* blocks in the KV pool */
+	int kv_blocks;      /* blocks in the KV pool; 0 = the backend sizes it and writes the count back */
 	int block_tokens;   /* tokens per block */
 	int device;         /* GPU ordinal */
 	double gpu_kv_fraction; /* of free memory after weights, when kv_blocks == 0 */
@@ -53,7 +53,7 @@ typedef struct ds_step_out {
 
 typedef struct ds_backend_ops {
 	const char *name;
-	int (*create)(const ds_model *m, const ds_backend_config *cfg, ds_backend **out, ds_err *e);
+	int (*create)(const ds_model *m, ds_backend_config *cfg, ds_backend **out, ds_err *e);
 	void (*destroy)(ds_backend *b);
 	int (*forward)(ds_backend *b, const ds_batch *batch, ds_step_out *out, ds_err *e);
 	/* Optional (NULL = unsupported): copy one KV block (copy-on-write). */

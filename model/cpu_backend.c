@@ -71,7 +71,7 @@ static float *load_vec(ds_wvec t, int n)
 	return v;
 }
 
-static int create(const ds_model *m, const ds_backend_config *cfg, ds_backend **out, ds_err *e)
+static int create(const ds_model *m, ds_backend_config *cfg, ds_backend **out, ds_err *e)
 {
 	const ds_config *c = &m->cfg;
 	ds_backend *b = calloc(1, sizeof(*b));

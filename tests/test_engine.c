@@ -380,6 +380,7 @@ static void test_adopt_shared_prefix(void **st)
 	ds_seq_free(b);
 	assert_int_equal(ds_seq_new(f->eng, &b), 0);
 	assert_int_equal(ds_seq_adopt_blocks(b, ds_seq_blocks(a, &nb), 2, 24), 0);
+	bt.seq = b; /* the freed handle is gone; step the new one */
 	assert_int_equal(ds_engine_step(f->eng, &bt, 1, lg, NULL, NULL), 0);
 	float d2 = max_abs_diff(lg, full + (size_t)24 * V, (size_t)rest * V);
 	if (d > 1e-4f || d2 > 1e-4f)
