@@ -44,13 +44,15 @@ int ds_prefix_adopt(ds_prefix *pc, ds_seq *s, const int32_t *tokens, int n)
 	return hit;
 }
 
-int ds_prefix_offer(ds_prefix *pc, const ds_seq *s, const int32_t *tokens)
+int ds_prefix_offer(ds_prefix *pc, const ds_seq *s, const int32_t *tokens, int n)
 {
 	if (!pc)
 		return 0;
+	if (n < 0 || n > ds_seq_len(s))
+		return -EINVAL;
 	int nb;
 	const int32_t *blocks = ds_seq_blocks(s, &nb);
-	return ds_prefix_insert(pc, tokens, ds_seq_len(s), blocks, nb);
+	return ds_prefix_insert(pc, tokens, n, blocks, nb);
 }
 
 static int op_admit(void *ctx, ds_sched_req *sr)
@@ -227,7 +229,7 @@ int ds_kvm_step(ds_kvm *k, float *logits, ds_kvm_req ***ready, ds_kvm_req ***fai
 			}
 			r->s.n_cached += r->s.n_sched;
 			if (k->pc && r->s.n_cached / k->bt > r->inserted) {
-				ds_prefix_offer(k->pc, r->seq, r->tokens);
+				ds_prefix_offer(k->pc, r->seq, r->tokens, ds_seq_len(r->seq));
 				r->inserted = r->s.n_cached / k->bt;
 			}
 			if (k->items[i].logits == DS_LOGITS_LAST)

@@ -67,9 +67,11 @@ ds_prefix *ds_kvm_prefix(ds_kvm *k);
  * Starts the empty s on the longest cached prefix of tokens[0..n) (at most
  * n - 1 tokens); returns the positions adopted (0 with pc NULL) or -errno. */
 int ds_prefix_adopt(ds_prefix *pc, ds_seq *s, const int32_t *tokens, int n);
-/* After a step: offers s's full blocks of tokens[0..ds_seq_len(s)) (all
- * final) to the cache. Returns blocks added (0 with pc NULL) or -errno. */
-int ds_prefix_offer(ds_prefix *pc, const ds_seq *s, const int32_t *tokens);
+/* After a step: offers s's full blocks of tokens[0..n) (all final, n <=
+ * ds_seq_len(s)) to the cache. A caller that keeps the MTP layer's KV in the
+ * same blocks passes no more than ds_seq_mtp_len, so that a cached block is
+ * complete for both. Returns blocks added (0 with pc NULL) or -errno. */
+int ds_prefix_offer(ds_prefix *pc, const ds_seq *s, const int32_t *tokens, int n);
 void ds_kvm_stats_get(const ds_kvm *k, ds_kvm_stats *st);
 
 #endif

@@ -177,6 +177,8 @@ static int queue_event(ds_client *c, const msgpack_object *p)
 		e->stats.prompt_tokens = (uint32_t)mp_u64(ds_mp_get(st, "prompt_tokens"));
 		e->stats.generated_tokens = (uint32_t)mp_u64(ds_mp_get(st, "generated_tokens"));
 		e->stats.cached_tokens = (uint32_t)mp_u64(ds_mp_get(st, "cached_tokens"));
+		e->stats.drafted = (uint32_t)mp_u64(ds_mp_get(st, "drafted"));
+		e->stats.accepted = (uint32_t)mp_u64(ds_mp_get(st, "accepted"));
 		e->stats.ttft_ns = mp_u64(ds_mp_get(st, "ttft_ns"));
 		e->stats.total_ns = mp_u64(ds_mp_get(st, "total_ns"));
 		e->stats.prefill_ns = mp_u64(ds_mp_get(st, "prefill_ns"));
@@ -480,7 +482,7 @@ static void pack_params(msgpack_packer *pk, const ds_gen_params *p, const ds_cli
 	int n = (msgs ? 1 : 1) + (p->max_tokens > 0) + !isnan(p->temperature) + (p->top_k >= 0) + !isnan(p->top_p) +
 		!isnan(p->min_p) + !isnan(p->repetition_penalty) + !isnan(p->presence_penalty) +
 		!isnan(p->frequency_penalty) + (p->has_seed != 0) + (p->n_stop > 0) + (p->n_stop_ids > 0) +
-		(p->logprobs >= 0) + 2;
+		(p->logprobs >= 0) + (p->no_mtp != 0) + 2;
 	msgpack_pack_map(pk, (size_t)n);
 	if (msgs) {
 		ds_mp_pack_str(pk, "messages");
@@ -547,6 +549,10 @@ static void pack_params(msgpack_packer *pk, const ds_gen_params *p, const ds_cli
 		msgpack_pack_true(pk);
 	else
 		msgpack_pack_false(pk);
+	if (p->no_mtp) {
+		ds_mp_pack_str(pk, "mtp");
+		msgpack_pack_false(pk);
+	}
 }
 
 static int start(ds_client *c, const char *method, const ds_gen_params *p, const ds_client_msg *msgs, size_t n,
@@ -622,7 +628,7 @@ static int from_ring(ds_client *c, ds_event *ev)
 		ev->final = 1;
 		ev->finish = re.finish;
 		ev->stats = (ds_gen_stats){ st.prompt_tokens, st.generated_tokens, st.cached_tokens,
-					    st.ttft_ns, st.total_ns, st.prefill_ns, st.decode_ns };
+					    st.ttft_ns, st.total_ns, st.prefill_ns, st.decode_ns, st.drafted, st.accepted };
 		if (re.finish == DS_FINISH_ERROR) {
 			memcpy(c->cur_err, re.text, re.text_len);
 			c->cur_err[re.text_len] = 0;

@@ -62,6 +62,7 @@ typedef struct ds_gen_params {
 	int32_t logprobs;           /* -1: none; 0: the chosen token's; N: plus N alternatives */
 	int parse_special;          /* parse special-token text in the prompt */
 	int ignore_eos;
+	int no_mtp;                 /* no speculative decoding for this request (same output, see PROTOCOL.md) */
 } ds_gen_params;
 
 void ds_gen_params_init(ds_gen_params *p);
@@ -89,6 +90,7 @@ typedef struct ds_client_top {
 typedef struct ds_gen_stats {
 	uint32_t prompt_tokens, generated_tokens, cached_tokens;
 	uint64_t ttft_ns, total_ns, prefill_ns, decode_ns;
+	uint32_t drafted, accepted; /* MTP drafts verified / accepted */
 } ds_gen_stats;
 
 typedef struct ds_event {

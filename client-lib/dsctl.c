@@ -112,7 +112,8 @@ static const struct option gen_long[] = {
 	{ "logprobs", required_argument, 0, 'L' },   { "no-ring", no_argument, 0, 'R' },
 	{ "parse-special", no_argument, 0, 'X' },    { "ignore-eos", no_argument, 0, 'E' },
 	{ "system", required_argument, 0, 'y' },     { "verbose", no_argument, 0, 'v' },
-	{ "help", no_argument, 0, 'h' },             { 0 }
+	{ "no-mtp", no_argument, 0, 'D' },           { "help", no_argument, 0, 'h' },
+	{ 0 }
 };
 
 static int parse_gen(int argc, char **argv, gen_opts *g, const char *verb)
@@ -137,6 +138,7 @@ static int parse_gen(int argc, char **argv, gen_opts *g, const char *verb)
 		case 'R': g->no_ring = 1; break;
 		case 'X': g->p.parse_special = 1; break;
 		case 'E': g->p.ignore_eos = 1; break;
+		case 'D': g->p.no_mtp = 1; break;
 		case 'y': g->system = optarg; break;
 		case 'I':
 			if (parse_ids(optarg, &g->prompt_ids, &g->p.n_ids)) {
@@ -157,6 +159,7 @@ static int parse_gen(int argc, char **argv, gen_opts *g, const char *verb)
 			printf("usage: dsctl %s [options] %s\n"
 			       "  --max-tokens N  --temperature T  --top-p P  --top-k K  --min-p P  --seed S\n"
 			       "  --stop TEXT (repeatable)  --logprobs N  --ignore-eos  --parse-special\n"
+			       "  --no-mtp        no speculative decoding (the same tokens, decoded one per step)\n"
 			       "  --prompt-ids LIST  prompt as token ids (for models without a tokenizer)\n"
 			       "  --ids           print token ids instead of text\n"
 			       "  --json          one JSON object per event\n"
@@ -214,8 +217,10 @@ static int stream(ds_client *c, uint64_t id, const gen_opts *g, char **collect, 
 					json_text(stdout, ev.error, strlen(ev.error));
 				}
 				printf(",\"prompt_tokens\":%u,\"generated_tokens\":%u,\"cached_tokens\":%u,"
+				       "\"drafted\":%u,\"accepted\":%u,"
 				       "\"ttft_ns\":%llu,\"total_ns\":%llu,\"prefill_ns\":%llu,\"decode_ns\":%llu",
 				       ev.stats.prompt_tokens, ev.stats.generated_tokens, ev.stats.cached_tokens,
+				       ev.stats.drafted, ev.stats.accepted,
 				       (unsigned long long)ev.stats.ttft_ns, (unsigned long long)ev.stats.total_ns,
 				       (unsigned long long)ev.stats.prefill_ns, (unsigned long long)ev.stats.decode_ns);
 			}
@@ -463,6 +468,16 @@ static int cmd_stats(int argc, char **argv)
 			       num(j, "ttft_ms.p50"), num(j, "ttft_ms.p99"), num(j, "tpot_ms.p50"), num(j, "tpot_ms.p99"));
 			printf("kv:       %.0f/%.0f blocks used, %.0f cached\n", num(j, "kv.blocks_used"),
 			       num(j, "kv.blocks_total"), num(j, "kv.blocks_cached"));
+			printf("prefix:   %.0f of %.0f prompt tokens from cache (%.1f%%), %.0f evictions\n",
+			       num(j, "prefix_cache.hit_tokens"), num(j, "prefix_cache.prompt_tokens"),
+			       100 * num(j, "prefix_cache.hit_rate"), num(j, "prefix_cache.evictions"));
+			if (num(j, "mtp.depth") > 0)
+				printf("mtp:      depth %.0f (up to %.0f sequences); %.0f drafted, %.0f accepted (%.1f%%), "
+				       "%.2f tokens per decode step\n",
+				       num(j, "mtp.depth"), num(j, "mtp.max_batch"), num(j, "mtp.drafted"),
+				       num(j, "mtp.accepted"), 100 * num(j, "mtp.acceptance_rate"), num(j, "mtp.tokens_per_step"));
+			else
+				printf("mtp:      off\n");
 			cJSON_Delete(j);
 		}
 		fflush(stdout);

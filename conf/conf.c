@@ -68,6 +68,16 @@ static const ds_conf_key keys[] = {
 	  "tokens one engine step may run: decodes first, then prompt chunks up to this budget", NULL },
 	{ "scheduler", "uid_max_running", "uid-max-running", DS_CONF_T_INT, F(uid_max_running), 0, 4096, "0", 0,
 	  "sequences of one user (peer uid) running at once, 0 = no limit", NULL },
+	{ "scheduler", "prefix_cache", "prefix-cache", DS_CONF_T_INT, F(prefix_cache), 0, 1, "1", 0,
+	  "1: requests share the KV of identical prompt prefixes (kept until the pool needs the blocks); 0: off",
+	  NULL },
+	{ "scheduler", "mtp_depth", "mtp-depth", DS_CONF_T_INT, F(mtp_depth), 0, 4, "1", 0,
+	  "speculative decoding: tokens drafted per step by the model's MTP module (chained beyond 1), "
+	  "0 = off; ignored for models without an MTP layer", NULL },
+	{ "scheduler", "mtp_max_batch", "mtp-max-batch", DS_CONF_T_INT, F(mtp_max_batch), -1, 4096, "-1", 0,
+	  "draft only while a step runs at most this many sequences (larger batches are compute-bound and "
+	  "verifying drafts costs more than it saves); -1 = the backend's measured default (cpu 2, cuda 16)",
+	  NULL },
 };
 
 const ds_conf_key *ds_conf_keys(size_t *n)

@@ -52,6 +52,9 @@ typedef struct ds_conf {
 	int64_t max_batch;
 	int64_t step_tokens;
 	int64_t uid_max_running;
+	int64_t prefix_cache;
+	int64_t mtp_depth;
+	int64_t mtp_max_batch;
 } ds_conf;
 
 enum ds_conf_type { DS_CONF_T_INT = 1, DS_CONF_T_SIZE, DS_CONF_T_DOUBLE, DS_CONF_T_STRING, DS_CONF_T_MODE };

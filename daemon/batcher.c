@@ -62,8 +62,15 @@ struct ds_batcher {
 	ds_step_item *items;
 	ds_req **item_req;
 	int items_cap;
-	float *logits, *probs;
-	size_t logits_rows;
+	float *logits, *probs, *hidden;
+	size_t logits_rows, hidden_rows;
+	/* ds_spec_extend's arguments, one per item */
+	ds_spec_req **x_req;
+	const int32_t **x_tok;
+	const float **x_hid;
+	int *x_n;
+	ds_req **x_owner;
+	uint64_t mtp_drafted, mtp_accepted, decode_steps, decode_tokens;
 	samples ttft, tpot;
 	uint64_t gen_total;
 	int samples_dirty;
@@ -97,6 +104,7 @@ void ds_req_free(ds_req *r)
 		return;
 	ds_seq_free(r->seq);
 	ds_sampler_free(r->smp);
+	ds_spec_req_clear(&r->spec);
 	ds_tok_stream_free(r->ts);
 	pend_free_all(r);
 	free(r->hold);
@@ -360,6 +368,8 @@ static void finish(ds_batcher *b, ds_req *r, int why, const char *msg)
 		.prompt_tokens = (uint32_t)r->n_prompt,
 		.generated_tokens = (uint32_t)r->n_gen,
 		.cached_tokens = (uint32_t)r->hit_tokens,
+		.drafted = r->drafted,
+		.accepted = r->accepted,
 		.ttft_ns = r->t_first > 0 ? (uint64_t)((r->t_first - r->t_arrive) * 1e9) : 0,
 		.total_ns = (uint64_t)((now - r->t_arrive) * 1e9),
 		.prefill_ns = r->t_prefill_done > 0 ? (uint64_t)((r->t_prefill_done - r->t_arrive) * 1e9) : 0,
@@ -483,20 +493,19 @@ static int32_t argmax(const float *p, int n)
 	return k;
 }
 
-/* Same draw as dsd generate (and model/spec.c): the sampler's distribution,
- * argmax when greedy, else one draw from the request's RNG. */
-static void sample_row(ds_batcher *b, ds_req *r, const float *row)
+/* Emits tok, with its logprob and the top alternatives under row (the
+ * main model's logits at tok's position) when the request asked for them. */
+static void token_out(ds_batcher *b, ds_req *r, const float *row, int32_t tok)
 {
 	float lp = NAN;
 	ds_ring_top top[DS_RING_MAX_TOP];
 	int n_top = 0;
-	double lse = 0;
 	if (r->logprobs) {
 		float mx = row[argmax(row, b->V)];
 		double s = 0;
 		for (int i = 0; i < b->V; i++)
 			s += exp((double)row[i] - mx);
-		lse = mx + log(s);
+		double lse = mx + log(s);
 		n_top = r->logprobs > 0 ? r->logprobs : 0;
 		if (n_top > b->V)
 			n_top = b->V;
@@ -512,13 +521,21 @@ static void sample_row(ds_batcher *b, ds_req *r, const float *row)
 			top[k].token = best;
 			top[k].logprob = (float)(row[best] - lse);
 		}
+		lp = (float)(row[tok] - lse);
 	}
+	on_token(b, r, tok, lp, top, n_top);
+}
+
+/* Same draw as dsd generate (and model/spec.c): the sampler's distribution,
+ * argmax when greedy, else one draw from the request's RNG. */
+static void sample_row(ds_batcher *b, ds_req *r, const float *row)
+{
 	ds_sampler_probs(r->smp, row, b->probs);
 	int32_t tok = r->sp.temperature == 0 ? argmax(b->probs, b->V) : ds_sampler_draw(r->smp, b->probs);
 	ds_sampler_accept(r->smp, tok);
-	if (r->logprobs)
-		lp = (float)(row[tok] - lse);
-	on_token(b, r, tok, lp, top, n_top);
+	if (r->spec.depth)
+		r->spec.last = tok;
+	token_out(b, r, row, tok);
 }
 
 static void submit(ds_batcher *b, ds_req *r)
@@ -527,6 +544,9 @@ static void submit(ds_batcher *b, ds_req *r)
 	b->reqs = r;
 	ds_err e = { { 0 } };
 	int rc = ds_sampler_new(&r->sp, b->V, &r->smp);
+	if (!rc)
+		rc = ds_spec_req_init(&r->spec, b->eng, NULL, r->smp, r->sp.temperature == 0, b->cfg.mtp_depth);
+	r->spec.want = 0;
 	if (!rc && b->tok)
 		rc = ds_tok_stream_new(b->tok, r->skip_special ? DS_TOK_SKIP_SPECIAL : 0, &r->ts, &e);
 	if (rc) {
@@ -577,6 +597,8 @@ static int ops_admit(void *ctx, ds_sched_req *sr)
 	}
 	if (r->n_gen == 0)
 		r->hit_tokens = hit < r->n_prompt ? hit : r->n_prompt;
+	r->offered = 0;
+	r->spec.n_draft = 0;
 	return hit;
 }
 
@@ -585,21 +607,32 @@ static void ops_release(void *ctx, ds_sched_req *sr)
 	ds_req *r = sr->user;
 	(void)ctx;
 	r->seq = ds_seq_free(r->seq);
+	r->spec.n_draft = 0; /* preempted: recomputed later, drafts forgotten */
 }
 
 /* ---- the step ---- */
 
-static int grow(ds_batcher *b, int n, size_t rows)
+static int grow(ds_batcher *b, int n, size_t rows, size_t hrows)
 {
 	if (n > b->items_cap) {
 		ds_step_item *it = realloc(b->items, sizeof(*it) * (size_t)n);
 		if (!it)
 			return -ENOMEM;
 		b->items = it;
-		ds_req **ir = realloc(b->item_req, sizeof(*ir) * (size_t)n);
-		if (!ir)
-			return -ENOMEM;
-		b->item_req = ir;
+#define GROW(p)                                                     \
+	do {                                                        \
+		void *q_ = realloc((void *)(p), sizeof(*(p)) * (size_t)n); \
+		if (!q_)                                            \
+			return -ENOMEM;                             \
+		(p) = q_;                                           \
+	} while (0)
+		GROW(b->item_req);
+		GROW(b->x_req);
+		GROW(b->x_tok);
+		GROW(b->x_hid);
+		GROW(b->x_n);
+		GROW(b->x_owner);
+#undef GROW
 		b->items_cap = n;
 	}
 	if (rows > b->logits_rows) {
@@ -609,7 +642,101 @@ static int grow(ds_batcher *b, int n, size_t rows)
 		b->logits = l;
 		b->logits_rows = rows;
 	}
+	if (hrows > b->hidden_rows) {
+		float *h = realloc(b->hidden, sizeof(float) * hrows * (size_t)b->m->cfg.hidden_size);
+		if (!h)
+			return -ENOMEM;
+		b->hidden = h;
+		b->hidden_rows = hrows;
+	}
 	return 0;
+}
+
+/* Drafts that will not be verified: forget them, and the MTP KV that
+ * chained drafting wrote beyond the main KV. */
+static void drop_drafts(ds_req *r)
+{
+	if (!r->spec.n_draft)
+		return;
+	r->spec.n_draft = 0;
+	if (r->seq && ds_seq_mtp_len(r->seq) > ds_seq_len(r->seq))
+		ds_seq_mtp_truncate(r->seq, ds_seq_len(r->seq));
+}
+
+/* Offers r's newly filled blocks to the prefix cache. With MTP on, a block
+ * is complete only once the MTP layer's KV (in the same block) is written
+ * too, so the offer stops at the MTP length. */
+static void offer(ds_batcher *b, ds_req *r, int bt)
+{
+	if (!b->pc || !r->seq)
+		return;
+	int n = ds_seq_len(r->seq);
+	if (r->spec.depth && ds_seq_mtp_len(r->seq) < n)
+		n = ds_seq_mtp_len(r->seq);
+	if (n / bt > r->offered) {
+		ds_prefix_offer(b->pc, r->seq, r->tokens, n);
+		r->offered = n / bt;
+	}
+}
+
+/* A pure decode item: only the pending token is uncached. */
+static int is_decode(const ds_req *r)
+{
+	return r->sr.n_sched == 1 && r->sr.n_cached + 1 == r->sr.n_tokens;
+}
+
+/* Builds the step's items; a decoding sequence with drafts verifies them
+ * (its pending token and drafts, logits for all) when `verify` allows. */
+static int build_items(ds_batcher *b, const ds_sched_plan *plan, int verify, size_t *rows, size_t *hrows)
+{
+	int n = 0;
+	*rows = *hrows = 0;
+	for (int i = 0; i < plan->n_items; i++) {
+		ds_req *r = plan->items[i]->user;
+		if (r->pend_head || r->finished || !r->seq)
+			continue; /* paused: its client has not read yet */
+		ds_sched_req *s = &r->sr;
+		if (verify && r->spec.n_draft > 0 && is_decode(r)) {
+			r->vin[0] = r->tokens[s->n_cached];
+			memcpy(r->vin + 1, r->spec.draft, sizeof(int32_t) * (size_t)r->spec.n_draft);
+			b->items[n] = (ds_step_item){ .seq = r->seq, .tokens = r->vin, .n = 1 + r->spec.n_draft,
+						      .logits = DS_LOGITS_ALL };
+		} else {
+			drop_drafts(r);
+			b->items[n] = (ds_step_item){
+				.seq = r->seq, .tokens = r->tokens + s->n_cached, .n = s->n_sched,
+				.logits = s->n_cached + s->n_sched == s->n_tokens ? DS_LOGITS_LAST : DS_LOGITS_NONE,
+			};
+		}
+		*rows += b->items[n].logits == DS_LOGITS_ALL ? (size_t)b->items[n].n
+			 : b->items[n].logits == DS_LOGITS_LAST ? 1 : 0;
+		*hrows += (size_t)b->items[n].n;
+		b->item_req[n++] = r;
+	}
+	return n;
+}
+
+/* After the main step: the MTP layer catches up with the main KV of every
+ * live sequence (drafting where `want`), then the blocks it completed are
+ * offered. On failure drafting stops for those sequences: their MTP KV no
+ * longer matches the main KV. */
+static void mtp_extend(ds_batcher *b, int k, int bt)
+{
+	if (!k)
+		return;
+	ds_err e = { { 0 } };
+	int rc = ds_spec_extend(b->eng, b->x_req, k, b->x_tok, b->x_n, b->x_hid, &e);
+	for (int j = 0; j < k; j++) {
+		ds_req *r = b->x_owner[j];
+		if (rc) {
+			r->spec.depth = 0;
+			r->spec.n_draft = 0;
+		}
+		offer(b, r, bt);
+	}
+	if (rc)
+		ds_log(DS_LOG_WARNING, "MTP step of %d sequences failed (%s); they go on without drafting", k,
+		       e.msg[0] ? e.msg : strerror(-rc));
 }
 
 static int step(ds_batcher *b)
@@ -635,26 +762,31 @@ static int step(ds_batcher *b)
 		       : plan.failed[i]->error == -ENOSPC ? "the sequence needs more KV blocks than the whole pool"
 							  : "could not start the sequence");
 	}
-	if (grow(b, plan.n_items, (size_t)plan.n_items))
-		return progress;
-	int n = 0;
-	for (int i = 0; i < plan.n_items; i++) {
-		ds_req *r = plan.items[i]->user;
-		if (r->pend_head || r->finished || !r->seq)
-			continue; /* paused: its client has not read yet */
-		ds_sched_req *s = &r->sr;
-		b->items[n] = (ds_step_item){
-			.seq = r->seq, .tokens = r->tokens + s->n_cached, .n = s->n_sched,
-			.logits = s->n_cached + s->n_sched == s->n_tokens ? DS_LOGITS_LAST : DS_LOGITS_NONE,
-		};
-		b->item_req[n++] = r;
-	}
-	if (!n)
-		return progress;
+	/* Drafting pays while the step is memory-bound: above mtp_max_batch
+	 * sequences the extra verified tokens cost more than they save. */
+	int n_dec = 0;
+	for (int i = 0; i < plan.n_items; i++)
+		n_dec += is_decode(plan.items[i]->user);
+	const int mtp = b->cfg.mtp_depth > 0;
+	int verify = mtp && n_dec <= b->cfg.mtp_max_batch;
+	size_t rows, hrows;
+	int n;
 	ds_err e = { { 0 } };
-	double t0 = ds_now();
-	rc = ds_engine_step(b->eng, b->items, n, b->logits, NULL, &e);
-	double dt = ds_now() - t0;
+	double t0 = ds_now(), dt;
+	for (;;) {
+		if (grow(b, plan.n_items, (size_t)plan.n_items * (DS_SPEC_MAX_DEPTH + 1), 0))
+			return progress;
+		n = build_items(b, &plan, verify, &rows, &hrows);
+		if (!n)
+			return progress;
+		if (grow(b, n, rows, mtp ? hrows : 0))
+			return progress;
+		rc = ds_engine_step(b->eng, b->items, n, b->logits, mtp ? b->hidden : NULL, &e);
+		dt = ds_now() - t0;
+		if (rc != -ENOSPC || !verify)
+			break;
+		verify = 0; /* the drafts' positions did not fit: try without them */
+	}
 	if (rc == -ENOSPC) {
 		if (ds_sched_preempt_one(b->sched) == 0) {
 			pthread_mutex_lock(&b->st_mu);
@@ -669,19 +801,68 @@ static int step(ds_batcher *b)
 			finish(b, b->item_req[i], DS_FINISH_ERROR, e.msg[0] ? e.msg : "engine step failed");
 		return 1;
 	}
-	int row = 0;
+	const int H = b->m->cfg.hidden_size;
+	const int want = n <= b->cfg.mtp_max_batch; /* draft for the next step */
+	int row = 0, hoff = 0, k = 0;
 	for (int i = 0; i < n; i++) {
 		ds_req *r = b->item_req[i];
-		r->sr.n_cached += b->items[i].n;
-		if (b->pc && r->sr.n_cached / bt > (r->sr.n_cached - b->items[i].n) / bt)
-			ds_prefix_offer(b->pc, r->seq, r->tokens); /* a block filled: share it */
-		if (b->items[i].logits == DS_LOGITS_LAST) {
-			if (r->t_prefill_done == 0)
-				r->t_prefill_done = ds_now();
-			sample_row(b, r, b->logits + (size_t)row * (size_t)b->V);
-			row++;
+		const ds_step_item *it = &b->items[i];
+		const int kb = ds_seq_len(r->seq) - it->n; /* cached positions before the step */
+		const int dec = is_decode(r);
+		if (it->tokens == r->vin) {
+			const int nd = r->spec.n_draft;
+			r->spec.seq = r->seq;
+			if (ds_spec_verify(&r->spec, b->logits + (size_t)row * b->V, b->V, b->probs)) {
+				finish(b, r, DS_FINISH_ERROR, "cannot roll back rejected drafts");
+				row += it->n;
+				hoff += it->n;
+				continue;
+			}
+			r->drafted += (uint32_t)nd;
+			r->accepted += (uint32_t)(r->spec.n_out - 1);
+			b->mtp_drafted += (uint64_t)nd;
+			b->mtp_accepted += (uint64_t)(r->spec.n_out - 1);
+			r->sr.n_cached += r->spec.n_out; /* the pending token and the accepted drafts */
+			offer(b, r, bt);
+			int emitted = 0;
+			for (int j = 0; j < r->spec.n_out && !r->finished; j++, emitted++)
+				token_out(b, r, b->logits + (size_t)(row + j) * b->V, r->spec.out[j]);
+			b->decode_steps++;
+			b->decode_tokens += (uint64_t)emitted;
+			row += it->n;
+		} else {
+			r->sr.n_cached += it->n;
+			offer(b, r, bt);
+			if (it->logits == DS_LOGITS_LAST) {
+				if (r->t_prefill_done == 0)
+					r->t_prefill_done = ds_now();
+				sample_row(b, r, b->logits + (size_t)row * b->V);
+				row++;
+				if (dec) {
+					b->decode_steps++;
+					b->decode_tokens++;
+				}
+			}
 		}
+		if (mtp && r->spec.depth && !r->finished && r->seq) {
+			const int ml = ds_seq_mtp_len(r->seq), kl = ds_seq_len(r->seq);
+			if (ml < kb) {
+				r->spec.depth = 0; /* cannot happen while every step extends the MTP KV */
+				ds_log(DS_LOG_WARNING, "request %llu: MTP KV behind the main KV; drafting off",
+				       (unsigned long long)r->id);
+			} else if (kl > ml) {
+				r->spec.seq = r->seq;
+				r->spec.want = r->mtp && want && kl + 1 == r->sr.n_tokens;
+				b->x_req[k] = &r->spec;
+				b->x_tok[k] = r->tokens + ml + 1;
+				b->x_n[k] = kl - ml;
+				b->x_hid[k] = b->hidden + (size_t)(hoff + ml - kb) * H;
+				b->x_owner[k++] = r;
+			}
+		}
+		hoff += it->n;
 	}
+	mtp_extend(b, k, bt);
 	pthread_mutex_lock(&b->st_mu);
 	b->st.steps++;
 	b->st.last_step_ms = dt * 1e3;
@@ -788,6 +969,12 @@ static void publish_stats(ds_batcher *b)
 		b->st.prefix_evictions = ps_.evictions;
 	}
 	b->st.block_tokens = ds_kv_pool_block_tokens(pool);
+	b->st.mtp_drafted = b->mtp_drafted;
+	b->st.mtp_accepted = b->mtp_accepted;
+	b->st.decode_steps = b->decode_steps;
+	b->st.decode_tokens = b->decode_tokens;
+	b->st.mtp_depth = b->cfg.mtp_depth;
+	b->st.mtp_max_batch = b->cfg.mtp_max_batch;
 	if (b->samples_dirty) {
 		percentiles(&b->ttft, &b->st.ttft_p50_ms, &b->st.ttft_p99_ms);
 		percentiles(&b->tpot, &b->st.tpot_p50_ms, &b->st.tpot_p99_ms);
@@ -910,6 +1097,10 @@ int ds_batcher_start(ds_engine *eng, const ds_tok *tok, const ds_batcher_cfg *c,
 	b->tok = tok;
 	b->cfg = *c;
 	b->V = b->m->cfg.vocab_size;
+	if (b->m->n_mtp == 0 || b->cfg.mtp_depth < 0)
+		b->cfg.mtp_depth = 0; /* no MTP layer: plain decoding */
+	if (b->cfg.mtp_depth > DS_SPEC_MAX_DEPTH)
+		b->cfg.mtp_depth = DS_SPEC_MAX_DEPTH;
 	b->max_ctx = b->m->cfg.max_position_embeddings;
 	b->out_efd = out_efd;
 	pthread_mutex_init(&b->mu, NULL);
@@ -1037,6 +1228,12 @@ ds_batcher *ds_batcher_stop(ds_batcher *b)
 	b->pc = ds_prefix_free(b->pc);
 	free(b->items);
 	free(b->item_req);
+	free(b->x_req);
+	free(b->x_tok);
+	free(b->x_hid);
+	free(b->x_n);
+	free(b->x_owner);
+	free(b->hidden);
 	free(b->logits);
 	free(b->probs);
 	free(b->ps);

@@ -18,6 +18,8 @@ typedef struct ds_batcher_cfg {
 	int uid_max_running;    /* 0 = no limit */
 	int prefix_cache;       /* 1: share KV of identical prompt prefixes (cache/prefix.h) */
 	long sock_budget;       /* socket bytes queued per connection before its streams pause */
+	int mtp_depth;          /* drafts per step from the MTP module; 0 = no speculative decoding */
+	int mtp_max_batch;      /* draft only while a step runs at most this many sequences */
 } ds_batcher_cfg;
 
 enum { DS_OUT_BYTES = 1, /* append buf to conn's socket output */
@@ -42,6 +44,10 @@ typedef struct ds_batcher_stats {
 	uint64_t prefix_prompt_tokens, prefix_hit_tokens, prefix_evictions; /* of finished requests */
 	double ttft_p50_ms, ttft_p99_ms, tpot_p50_ms, tpot_p99_ms, tokens_per_s;
 	double last_step_ms;
+	/* speculative decoding: drafts verified and accepted; decode steps of a
+	 * sequence and the tokens they emitted (tokens per step = the ratio) */
+	uint64_t mtp_drafted, mtp_accepted, decode_steps, decode_tokens;
+	int mtp_depth, mtp_max_batch;
 	int draining;
 } ds_batcher_stats;
 

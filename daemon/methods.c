@@ -257,7 +257,7 @@ static void m_generate(ds_srv *s, ds_conn *c, const ds_ipc_msg *m, int chat)
 	static const char *const allowed[] = {
 		"prompt", "ids", "messages", "max_tokens", "temperature", "top_k", "top_p", "min_p",
 		"repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "stop", "stop_ids",
-		"logprobs", "parse_special", "ignore_eos", "skip_special", NULL
+		"logprobs", "parse_special", "ignore_eos", "skip_special", "mtp", NULL
 	};
 	const msgpack_object *p;
 	if (get_params(s, c, m, allowed, &p))
@@ -325,6 +325,9 @@ static void m_generate(ds_srv *s, ds_conn *c, const ds_ipc_msg *m, int chat)
 	else if (rc != -ENOENT) BAD("ignore_eos must be a boolean");
 	if ((rc = ds_mp_bool(p, "skip_special", &flag)) == 0) r->skip_special = flag;
 	else if (rc != -ENOENT) BAD("skip_special must be a boolean");
+	r->mtp = 1;
+	if ((rc = ds_mp_bool(p, "mtp", &flag)) == 0) r->mtp = flag;
+	else if (rc != -ENOENT) BAD("mtp must be a boolean");
 	if ((rc = ds_mp_int(p, "logprobs", 0, s->conf.max_logprobs, &v)) == 0) r->logprobs = v ? (int)v : -1;
 	else if (rc != -ENOENT) BAD("logprobs must be an integer in [0, %lld]", (long long)s->conf.max_logprobs);
 	/* stops */
@@ -690,7 +693,7 @@ static void m_stats(ds_srv *s, ds_conn *c, const ds_ipc_msg *m)
 	pk k;
 	pk_init(&k);
 	ds_ipc_pack_response_head(&k.p, m->msgid);
-	msgpack_pack_map(&k.p, 8);
+	msgpack_pack_map(&k.p, 9);
 	ds_mp_pack_str(&k.p, "requests");
 	msgpack_pack_map(&k.p, 10);
 	kv_u64(&k.p, "submitted", st.submitted);
@@ -730,6 +733,15 @@ static void m_stats(ds_srv *s, ds_conn *c, const ds_ipc_msg *m)
 	kv_f64(&k.p, "hit_rate",
 	       st.prefix_prompt_tokens ? (double)st.prefix_hit_tokens / (double)st.prefix_prompt_tokens : 0.0);
 	kv_u64(&k.p, "evictions", st.prefix_evictions);
+	ds_mp_pack_str(&k.p, "mtp");
+	msgpack_pack_map(&k.p, 6);
+	kv_i64(&k.p, "depth", st.mtp_depth);
+	kv_i64(&k.p, "max_batch", st.mtp_max_batch);
+	kv_u64(&k.p, "drafted", st.mtp_drafted);
+	kv_u64(&k.p, "accepted", st.mtp_accepted);
+	kv_f64(&k.p, "acceptance_rate", st.mtp_drafted ? (double)st.mtp_accepted / (double)st.mtp_drafted : 0.0);
+	/* tokens a sequence's decode step emits: 1 without drafting, up to depth + 1 */
+	kv_f64(&k.p, "tokens_per_step", st.decode_steps ? (double)st.decode_tokens / (double)st.decode_steps : 0.0);
 	ds_mp_pack_str(&k.p, "engine");
 	msgpack_pack_map(&k.p, 2);
 	kv_u64(&k.p, "steps", st.steps);

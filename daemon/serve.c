@@ -28,6 +28,11 @@
 
 #define READ_CHUNK 65536
 #define SOCK_BUDGET (256 * 1024)
+/* Largest batch at which drafting with the MTP module still speeds decoding
+ * up, per backend ([scheduler] mtp_max_batch = -1): measured with
+ * `make bench-spec` (docs/PERFORMANCE.md, speculative decoding). */
+#define DS_MTP_MAX_BATCH_CPU 2
+#define DS_MTP_MAX_BATCH_CUDA 16
 
 /* ---- configuration ---- */
 
@@ -826,7 +831,10 @@ int ds_cmd_serve(int argc, char **argv)
 	}
 	ds_batcher_cfg bc = {
 		.max_batch = (int)s.conf.max_batch, .step_tokens = (int)s.conf.step_tokens,
-		.uid_max_running = (int)s.conf.uid_max_running, .sock_budget = SOCK_BUDGET, .prefix_cache = 1,
+		.uid_max_running = (int)s.conf.uid_max_running, .sock_budget = SOCK_BUDGET,
+		.prefix_cache = (int)s.conf.prefix_cache, .mtp_depth = (int)s.conf.mtp_depth,
+		.mtp_max_batch = s.conf.mtp_max_batch >= 0 ? (int)s.conf.mtp_max_batch
+			       : !strcmp(s.backend, "cuda") ? DS_MTP_MAX_BATCH_CUDA : DS_MTP_MAX_BATCH_CPU,
 	};
 	if (ds_batcher_start(s.eng, s.tok, &bc, s.outefd, &s.b, &e)) {
 		ds_log(DS_LOG_ERR, "%s", e.msg);

@@ -16,6 +16,7 @@
 #include "ipc/ring.h"
 #include "model/engine.h"
 #include "model/sampler.h"
+#include "model/spec.h"
 #include "model/tokenizer.h"
 
 typedef struct ds_conn {
@@ -61,6 +62,7 @@ typedef struct ds_req {
 	int logprobs;            /* alternatives per token, 0 = none, -1 = chosen token only */
 	int ignore_eos;
 	int skip_special;
+	int mtp;                 /* the engine may draft with the MTP module (protocol "mtp", default true) */
 	int32_t *stop_ids;
 	int n_stop_ids;
 	char **stop;             /* NUL-terminated, valid UTF-8 */
@@ -71,6 +73,10 @@ typedef struct ds_req {
 	ds_sched_req sr;
 	ds_seq *seq;
 	ds_sampler *smp;
+	ds_spec_req spec;        /* MTP state; depth 0 when the daemon runs without MTP */
+	int32_t vin[DS_SPEC_MAX_DEPTH + 1]; /* a verifying step's input: the pending token, then the drafts */
+	uint32_t drafted, accepted; /* drafts verified, and accepted */
+	int offered;             /* full blocks offered to the prefix cache */
 	ds_tok_stream *ts;
 	char *hold;              /* text held back while it may start a stop string */
 	size_t hold_len, hold_cap;

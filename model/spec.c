@@ -14,6 +14,7 @@ int ds_spec_req_init(ds_spec_req *r, const ds_engine *eng, ds_seq *seq, ds_sampl
 	r->smp = smp;
 	r->greedy = greedy;
 	r->depth = m->n_mtp > 0 ? depth : 0;
+	r->want = 1;
 	if (r->depth) {
 		r->q = malloc(sizeof(float) * (size_t)r->depth * m->cfg.vocab_size);
 		if (!r->q)
@@ -66,59 +67,69 @@ static void scratch_free(scratch *s)
 	free(s->hp);
 }
 
-/* MTP over positions [n_mtp, ds_seq_len) of each request whose tokens (the
- * token after each position) are in toks/ntok and whose main hidden states
- * are rows of hid; then drafts r->depth tokens, chaining the module on its
- * own output for depth > 1. */
+/* MTP over positions [n_mtp, n_mtp + ntok[i]) of each request with depth >
+ * 0, whose tokens (the token after each position) are in toks and whose main
+ * hidden states are rows of hid; then, for requests with `want` set, drafts
+ * r->depth tokens, chaining the module on its own output for depth > 1. */
 static int draft(ds_engine *eng, ds_spec_req **reqs, int n, const int32_t *const *toks, const int *ntok,
 		 const float *const *hid, scratch *s, ds_err *e)
 {
 	const ds_model *m = ds_engine_model(eng);
 	const int V = m->cfg.vocab_size, H = m->cfg.hidden_size;
-	int k = 0, rows = 0;
+	int k = 0, rows = 0, nd = 0;
 	int *idx = s->idx;
 	for (int i = 0; i < n; i++) {
 		ds_spec_req *r = reqs[i];
 		r->n_draft = 0;
-		if (!r->depth || ds_seq_len(r->seq) + 1 + r->depth > m->cfg.max_position_embeddings)
+		if (!r->depth || ntok[i] <= 0)
 			continue;
-		s->items[k] = (ds_step_item){ .seq = r->seq, .tokens = toks[i], .n = ntok[i], .logits = DS_LOGITS_LAST };
+		/* drafts must fit the context: positions up to len + depth */
+		int d = r->want && ds_seq_len(r->seq) + 1 + r->depth <= m->cfg.max_position_embeddings;
+		s->items[k] = (ds_step_item){ .seq = r->seq, .tokens = toks[i], .n = ntok[i],
+					      .logits = d ? DS_LOGITS_LAST : DS_LOGITS_NONE };
 		memcpy(s->hidden2 + (size_t)rows * H, hid[i], sizeof(float) * (size_t)H * ntok[i]);
 		rows += ntok[i];
 		idx[k++] = i;
+		nd += d;
 	}
 	if (!k)
 		return 0;
 	float *hout = s->hidden;
-	int rc = ds_engine_mtp_step(eng, 0, s->items, k, s->hidden2, s->logits, hout, e);
-	if (rc)
+	int rc = ds_engine_mtp_step(eng, 0, s->items, k, s->hidden2, nd ? s->logits : NULL, hout, e);
+	if (rc || !nd)
 		return rc;
-	/* hout rows: the last row of each item is the chain's input */
+	/* keep the drafting items only; the last hidden row of each is the
+	 * chain's input */
+	int k2 = 0, row = 0;
+	for (int j = 0; j < k; j++) {
+		row += s->items[j].n;
+		if (s->items[j].logits == DS_LOGITS_NONE)
+			continue;
+		memmove(s->hidden2 + (size_t)k2 * H, hout + (size_t)(row - 1) * H, sizeof(float) * (size_t)H);
+		s->items[k2] = s->items[j];
+		idx[k2++] = idx[j];
+	}
+	k = k2;
 	for (int d = 0;; d++) {
-		int row = 0;
 		for (int j = 0; j < k; j++) {
 			ds_spec_req *r = reqs[idx[j]];
-			row += s->items[j].n;
 			float *q = r->q + (size_t)d * V;
 			ds_sampler_probs(r->smp, s->logits + (size_t)j * V, q);
 			r->draft[d] = pick(r, q, V);
 			r->n_draft = d + 1;
 			r->drafted++;
-			memcpy(s->hidden2 + (size_t)j * H, hout + (size_t)(row - 1) * H, sizeof(float) * (size_t)H);
 		}
-		int maxd = 0;
-		for (int j = 0; j < k; j++)
-			maxd = reqs[idx[j]]->depth > maxd ? reqs[idx[j]]->depth : maxd;
-		if (d + 1 >= maxd)
-			break;
 		/* chained drafting: only requests that want another draft */
-		int k2 = 0;
+		k2 = 0;
 		for (int j = 0; j < k; j++) {
 			ds_spec_req *r = reqs[idx[j]];
 			if (r->depth <= d + 1)
 				continue;
 			s->items[k2] = (ds_step_item){ .seq = r->seq, .tokens = &r->draft[d], .n = 1, .logits = DS_LOGITS_LAST };
-			memmove(s->hidden2 + (size_t)k2 * H, s->hidden2 + (size_t)j * H, sizeof(float) * (size_t)H);
+			if (d > 0) /* chain input: the previous MTP output, row j */
+				memcpy(s->hidden2 + (size_t)k2 * H, hout + (size_t)j * H, sizeof(float) * (size_t)H);
+			else
+				memmove(s->hidden2 + (size_t)k2 * H, s->hidden2 + (size_t)j * H, sizeof(float) * (size_t)H);
 			idx[k2++] = idx[j];
 		}
 		if (!k2)
@@ -130,12 +141,13 @@ static int draft(ds_engine *eng, ds_spec_req **reqs, int n, const int32_t *const
 	return 0;
 }
 
-static int scratch_init(scratch *s, const ds_model *m, int n, int rows)
+/* n items, rows tokens, lrows rows of logits */
+static int scratch_init(scratch *s, const ds_model *m, int n, int rows, int lrows)
 {
 	const int V = m->cfg.vocab_size, H = m->cfg.hidden_size;
 	memset(s, 0, sizeof(*s));
 	s->items = calloc((size_t)n, sizeof(ds_step_item));
-	s->logits = malloc(sizeof(float) * (size_t)V * rows);
+	s->logits = malloc(sizeof(float) * (size_t)V * lrows);
 	s->hidden = malloc(sizeof(float) * (size_t)H * rows);
 	s->hidden2 = malloc(sizeof(float) * (size_t)H * rows);
 	s->probs = malloc(sizeof(float) * (size_t)V);
@@ -161,7 +173,7 @@ int ds_spec_prefill(ds_engine *eng, ds_spec_req **reqs, const int32_t *const *pr
 	for (int i = 0; i < n; i++)
 		rows += lens[i];
 	scratch s;
-	if (scratch_init(&s, m, n, rows + n))
+	if (scratch_init(&s, m, n, rows + n, n))
 		return -ENOMEM;
 	for (int i = 0; i < n; i++)
 		s.items[i] = (ds_step_item){ .seq = reqs[i]->seq, .tokens = prompts[i], .n = lens[i], .logits = DS_LOGITS_LAST };
@@ -204,6 +216,79 @@ out:
 	return rc;
 }
 
+int ds_spec_verify(ds_spec_req *r, const float *logits, int V, float *probs)
+{
+	const int L = ds_seq_len(r->seq) - 1 - r->n_draft; /* position of `last` */
+	int j = 0;
+	int32_t x = -1;
+	if (L < 0)
+		return -EINVAL;
+	for (; j < r->n_draft; j++) {
+		ds_sampler_probs(r->smp, logits + (size_t)j * V, probs);
+		const int32_t d = r->draft[j];
+		const float *q = r->q + (size_t)j * V;
+		int ok;
+		if (r->greedy) {
+			x = argmax(probs, V);
+			ok = x == d;
+		} else {
+			/* accept d with probability min(1, p(d)/q(d)); otherwise draw from
+			 * the normalized residual max(0, p - q) */
+			ok = ds_sampler_uniform(r->smp) * q[d] < probs[d];
+			if (!ok) {
+				double z = 0;
+				for (int v = 0; v < V; v++) {
+					float dv = probs[v] - q[v];
+					probs[v] = dv > 0 ? dv : 0;
+					z += probs[v];
+				}
+				if (z > 0) {
+					for (int v = 0; v < V; v++)
+						probs[v] = (float)(probs[v] / z);
+					x = ds_sampler_draw(r->smp, probs);
+				} else {
+					x = d; /* p == q: cannot reject */
+					ok = 1;
+				}
+			}
+		}
+		if (!ok)
+			break;
+		r->out[j] = d;
+		ds_sampler_accept(r->smp, d);
+		r->accepted++;
+	}
+	if (j == r->n_draft) { /* all drafts accepted: the bonus token */
+		ds_sampler_probs(r->smp, logits + (size_t)j * V, probs);
+		x = pick(r, probs, V);
+	}
+	ds_sampler_accept(r->smp, x);
+	r->out[j] = x;
+	r->n_out = j + 1;
+	r->steps++;
+	r->n_draft = 0;
+	r->last = x;
+	/* keep `last` and the accepted drafts in the cache, drop the rest */
+	int rc = ds_seq_truncate(r->seq, L + 1 + j);
+	if (!rc)
+		rc = ds_seq_mtp_truncate(r->seq, L < ds_seq_mtp_len(r->seq) ? L : ds_seq_mtp_len(r->seq));
+	return rc;
+}
+
+int ds_spec_extend(ds_engine *eng, ds_spec_req **reqs, int n, const int32_t *const *toks, const int *ntok,
+		   const float *const *hid, ds_err *e)
+{
+	int rows = 0;
+	for (int i = 0; i < n; i++)
+		rows += ntok[i] > 0 ? ntok[i] : 0;
+	scratch s;
+	if (scratch_init(&s, ds_engine_model(eng), n, rows > n ? rows : n, n))
+		return ds_errf(e, -ENOMEM, "out of memory");
+	int rc = draft(eng, reqs, n, toks, ntok, hid, &s, e);
+	scratch_free(&s);
+	return rc;
+}
+
 int ds_spec_step(ds_engine *eng, ds_spec_req **reqs, int n, ds_err *e)
 {
 	const ds_model *m = ds_engine_model(eng);
@@ -212,7 +297,7 @@ int ds_spec_step(ds_engine *eng, ds_spec_req **reqs, int n, ds_err *e)
 	for (int i = 0; i < n; i++)
 		rows += 1 + reqs[i]->n_draft;
 	scratch s;
-	if (scratch_init(&s, m, n, rows))
+	if (scratch_init(&s, m, n, rows, rows))
 		return -ENOMEM;
 	int32_t *in = malloc(sizeof(int32_t) * (size_t)rows);
 	float *hid = malloc(sizeof(float) * (size_t)H * rows);
@@ -233,64 +318,15 @@ int ds_spec_step(ds_engine *eng, ds_spec_req **reqs, int n, ds_err *e)
 	const float **hp = s.hp;
 	for (int i = 0, off = 0; i < n; i++) {
 		ds_spec_req *r = reqs[i];
-		const int L = ds_seq_len(r->seq) - 1 - r->n_draft; /* position of `last` */
-		int j = 0;
-		int32_t x = -1;
-		for (; j < r->n_draft; j++) {
-			ds_sampler_probs(r->smp, s.logits + (size_t)(off + j) * V, s.probs);
-			const int32_t d = r->draft[j];
-			const float *q = r->q + (size_t)j * V;
-			int ok;
-			if (r->greedy) {
-				x = argmax(s.probs, V);
-				ok = x == d;
-			} else {
-				/* accept d with probability min(1, p(d)/q(d)); otherwise draw from
-				 * the normalized residual max(0, p - q) */
-				ok = ds_sampler_uniform(r->smp) * q[d] < s.probs[d];
-				if (!ok) {
-					double z = 0;
-					for (int v = 0; v < V; v++) {
-						float dv = s.probs[v] - q[v];
-						s.probs[v] = dv > 0 ? dv : 0;
-						z += s.probs[v];
-					}
-					if (z > 0) {
-						for (int v = 0; v < V; v++)
-							s.probs[v] = (float)(s.probs[v] / z);
-						x = ds_sampler_draw(r->smp, s.probs);
-					} else {
-						x = d; /* p == q: cannot reject */
-						ok = 1;
-					}
-				}
-			}
-			if (!ok)
-				break;
-			r->out[j] = d;
-			ds_sampler_accept(r->smp, d);
-			r->accepted++;
-		}
-		if (j == r->n_draft) { /* all drafts accepted: the bonus token */
-			ds_sampler_probs(r->smp, s.logits + (size_t)(off + j) * V, s.probs);
-			x = pick(r, s.probs, V);
-		}
-		ds_sampler_accept(r->smp, x);
-		r->out[j] = x;
-		r->n_out = j + 1;
-		r->steps++;
-		/* keep `last` and the accepted drafts in the cache, drop the rest */
-		if ((rc = ds_seq_truncate(r->seq, L + 1 + j)))
+		const int rows_i = s.items[i].n;
+		if ((rc = ds_spec_verify(r, s.logits + (size_t)off * V, V, s.probs)))
 			goto out;
-		if ((rc = ds_seq_mtp_truncate(r->seq, L < ds_seq_mtp_len(r->seq) ? L : ds_seq_mtp_len(r->seq))))
-			goto out;
-		r->last = x;
 		/* MTP positions L .. L+j take the tokens after them: drafts 1..j, x */
-		memcpy(s.toks + off, r->out, sizeof(int32_t) * (size_t)(j + 1));
+		memcpy(s.toks + off, r->out, sizeof(int32_t) * (size_t)r->n_out);
 		tk[i] = s.toks + off;
-		nt[i] = j + 1;
+		nt[i] = r->n_out;
 		hp[i] = hid + (size_t)off * H;
-		off += 1 + r->n_draft;
+		off += rows_i;
 	}
 	rc = draft(eng, reqs, n, tk, nt, hp, &s, e);
 out:

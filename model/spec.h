@@ -19,7 +19,8 @@ typedef struct ds_spec_req {
 	ds_seq *seq;
 	ds_sampler *smp;
 	int greedy;          /* temperature 0: drafts and checks by argmax */
-	int depth;           /* drafts per step, 0 = plain decoding */
+	int depth;           /* drafts per step, 0 = plain decoding (no MTP KV either) */
+	int want;            /* draft in the next call (1 after init); 0 only extends the MTP KV */
 	/* state: KV holds positions < ds_seq_len; `last` is the newest emitted
 	 * token, not yet in the cache; drafts follow it */
 	int32_t last;
@@ -46,5 +47,23 @@ int ds_spec_prefill(ds_engine *eng, ds_spec_req **reqs, const int32_t *const *pr
 		    ds_err *e);
 /* One decode step for n requests: each gets 1 .. depth+1 tokens in out. */
 int ds_spec_step(ds_engine *eng, ds_spec_req **reqs, int n, ds_err *e);
+
+/* The two halves of a step, for a caller (the daemon's batcher) that runs the
+ * main model itself, mixed with other sequences' prompt chunks.
+ * ds_spec_verify: r's step fed `last` and its n_draft drafts; logits holds
+ * those 1 + n_draft rows. Accepts the longest correct prefix (greedy) or by
+ * the speculative-sampling rule, puts the accepted drafts plus one token in
+ * out/n_out (sampler updated), and rolls the main and MTP KV back to `last`
+ * and the accepted drafts. probs: scratch of vocab floats.
+ * ds_spec_extend: runs the MTP module over the positions each request's
+ * main KV gained beyond its MTP KV (ntok[i] of them, from ds_seq_mtp_len;
+ * toks[i] the token after each, hid[i] the main model's final-normed hidden
+ * rows) and drafts for requests with depth > 0 and want set. Requests with
+ * depth 0 are skipped. Keeping the MTP KV in step with the main KV whether
+ * or not a request drafts lets the caller switch drafting per step and keeps
+ * shared prefix blocks valid for the MTP layer. */
+int ds_spec_verify(ds_spec_req *r, const float *logits, int vocab, float *probs);
+int ds_spec_extend(ds_engine *eng, ds_spec_req **reqs, int n, const int32_t *const *toks, const int *ntok,
+		   const float *const *hid, ds_err *e);
 
 #endif

@@ -83,7 +83,8 @@ check "$?" 0 "dsd exits 0"
 DPID=
 
 # A pool of 12 blocks of 16 tokens (v3: 20 KiB each) for 6 concurrent
-# requests that need 5 blocks each: sequences are preempted and recomputed,
+# requests that need 9 blocks each (any two overlapping exceed the pool):
+# sequences are preempted and recomputed,
 # and every stream still equals the offline generation.
 rm -f "$SOCK"
 "$DSD" serve --config "$T/empty.conf" --model "$MODEL" --socket "$SOCK" --threads 1 --block-tokens 16 \
@@ -94,10 +95,10 @@ for _ in $(seq 100); do
 	sleep 0.05
 done
 for i in 1 2 3 4 5 6; do
-	offline "$(seq -s, $((i * 50)) $((i * 50 + 39)))" 40 >"$T/want$i"
+	offline "$(seq -s, $((i * 50)) $((i * 50 + 39)))" 100 >"$T/want$i"
 done
 for i in 1 2 3 4 5 6; do
-	run "$(seq -s, $((i * 50)) $((i * 50 + 39)))" 40 >"$T/got$i" 2>&1 &
+	run "$(seq -s, $((i * 50)) $((i * 50 + 39)))" 100 >"$T/got$i" 2>&1 &
 done
 wait $(jobs -p | grep -v "^$DPID$")
 same=0
