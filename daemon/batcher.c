@@ -62,6 +62,7 @@ struct ds_batcher {
 	ds_step_item *items;
 	ds_req **item_req;
 	int items_cap;
+	int stepping;            /* inside step(): finished requests stay until its end */
 	float *logits, *probs, *hidden;
 	size_t logits_rows, hidden_rows;
 	/* ds_spec_extend's arguments, one per item */
@@ -382,7 +383,8 @@ static void finish(ds_batcher *b, ds_req *r, int why, const char *msg)
 	emit(b, r, &ev);
 	free(tail);
 	r->finished = 1;
-	leave_engine(b, r);
+	if (!b->stepping) /* else step() lets its MTP layer catch up first */
+		leave_engine(b, r);
 	r->ts = ds_tok_stream_free(r->ts);
 	pthread_mutex_lock(&b->st_mu);
 	if (why == DS_FINISH_CANCELLED)
@@ -398,7 +400,7 @@ static void finish(ds_batcher *b, ds_req *r, int why, const char *msg)
 			sample_add(&b->tpot, (now - r->t_first) * 1e3 / (r->n_gen - 1));
 		b->samples_dirty = 1;
 	}
-	if (!r->pend_head)
+	if (!r->pend_head && !b->stepping)
 		retire(b, r);
 }
 
@@ -670,7 +672,11 @@ static void offer(ds_batcher *b, ds_req *r, int bt)
 {
 	if (!b->pc || !r->seq)
 		return;
+	/* a request that stopped inside a verified run holds KV for accepted
+	 * drafts it never emitted: positions past its last token are not offered */
 	int n = ds_seq_len(r->seq);
+	if (n > r->sr.n_tokens - 1)
+		n = r->sr.n_tokens - 1;
 	if (r->spec.depth && ds_seq_mtp_len(r->seq) < n)
 		n = ds_seq_mtp_len(r->seq);
 	if (n / bt > r->offered) {
@@ -804,6 +810,7 @@ static int step(ds_batcher *b)
 	const int H = b->m->cfg.hidden_size;
 	const int want = n <= b->cfg.mtp_max_batch; /* draft for the next step */
 	int row = 0, hoff = 0, k = 0;
+	b->stepping = 1;
 	for (int i = 0; i < n; i++) {
 		ds_req *r = b->item_req[i];
 		const ds_step_item *it = &b->items[i];
@@ -844,15 +851,18 @@ static int step(ds_batcher *b)
 				}
 			}
 		}
-		if (mtp && r->spec.depth && !r->finished && r->seq) {
-			const int ml = ds_seq_mtp_len(r->seq), kl = ds_seq_len(r->seq);
+		if (mtp && r->spec.depth && r->seq) {
+			const int ml = ds_seq_mtp_len(r->seq);
+			int kl = ds_seq_len(r->seq);
+			if (kl > r->sr.n_tokens - 1)
+				kl = r->sr.n_tokens - 1; /* stopped inside a verified run */
 			if (ml < kb) {
 				r->spec.depth = 0; /* cannot happen while every step extends the MTP KV */
 				ds_log(DS_LOG_WARNING, "request %llu: MTP KV behind the main KV; drafting off",
 				       (unsigned long long)r->id);
 			} else if (kl > ml) {
 				r->spec.seq = r->seq;
-				r->spec.want = r->mtp && want && kl + 1 == r->sr.n_tokens;
+				r->spec.want = r->mtp && want && !r->finished && kl + 1 == r->sr.n_tokens;
 				b->x_req[k] = &r->spec;
 				b->x_tok[k] = r->tokens + ml + 1;
 				b->x_n[k] = kl - ml;
@@ -863,6 +873,15 @@ static int step(ds_batcher *b)
 		hoff += it->n;
 	}
 	mtp_extend(b, k, bt);
+	b->stepping = 0;
+	for (int i = 0; i < n; i++) {
+		ds_req *r = b->item_req[i];
+		if (!r->finished)
+			continue;
+		leave_engine(b, r);
+		if (!r->pend_head)
+			retire(b, r);
+	}
 	pthread_mutex_lock(&b->st_mu);
 	b->st.steps++;
 	b->st.last_step_ms = dt * 1e3;

@@ -17,3 +17,4 @@ bench-prefix: $(BUILD)/bench/bench_prefix
 
 # The prefix cache through a real dsd: identical tokens, stats keys, dsctl cache flush.
 SHELL_TESTS += tests/integration/prefix_cache.sh
+SHELL_TESTS += tests/integration/mtp.sh

@@ -94,6 +94,9 @@ static void *run_job(void *arg)
 	p.temperature = j->temp;
 	p.seed = j->seed;
 	p.has_seed = 1;
+	/* sampled streams are compared with dsd generate --no-mtp: whether a step
+	 * drafts depends on the batch, and drafting consumes the RNG differently */
+	p.no_mtp = 1;
 	uint64_t id;
 	rc = ds_client_generate(c, &p, &id);
 	if (rc) {

@@ -2,7 +2,7 @@
 # Integration test of the serving path: a real dsd on a temporary socket with
 # the v3 fixture model (token ids), driven through dsctl, libdsclient
 # (serve_driver) and raw sockets. The reference for every stream is the
-# offline `dsd generate --no-mtp` (same seed, same tokens).
+# offline `dsd generate` (same seed and MTP setting, same tokens).
 set -uo pipefail
 BUILD=${DS_BUILD:-build}
 DSD=$BUILD/bin/dsd
@@ -97,13 +97,18 @@ got=$("$DSCTL" --socket "$SOCK" run --prompt-ids 5,6,7,8 --max-tokens 24 --ids -
 check "$got" "$want" "greedy stream (ring) equals dsd generate"
 got=$("$DSCTL" --socket "$SOCK" run --prompt-ids 5,6,7,8 --max-tokens 24 --ids --no-ring --temperature 0)
 check "$got" "$want" "greedy stream (socket notifications) equals dsd generate"
+# A seed reproduces a sampled stream for the same MTP setting: speculative
+# sampling draws from the same distribution but consumes the RNG differently.
 for seed in 1 7; do
 	want=$(offline 9,3,100,42,7 30 $seed 0.9)
+	got=$("$DSCTL" --socket "$SOCK" run --prompt-ids 9,3,100,42,7 --max-tokens 30 --ids --seed $seed --temperature 0.9 --no-mtp)
+	check "$got" "$want" "sampled stream (seed $seed, T 0.9, --no-mtp) equals dsd generate --no-mtp"
+	want=$("$DSD" generate --model "$MODEL" --ids 9,3,100,42,7 --max-tokens 30 --seed $seed --temperature 0.9 --threads 1 2>/dev/null)
 	got=$("$DSCTL" --socket "$SOCK" run --prompt-ids 9,3,100,42,7 --max-tokens 30 --ids --seed $seed --temperature 0.9)
-	check "$got" "$want" "sampled stream (seed $seed, T 0.9) equals dsd generate"
+	check "$got" "$want" "sampled stream (seed $seed, T 0.9, MTP drafting) equals dsd generate (MTP depth 1)"
 done
 want=$("$DSD" generate --model "$MODEL" --ids 5,6,7,8 --max-tokens 12 --no-mtp --threads 1 2>/dev/null)
-got=$("$DSCTL" --socket "$SOCK" run --prompt-ids 5,6,7,8 --max-tokens 12 --ids)
+got=$("$DSCTL" --socket "$SOCK" run --prompt-ids 5,6,7,8 --max-tokens 12 --ids --no-mtp)
 check "$got" "$want" "default sampling settings (T 1, seed 0) equal those of dsd generate"
 json=$("$DSCTL" --socket "$SOCK" run --prompt-ids 5,6,7,8 --max-tokens 3 --json --logprobs 2)
 last=$(tail -1 <<<"$json")
