@@ -1116,8 +1116,9 @@ int ds_batcher_start(ds_engine *eng, const ds_tok *tok, const ds_batcher_cfg *c,
 	b->tok = tok;
 	b->cfg = *c;
 	b->V = b->m->cfg.vocab_size;
-	if (b->m->n_mtp == 0 || b->cfg.mtp_depth < 0)
-		b->cfg.mtp_depth = 0; /* no MTP layer: plain decoding */
+	/* no MTP layer, or never drafting: plain decoding, and no MTP KV to keep */
+	if (b->m->n_mtp == 0 || b->cfg.mtp_depth < 0 || b->cfg.mtp_max_batch <= 0)
+		b->cfg.mtp_depth = 0;
 	if (b->cfg.mtp_depth > DS_SPEC_MAX_DEPTH)
 		b->cfg.mtp_depth = DS_SPEC_MAX_DEPTH;
 	b->max_ctx = b->m->cfg.max_position_embeddings;

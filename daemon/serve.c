@@ -30,8 +30,11 @@
 #define SOCK_BUDGET (256 * 1024)
 /* Largest batch at which drafting with the MTP module still speeds decoding
  * up, per backend ([scheduler] mtp_max_batch = -1): measured with
- * `make bench-spec` (docs/PERFORMANCE.md, speculative decoding). */
-#define DS_MTP_MAX_BATCH_CPU 2
+ * `make bench-spec` (docs/PERFORMANCE.md, speculative decoding). On the CPU
+ * a 2-token step costs 1.6-1.9x a 1-token one for the models we can measure
+ * (they fit in cache: compute-bound even at batch 1), so drafting never pays
+ * and MTP is off unless configured. */
+#define DS_MTP_MAX_BATCH_CPU 0
 #define DS_MTP_MAX_BATCH_CUDA 16
 
 /* ---- configuration ---- */

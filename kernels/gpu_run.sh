@@ -1,6 +1,6 @@
 #!/bin/bash
 # The GPU machine's part of `make check-gpu` / `make bench-gpu` for a carried
-# build folder (no rebuild there): gpu_run.sh BUILD tests|bench-v2|bench-fp8
+# build folder (no rebuild there): gpu_run.sh BUILD tests|bench-v2|bench-fp8|spec
 set -o pipefail
 B=$1; what=$2
 export PYTHONUNBUFFERED=1
@@ -36,4 +36,17 @@ m.write_model("/tmp/dsd-bench-models/v3slice-fp8", m.v3_config(False), True, 4, 
 PY
 	timeout 300 $B/bench/bench_gpu $M/v3slice-fp8 v3slice-fp8
 	rm -rf $M/v3slice-fp8 ;;
+spec)
+	# speculative decoding: the trained default model (acceptance is real),
+	# then the verify-2 / 1-token step ratio on the V2-Lite-shaped model
+	timeout 120 $B/bench/bench_spec --backend cuda --batches 1,4,16,64 models/dsv3-tiny/bf16
+	timeout 120 $B/bench/bench_spec --backend cuda --batches 1,4,16,64 models/dsv3-tiny/fp8
+	DS_BUILD=$B DS_BACKEND=cuda DS_MTP_SAMPLES=100 timeout 150 bash tests/integration/mtp.sh
+	python3 - <<'PY' || exit 1
+import sys
+sys.path.insert(0, "tools"); import make_bench_models as m
+m.write_model("/tmp/dsd-bench-models/v2lite-bf16", m.v2_config(False), False, 3, True)
+PY
+	timeout 240 $B/bench/bench_spec --ratio --backend cuda --batches 1,4,16,64 $M/v2lite-bf16
+	rm -rf $M/v2lite-bf16 ;;
 esac

@@ -21,3 +21,8 @@ bench-gpu:
 	DS_BENCH_PROFILE=1 kernels/gpu_run.sh $(BUILD) bench-v2
 	DS_BENCH_PROFILE=1 kernels/gpu_run.sh $(BUILD) bench-fp8
 .PHONY: check-gpu bench-gpu
+# speculative decoding on the GPU (docs/PERFORMANCE.md): bench_spec on the
+# default model, mtp.sh against the CUDA backend, verify-2/1 ratio on V2-Lite
+bench-spec-gpu:
+	kernels/gpu_run.sh $(BUILD) spec
+.PHONY: bench-spec-gpu

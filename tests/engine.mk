@@ -16,3 +16,12 @@ bench_cpu_SRCS := tests/bench_cpu.c
 bench-cpu: $(BUILD)/bench/bench_cpu
 	$(BUILD)/bench/bench_cpu tests/fixtures/v3 tests/fixtures/v2lite tests/fixtures/fp8 $(wildcard models/*/bf16)
 .PHONY: bench-cpu
+
+# speculative decoding: MTP off / KV only / drafting at batch 1..64, and the
+# verify-2 over 1-token step ratio (docs/PERFORMANCE.md)
+BENCHES += bench_spec
+bench_spec_SRCS := tests/bench_spec.c
+bench-spec: $(BUILD)/bench/bench_spec
+	$(BUILD)/bench/bench_spec --threads $(or $(DS_BENCH_THREADS),0) models/dsv3-tiny/bf16
+	$(BUILD)/bench/bench_spec --ratio --threads $(or $(DS_BENCH_THREADS),0) --batches 1,4,16 tests/fixtures/v2lite
+.PHONY: bench-spec

@@ -13,6 +13,8 @@ BUILD=${DS_BUILD:-build}
 DSD=$BUILD/bin/dsd
 DSCTL=$BUILD/bin/dsctl
 MODEL=models/dsv3-tiny/bf16
+BACKEND=${DS_BACKEND:-cpu}   # the GPU machine runs it with cuda
+N=${DS_MTP_SAMPLES:-400}
 pass=0
 fail=0
 ok() { pass=$((pass + 1)); echo "ok   $1"; }
@@ -37,7 +39,7 @@ fi
 start() { # extra serve flags
 	[ -n "$DPID" ] && { kill "$DPID"; wait "$DPID"; }
 	rm -f "$SOCK"
-	"$DSD" serve --config "$T/empty.conf" --model "$MODEL" --socket "$SOCK" --threads 1 --backend cpu "$@" \
+	"$DSD" serve --config "$T/empty.conf" --model "$MODEL" --socket "$SOCK" --threads 1 --backend "$BACKEND" "$@" \
 		2>>"$T/dsd.log" &
 	DPID=$!
 	for _ in $(seq 200); do
@@ -66,7 +68,7 @@ PROMPTS=("Once upon a time" "The king said" "In the morning the" "She looked at 
 # over two 16-token blocks, for the prefix cache
 LONG="The history of the old kingdom began in the days of the first king, who ruled the land for many years and built a city by the river."
 for i in "${!PROMPTS[@]}"; do
-	"$DSD" generate --model "$MODEL" --prompt "${PROMPTS[$i]}" --max-tokens 40 --temperature 0 --no-mtp --threads 1 \
+	"$DSD" generate --model "$MODEL" --backend "$BACKEND" --prompt "${PROMPTS[$i]}" --max-tokens 40 --temperature 0 --no-mtp --threads 1 \
 		--json 2>/dev/null | grep -o '^{"id":[0-9]*' | cut -d: -f2 | paste -sd' ' >"$T/want$i"
 done
 [ -s "$T/want0" ] && ok "offline references (dsd generate --no-mtp)" || bad "offline references" "$(cat "$T/want0")"
@@ -103,7 +105,7 @@ check "$(num drafted "$json")" 0 "--no-mtp: nothing drafted for that request"
 
 # --- a prompt served from the prefix cache still drafts, and equals offline ---
 start --mtp-max-batch 64 --block-tokens 16 || bad "dsd serve --block-tokens 16 started"
-want=$("$DSD" generate --model "$MODEL" --prompt "$LONG" --max-tokens 40 --temperature 0 --no-mtp --threads 1 \
+want=$("$DSD" generate --model "$MODEL" --backend "$BACKEND" --prompt "$LONG" --max-tokens 40 --temperature 0 --no-mtp --threads 1 \
 	--json 2>/dev/null | grep -o '^{"id":[0-9]*' | cut -d: -f2 | paste -sd' ')
 check "$(run "$LONG")" "$want" "long prompt, MTP on: equals offline"
 json=$("$DSCTL" --socket "$SOCK" run --json --temperature 0 --max-tokens 40 "$LONG")
@@ -125,6 +127,7 @@ start --mtp-max-batch 0 || bad "dsd serve --mtp-max-batch 0 started"
 check "$(concurrent "")" 8 "mtp_max_batch 0: 8/8 equal"
 st=$(stats_until '"live":0')
 check "$(num drafted "$st")" 0 "mtp_max_batch 0: nothing drafted"
+check "$(num depth "$st")" 0 "mtp_max_batch 0: MTP off (no MTP KV kept)"
 start --mtp-max-batch 2 || bad "dsd serve --mtp-max-batch 2 started"
 check "$(concurrent "")" 8 "mtp_max_batch 2, 8 at once: 8/8 equal"
 st=$(stats_until '"live":0')
@@ -158,7 +161,6 @@ pre=$(num preempted "$st")
 
 # --- sampling: the same distribution with and without MTP ---
 start --mtp-max-batch 64 || bad "dsd serve started (sampling)"
-N=400
 for s in $(seq 1 $N); do
 	"$DSCTL" --socket "$SOCK" run --ids --temperature 1 --top-k 3 --max-tokens 2 --seed $s "${PROMPTS[0]}"
 done >"$T/with"

@@ -88,7 +88,7 @@ for _ in $(seq 40); do "$DSCTL" --socket "$T/allow.sock" status >/dev/null 2>&1 
 check "$rc" 0 "allow_users: a listed peer is served"
 kill -TERM $APID; wait $APID
 
-start_dsd --ring-bytes 4096 --max-requests-per-client 4 || { echo "$pass passed, $fail failed"; exit 1; }
+start_dsd --ring-bytes 4096 --max-requests-per-client 4 --mtp-max-batch 4 || { echo "$pass passed, $fail failed"; exit 1; }
 stat -c %a "$SOCK" | grep -qx 660 && ok "socket file is 0660" || bad "socket mode" "$(stat -c %a "$SOCK")"
 
 # --- streams equal the offline generator ---
