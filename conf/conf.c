@@ -77,7 +77,7 @@ static const ds_conf_key keys[] = {
 	{ "scheduler", "mtp_max_batch", "mtp-max-batch", DS_CONF_T_INT, F(mtp_max_batch), -1, 4096, "-1", 0,
 	  "draft only while a step runs at most this many sequences (larger batches are compute-bound and "
 	  "verifying drafts costs more than it saves); 0 = never draft (and keep no MTP KV); -1 = the backend's "
-	  "measured default (cpu 0, cuda 16)",
+	  "measured default (cpu 0, cuda 4)",
 	  NULL },
 };
 
