@@ -23,5 +23,5 @@ BENCHES += bench_spec
 bench_spec_SRCS := tests/bench_spec.c
 bench-spec: $(BUILD)/bench/bench_spec
 	$(BUILD)/bench/bench_spec --threads $(or $(DS_BENCH_THREADS),0) models/dsv3-tiny/bf16
-	$(BUILD)/bench/bench_spec --ratio --threads $(or $(DS_BENCH_THREADS),0) --batches 1,4,16 tests/fixtures/v2lite
+	$(BUILD)/bench/bench_spec --ratio --threads $(or $(DS_BENCH_THREADS),0) --batches 1,4,16 --context 256 models/dsv3-tiny/bf16
 .PHONY: bench-spec
