@@ -12,6 +12,7 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
@@ -399,12 +400,15 @@ DSC_EXPORT int ds_client_connect(const char *path, const ds_client_opts *opts, d
 	if (!path)
 		path = getenv("DSD_SOCKET");
 	if (!path || !*path) {
+		/* the user's own daemon when one is listening, else the system
+		 * service's socket (where a member of group dsd gets in) */
 		const char *x = getenv("XDG_RUNTIME_DIR");
-		if (geteuid() != 0 && x)
-			snprintf(buf, sizeof(buf), "%s/dsd.sock", x);
+		struct stat st;
+		if (geteuid() != 0 && x && snprintf(buf, sizeof(buf), "%s/dsd.sock", x) < (int)sizeof(buf) &&
+		    stat(buf, &st) == 0)
+			path = buf;
 		else
-			snprintf(buf, sizeof(buf), "/run/dsd/dsd.sock");
-		path = buf;
+			path = "/run/dsd/dsd.sock";
 	}
 	struct sockaddr_un a = { .sun_family = AF_UNIX };
 	if (strlen(path) >= sizeof(a.sun_path))

@@ -34,8 +34,9 @@ typedef struct ds_client_opts {
 	int timeout_ms;     /* for connect and each call; 0: 30000, -1: none */
 } ds_client_opts;
 
-/* path NULL: $DSD_SOCKET, else $XDG_RUNTIME_DIR/dsd.sock (non-root) or
- * /run/dsd/dsd.sock (root). opts may be NULL. -ENOENT / -ECONNREFUSED /
+/* path NULL: $DSD_SOCKET, else $XDG_RUNTIME_DIR/dsd.sock when that file
+ * exists (non-root: the user's own daemon), else /run/dsd/dsd.sock (the
+ * system service). opts may be NULL. -ENOENT / -ECONNREFUSED /
  * -EACCES when no daemon answers there. */
 int ds_client_connect(const char *path, const ds_client_opts *opts, ds_client **ret);
 ds_client *ds_client_free(ds_client *c);

@@ -574,9 +574,9 @@ static void usage(FILE *f)
 	fprintf(f, "usage: dsctl [--socket PATH] VERB [OPTIONS]\n\nverbs:\n");
 	for (size_t i = 0; i < sizeof(verbs) / sizeof(verbs[0]); i++)
 		fprintf(f, "  %-10s %s\n", verbs[i].name, verbs[i].help);
-	fprintf(f, "\nThe socket is --socket PATH, else $DSD_SOCKET, else $XDG_RUNTIME_DIR/dsd.sock\n"
-		   "(/run/dsd/dsd.sock for root). Exit status: 0 done, 1 the request failed,\n"
-		   "2 usage, 3 cannot connect.\n");
+	fprintf(f, "\nThe socket is --socket PATH, else $DSD_SOCKET, else $XDG_RUNTIME_DIR/dsd.sock when\n"
+		   "it exists (not for root), else the system service's /run/dsd/dsd.sock.\n"
+		   "Exit status: 0 done, 1 the request failed, 2 usage, 3 cannot connect.\n");
 }
 
 int main(int argc, char **argv)

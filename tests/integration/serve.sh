@@ -90,6 +90,10 @@ kill -TERM $APID; wait $APID
 
 start_dsd --ring-bytes 4096 --max-requests-per-client 4 --mtp-max-batch 4 || { echo "$pass passed, $fail failed"; exit 1; }
 stat -c %a "$SOCK" | grep -qx 660 && ok "socket file is 0660" || bad "socket mode" "$(stat -c %a "$SOCK")"
+if [ "$(id -u)" != 0 ]; then # root's default is the system socket
+	env -u DSD_SOCKET XDG_RUNTIME_DIR="$T" "$DSCTL" status >/dev/null 2>&1
+	check "$?" 0 "dsctl without --socket finds \$XDG_RUNTIME_DIR/dsd.sock"
+fi
 
 # --- streams equal the offline generator ---
 want=$(offline 5,6,7,8 24 0 0)
