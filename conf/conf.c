@@ -28,6 +28,9 @@ static const ds_conf_key keys[] = {
 	{ "model", "block_tokens", "block-tokens", DS_CONF_T_INT, F(block_tokens), 16, 1024, "64", 0,
 	  "tokens per KV block", NULL },
 	{ "model", "device", "device", DS_CONF_T_INT, F(device), 0, 63, "0", 0, "CUDA device index", NULL },
+	{ "model", "uring_load", "uring-load", DS_CONF_T_INT, F(uring_load), 0, 1, "1", 0,
+	  "cuda: 1 streams the weights from disk with io_uring (O_DIRECT where allowed); 0 uploads them from "
+	  "the memory-mapped files", NULL },
 	{ "model", "gpu_kv_fraction", "gpu-kv-fraction", DS_CONF_T_DOUBLE, F(gpu_kv_fraction), 0.01, 0.99, "0.9", 0,
 	  "fraction of free GPU memory (after the weights) for the KV pool", NULL },
 	{ "server", "socket", "socket", DS_CONF_T_STRING, F(socket), 0, 0, "", 0,

@@ -29,6 +29,7 @@ typedef struct ds_conf {
 	int64_t kv_bytes;
 	int64_t block_tokens;
 	int64_t device;
+	int64_t uring_load;
 	double gpu_kv_fraction;
 	/* [server] */
 	char socket[DS_CONF_STR];

@@ -664,9 +664,12 @@ static void m_status(ds_srv *s, ds_conn *c, const ds_ipc_msg *m)
 	ds_mp_pack_str(&k.p, "model");
 	model_info(s, &k.p);
 	ds_mp_pack_str(&k.p, "load");
-	msgpack_pack_map(&k.p, 2);
+	msgpack_pack_map(&k.p, 5);
 	kv_f64(&k.p, "progress", 1.0); /* the socket opens once the model is loaded */
 	kv_f64(&k.p, "seconds", s->load_s);
+	kv_u64(&k.p, "bytes_streamed", s->load_bytes);
+	kv_str(&k.p, "method", !s->load_bytes ? "mmap" : s->load_uring == 1 ? "io_uring" : "pread");
+	kv_i64(&k.p, "o_direct", s->load_direct);
 	ds_mp_pack_str(&k.p, "memory");
 	msgpack_pack_map(&k.p, 5);
 	kv_i64(&k.p, "rss_bytes", rss_bytes());

@@ -2,6 +2,7 @@
  * (bound here or passed by systemd), the model, and the epoll loop that
  * serves every client without ever waiting on the engine thread. */
 #include <errno.h>
+#include <pthread.h>
 #include <fcntl.h>
 #include <getopt.h>
 #include <grp.h>
@@ -611,6 +612,59 @@ static int open_socket(ds_srv *s, ds_err *e)
 	return 0;
 }
 
+/* While the model loads: STATUS= with bytes, total and rate, and
+ * EXTEND_TIMEOUT_USEC= so that systemd's start timeout does not kill a long
+ * load that is making progress. */
+typedef struct {
+	pthread_mutex_t mu;
+	pthread_cond_t cv;
+	int done;
+	const char *model;
+	ds_wload_progress prog;
+} load_watch;
+
+static void *load_watch_run(void *arg)
+{
+	load_watch *w = arg;
+	pthread_mutex_lock(&w->mu);
+	while (!w->done) {
+		struct timespec ts;
+		clock_gettime(CLOCK_REALTIME, &ts);
+		ts.tv_sec += 1;
+		pthread_cond_timedwait(&w->cv, &w->mu, &ts);
+		if (w->done)
+			break;
+		ds_wload_snapshot sn;
+		ds_wload_progress_read(&w->prog, &sn);
+		if (sn.total)
+			sd_notifyf(0, "STATUS=loading %s: %.1f of %.1f GB (%.0f%%), %.2f GB/s\nEXTEND_TIMEOUT_USEC=30000000",
+				   w->model, sn.done / 1e9, sn.total / 1e9, 100.0 * (double)sn.done / (double)sn.total,
+				   sn.bytes_per_s / 1e9);
+		else
+			sd_notifyf(0, "STATUS=loading %s\nEXTEND_TIMEOUT_USEC=30000000", w->model);
+	}
+	pthread_mutex_unlock(&w->mu);
+	return NULL;
+}
+
+static int create_engine(ds_srv *s, ds_engine_config *ec, ds_err *e)
+{
+	load_watch w = { .mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER, .model = s->conf.model };
+	ec->load_progress = &w.prog;
+	pthread_t th;
+	int watching = pthread_create(&th, NULL, load_watch_run, &w) == 0;
+	int rc = ds_engine_create(s->m, ec, &s->eng, e);
+	if (watching) {
+		pthread_mutex_lock(&w.mu);
+		w.done = 1;
+		pthread_cond_signal(&w.cv);
+		pthread_mutex_unlock(&w.mu);
+		pthread_join(th, NULL);
+	}
+	ec->load_progress = NULL;
+	return rc;
+}
+
 static int load_model(ds_srv *s, ds_err *e)
 {
 	struct stat st;
@@ -633,15 +687,27 @@ static int load_model(ds_srv *s, ds_err *e)
 	ec.gpu_kv_fraction = s->conf.gpu_kv_fraction;
 	const char *want = s->conf.backend;
 	ec.backend = !strcmp(want, "auto") ? "cuda" : want;
-	rc = ds_engine_create(s->m, &ec, &s->eng, e);
+	ec.uring_load = (int)s->conf.uring_load;
+	rc = create_engine(s, &ec, e);
 	if (rc && !strcmp(want, "auto")) {
 		ds_log(DS_LOG_NOTICE, "backend auto: no usable CUDA backend (%s); using the CPU", e->msg);
 		ec.backend = "cpu";
-		rc = ds_engine_create(s->m, &ec, &s->eng, e);
+		rc = create_engine(s, &ec, e);
 	}
 	if (rc)
 		return rc;
 	s->backend = ds_engine_backend_name(s->eng);
+	const ds_wload_result *lr = ds_engine_load_result(s->eng);
+	if (lr->tensor_bytes) {
+		s->load_bytes = lr->tensor_bytes;
+		s->load_uring = lr->io_uring ? 1 : 2;
+		s->load_direct = !lr->buffered_shards;
+		ds_log(DS_LOG_INFO, "streamed %.2f GB of weights in %.2f s (%.2f GB/s, %s%s)", lr->tensor_bytes / 1e9,
+		       lr->seconds, lr->seconds > 0 ? lr->tensor_bytes / 1e9 / lr->seconds : 0.0,
+		       lr->io_uring ? "io_uring" : "pread: io_uring unavailable",
+		       lr->buffered_shards ? (lr->direct_refused ? ", buffered: O_DIRECT refused" : ", buffered")
+					   : ", O_DIRECT");
+	}
 	char tj[DS_CONF_STR + 32];
 	snprintf(tj, sizeof(tj), "%s/tokenizer.json", s->conf.model);
 	if (access(tj, F_OK) == 0) {

@@ -43,6 +43,9 @@ typedef struct ds_srv {
 	int n_allow_uid, n_allow_gid;
 	int stopping;               /* 1 draining, 2 cancelled after the deadline */
 	double t_start, load_s;
+	uint64_t load_bytes;         /* streamed by io_uring (GPU), 0 with mmap */
+	int load_uring;              /* 1: io_uring carried the weights; 2: it fell back to pread */
+	int load_direct;             /* 1: O_DIRECT throughout */
 	const char *backend;
 	uint64_t rejected, protocol_errors, connections;
 } ds_srv;

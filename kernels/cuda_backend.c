@@ -20,6 +20,8 @@
 #include "kernels/rope.h"
 #include "model/backend.h"
 #include "model/cpu_ops.h"
+#include "model/wload.h"
+#include "model/wload_cuda.h"
 
 #include <cublas_v2.h>
 
@@ -50,6 +52,10 @@ struct ds_backend {
 	int n_allocs, cap_allocs;
 	size_t weight_bytes;
 	int fallbacks;
+	/* Raw weight bytes streamed by io_uring (model/wload.h) into one device
+	 * arena; matrices used as stored point into it. NULL: mmap + upload. */
+	ds_wload_cuda *wl;
+	const ds_tensor_ref *ref0;
 	dlayer *L;
 	dsk_bf16 *embed;
 	float *final_norm, *inv_freq;
@@ -161,10 +167,20 @@ static int upload(void *dst, const void *src, size_t n, ds_err *e)
 	return err == cudaSuccess ? 0 : cerr(e, err, "weight upload");
 }
 
+/* The tensor's bytes in the io_uring arena, or NULL (not streamed). */
+static void *arena_ptr(const ds_backend *b, const ds_tensor_ref *t)
+{
+	return b->wl && t ? ds_wload_cuda_ptr(b->wl, (size_t)(t - b->ref0)) : NULL;
+}
+
 /* Any stored dtype to bf16 rows, converted on the host a row at a time. */
 static dsk_bf16 *upload_bf16(ds_backend *b, const ds_wmat *W, ds_err *e, int *rc)
 {
 	const size_t n = (size_t)W->rows * W->cols;
+	if (!*rc && W->w->dtype == DS_DT_BF16 && arena_ptr(b, W->w)) {
+		b->weight_bytes += n * 2;
+		return arena_ptr(b, W->w);
+	}
 	dsk_bf16 *d = dalloc(b, n * 2, e, rc);
 	if (*rc)
 		return NULL;
@@ -216,9 +232,12 @@ static void load_weight(ds_backend *b, const ds_wmat *W, dsk_weight *out, ds_err
 								  : ds_bf16_to_f32(((const uint16_t *)W->scale_inv->data)[i]);
 			}
 		size_t n = (size_t)W->rows * W->cols;
-		void *dw = dalloc(b, n, e, rc);
+		void *dw = arena_ptr(b, W->w);
+		int streamed = dw != NULL;
+		if (!streamed)
+			dw = dalloc(b, n, e, rc);
 		float *ds = dalloc(b, sizeof(float) * (size_t)sr * sld, e, rc);
-		if (!*rc)
+		if (!*rc && !streamed)
 			*rc = upload(dw, W->w->data, n, e);
 		if (!*rc)
 			*rc = upload(ds, hs, sizeof(float) * (size_t)sr * sld, e);
@@ -303,6 +322,7 @@ static void destroy(ds_backend *b)
 		return;
 	if (b->s)
 		cudaStreamSynchronize(b->s);
+	b->wl = ds_wload_cuda_free(b->wl);
 	for (int i = 0; i < b->n_allocs; i++)
 		cudaFree(b->allocs[i]);
 	free(b->allocs);
@@ -339,6 +359,44 @@ static size_t weights_needed(const ds_model *m)
 		total += t->dtype == DS_DT_F8_E4M3 ? n : t->dtype == DS_DT_F32 && t->ndim == 2 ? 2 * n : t->nbytes;
 	}
 	return total;
+}
+
+/* Streams every matrix stored as bf16 or FP8 (what the kernels use as
+ * stored: the bulk of the bytes) from the shards into one device arena with
+ * io_uring, O_DIRECT where the filesystem allows it; vectors, scales and
+ * matrices that need converting still come from the mapping. A short read, a
+ * changed shard or an I/O error fails the whole load (nothing half-loaded). */
+static int stream_weights(ds_backend *b, ds_backend_config *cfg, ds_err *e)
+{
+	const ds_weights *w = b->m->weights;
+	size_t n_all = ds_weights_count(w), n = 0;
+	const ds_tensor_ref **refs = malloc(sizeof(*refs) * (n_all ? n_all : 1));
+	if (!refs)
+		return -ENOMEM;
+	for (size_t i = 0; i < n_all; i++) {
+		const ds_tensor_ref *t = ds_weights_at(w, i);
+		if (t->used && t->ndim == 2 && (t->dtype == DS_DT_BF16 || t->dtype == DS_DT_F8_E4M3))
+			refs[n++] = t;
+	}
+	int rc = 0;
+	size_t bytes = ds_wload_cuda_arena_bytes(w, refs, n);
+	void *arena = n ? dalloc(b, bytes, e, &rc) : NULL;
+	if (!rc && n)
+		rc = ds_wload_cuda_new(w, arena, bytes, 4, &b->wl);
+	if (!rc && n) {
+		ds_wload_sink sink;
+		ds_wload_cuda_sink(b->wl, &sink);
+		b->ref0 = ds_weights_at(w, 0);
+		rc = ds_wload_run(w, refs, n, &sink, NULL, cfg->load_progress, &cfg->load_result, e);
+		if (!rc && (rc = ds_wload_cuda_sync(b->wl)))
+			ds_errf(e, rc, "cuda backend: weight upload: %s", ds_wload_cuda_error(b->wl));
+		else if (rc && !e->msg[0])
+			ds_errf(e, rc, "cuda backend: streaming the weights failed: %s", ds_wload_cuda_error(b->wl));
+	} else if (rc == -ENOMEM && !e->msg[0]) {
+		ds_errf(e, rc, "cuda backend: out of memory");
+	}
+	free(refs);
+	return rc;
 }
 
 static int create(const ds_model *m, ds_backend_config *cfg, ds_backend **out, ds_err *e)
@@ -399,6 +457,10 @@ static int create(const ds_model *m, ds_backend_config *cfg, ds_backend **out, d
 		destroy(b);
 		return -ENOMEM;
 	}
+	if (cfg->uring_load && (rc = stream_weights(b, cfg, e))) {
+		destroy(b);
+		return rc;
+	}
 	b->embed = load_embed(b, m->embed, c->vocab_size, H, e, &rc);
 	b->final_norm = load_vec(b, m->final_norm, H, e, &rc);
 	load_weight(b, &m->lm_head, &b->lm_head, e, &rc);
@@ -453,6 +515,7 @@ static int create(const ds_model *m, ds_backend_config *cfg, ds_backend **out, d
 			d->mtp_embed = load_embed(b, w->mtp_embed, c->vocab_size, H, e, &rc);
 		}
 	}
+	b->wl = ds_wload_cuda_free(b->wl); /* the arena stays: weights point into it */
 	float inv_freq[512];
 	ds_rope_inv_freq(c, inv_freq, &b->attn_factor);
 	b->softmax_scale = (float)ds_config_softmax_scale(c);

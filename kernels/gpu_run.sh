@@ -1,6 +1,6 @@
 #!/bin/bash
 # The GPU machine's part of `make check-gpu` / `make bench-gpu` for a carried
-# build folder (no rebuild there): gpu_run.sh BUILD tests|bench-v2|bench-fp8|spec
+# build folder (no rebuild there): gpu_run.sh BUILD tests|bench-v2|bench-fp8|spec|first-token
 set -o pipefail
 B=$1; what=$2
 export PYTHONUNBUFFERED=1
@@ -36,6 +36,17 @@ m.write_model("/tmp/dsd-bench-models/v3slice-fp8", m.v3_config(False), True, 4, 
 PY
 	timeout 300 $B/bench/bench_gpu $M/v3slice-fp8 v3slice-fp8
 	rm -rf $M/v3slice-fp8 ;;
+first-token)
+	# dsd serve -> first token on the V2-Lite-shaped model (31.4 GB), weights
+	# streamed with io_uring vs uploaded from the mapping, page cache dropped
+	python3 - <<'PY' || exit 1
+import sys
+sys.path.insert(0, "tools"); import make_bench_models as m
+m.write_model("/tmp/dsd-bench-models/v2lite-bf16", m.v2_config(False), False, 3, True)
+PY
+	tools/bench_first_token.sh $B $M/v2lite-bf16 1 3
+	tools/bench_first_token.sh $B $M/v2lite-bf16 0 2
+	rm -rf $M/v2lite-bf16 ;;
 spec)
 	# speculative decoding: the trained default model (acceptance is real),
 	# then the verify-2 / 1-token step ratio on the V2-Lite-shaped model

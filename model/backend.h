@@ -11,6 +11,7 @@
 
 #include "model/err.h"
 #include "model/model.h"
+#include "model/wload.h"
 
 typedef struct ds_backend ds_backend;
 
@@ -20,6 +21,9 @@ typedef struct ds_backend_config {
 	int block_tokens;   /* tokens per block */
 	int device;         /* GPU ordinal */
 	double gpu_kv_fraction; /* of free memory after weights, when kv_blocks == 0 */
+	int uring_load;     /* GPU: stream the weights with io_uring (model/wload.h), else upload from the mapping */
+	ds_wload_progress *load_progress; /* optional, updated while streaming */
+	ds_wload_result load_result;      /* out: what streaming did (zero when it did not run) */
 } ds_backend_config;
 
 /* One forward step over a batch of sequences. Sequence i contributes n_new[i]

@@ -10,6 +10,7 @@ struct ds_engine {
 	ds_backend *be;
 	ds_kv_pool *pool;
 	int block_tokens;
+	ds_wload_result load;
 	/* step scratch */
 	int *n_new, *pos0, *logits_from;
 	const int32_t **tables;
@@ -31,6 +32,7 @@ void ds_engine_config_default(ds_engine_config *c)
 	c->backend = "cpu";
 	c->block_tokens = 64;
 	c->gpu_kv_fraction = 0.9;
+	c->uring_load = 1;
 }
 
 int ds_engine_create(const ds_model *m, const ds_engine_config *cfg, ds_engine **out, ds_err *e)
@@ -56,6 +58,8 @@ int ds_engine_create(const ds_model *m, const ds_engine_config *cfg, ds_engine *
 		.kv_blocks = cfg->kv_blocks,
 		.device = cfg->device,
 		.gpu_kv_fraction = cfg->gpu_kv_fraction,
+		.uring_load = cfg->uring_load,
+		.load_progress = cfg->load_progress,
 	};
 	if (bc.kv_blocks <= 0 && !strcmp(ops->name, "cpu")) {
 		size_t per = ds_kv_block_bytes(m, eng->block_tokens);
@@ -78,6 +82,7 @@ int ds_engine_create(const ds_model *m, const ds_engine_config *cfg, ds_engine *
 		free(eng);
 		return rc;
 	}
+	eng->load = bc.load_result;
 	/* A backend that sized the pool itself reports the count back in bc. */
 	rc = ds_kv_pool_new(bc.kv_blocks, eng->block_tokens, &eng->pool);
 	if (rc) {
@@ -106,6 +111,8 @@ ds_engine *ds_engine_free(ds_engine *eng)
 }
 
 const ds_model *ds_engine_model(const ds_engine *eng) { return eng->m; }
+const ds_wload_result *ds_engine_load_result(const ds_engine *eng) { return &eng->load; }
+
 ds_kv_pool *ds_engine_pool(ds_engine *eng) { return eng->pool; }
 const char *ds_engine_backend_name(const ds_engine *eng) { return eng->ops->name; }
 

@@ -23,6 +23,8 @@ typedef struct ds_engine_config {
 	size_t kv_bytes;       /* CPU pool size; 0 = room for 8 full contexts, at most 1 GiB */
 	int device;
 	double gpu_kv_fraction;
+	int uring_load;        /* GPU backends: stream weights with io_uring (default 1) */
+	ds_wload_progress *load_progress; /* optional: read from another thread while creating */
 } ds_engine_config;
 
 void ds_engine_config_default(ds_engine_config *c);
@@ -33,6 +35,9 @@ ds_engine *ds_engine_free(ds_engine *eng);
 const ds_model *ds_engine_model(const ds_engine *eng);
 ds_kv_pool *ds_engine_pool(ds_engine *eng);
 const char *ds_engine_backend_name(const ds_engine *eng);
+/* How the backend streamed its weights (all zero when it did not: CPU, or
+ * uring_load off). */
+const ds_wload_result *ds_engine_load_result(const ds_engine *eng);
 
 int ds_seq_new(ds_engine *eng, ds_seq **out);
 /* Returns the seq's block references to the pool. Accepts NULL. */
