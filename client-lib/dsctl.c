@@ -471,6 +471,9 @@ static int cmd_stats(int argc, char **argv)
 			printf("prefix:   %.0f of %.0f prompt tokens from cache (%.1f%%), %.0f evictions\n",
 			       num(j, "prefix_cache.hit_tokens"), num(j, "prefix_cache.prompt_tokens"),
 			       100 * num(j, "prefix_cache.hit_rate"), num(j, "prefix_cache.evictions"));
+			if (num(j, "experts.routed") > 0)
+				printf("experts:  %.0f token-expert pairs routed; busiest expert %.2fx the mean (worst layer)\n",
+				       num(j, "experts.routed"), num(j, "experts.max_over_mean"));
 			if (num(j, "mtp.depth") > 0)
 				printf("mtp:      depth %.0f (up to %.0f sequences); %.0f drafted, %.0f accepted (%.1f%%), "
 				       "%.2f tokens per decode step\n",

@@ -72,6 +72,8 @@ struct ds_batcher {
 	int *x_n;
 	ds_req **x_owner;
 	uint64_t mtp_drafted, mtp_accepted, decode_steps, decode_tokens;
+	uint64_t *eload;         /* [layers][experts], ds_engine_expert_load */
+	double eload_t;
 	samples ttft, tpot;
 	uint64_t gen_total;
 	int samples_dirty;
@@ -945,6 +947,34 @@ static void percentiles(const samples *s, double *p50, double *p99)
 	*p99 = tmp[(n - 1) * 99 / 100];
 }
 
+/* Per MoE layer: the busiest expert's share against an even spread. */
+static void expert_stats(ds_batcher *b, ds_batcher_stats *st)
+{
+	const int E = b->m->cfg.n_routed_experts, NL = b->m->n_layers + b->m->n_mtp;
+	if (ds_engine_expert_load(b->eng, b->eload))
+		return;
+	int n = 0;
+	uint64_t all = 0;
+	for (int l = 0; l < NL && n < DS_STATS_MAX_LAYERS; l++) {
+		const uint64_t *c = b->eload + (size_t)l * E;
+		uint64_t sum = 0;
+		int hot = 0;
+		for (int x = 0; x < E; x++) {
+			sum += c[x];
+			if (c[x] > c[hot])
+				hot = x;
+		}
+		if (!b->m->layers[l].is_moe)
+			continue;
+		all += sum;
+		st->expert_layer_id[n] = l;
+		st->expert_hottest[n] = hot;
+		st->expert_max_over_mean[n++] = sum ? (double)c[hot] * E / (double)sum : 0;
+	}
+	st->expert_layers = n;
+	st->expert_routed = all;
+}
+
 static void publish_stats(ds_batcher *b)
 {
 	double now = ds_now();
@@ -994,6 +1024,10 @@ static void publish_stats(ds_batcher *b)
 	b->st.decode_tokens = b->decode_tokens;
 	b->st.mtp_depth = b->cfg.mtp_depth;
 	b->st.mtp_max_batch = b->cfg.mtp_max_batch;
+	if (b->eload && (now - b->eload_t >= 1.0 || !running)) { /* idle: final counts */
+		b->eload_t = now;
+		expert_stats(b, &b->st);
+	}
 	if (b->samples_dirty) {
 		percentiles(&b->ttft, &b->st.ttft_p50_ms, &b->st.ttft_p99_ms);
 		percentiles(&b->tpot, &b->st.tpot_p50_ms, &b->st.tpot_p99_ms);
@@ -1152,6 +1186,10 @@ int ds_batcher_start(ds_engine *eng, const ds_tok *tok, const ds_batcher_cfg *c,
 	}
 	for (int i = 0; i < 11; i++)
 		b->tps_t[i] = ds_now();
+	if (b->m->cfg.n_routed_experts > 0) {
+		b->eload = calloc((size_t)(b->m->n_layers + b->m->n_mtp) * b->m->cfg.n_routed_experts, sizeof(uint64_t));
+		b->eload_t = -1e9;
+	}
 	uint64_t usec = 0;
 	if (sd_watchdog_enabled(0, &usec) > 0)
 		b->wd_usec = usec;
@@ -1254,6 +1292,7 @@ ds_batcher *ds_batcher_stop(ds_batcher *b)
 	free(b->x_n);
 	free(b->x_owner);
 	free(b->hidden);
+	free(b->eload);
 	free(b->logits);
 	free(b->probs);
 	free(b->ps);

@@ -35,6 +35,8 @@ typedef struct ds_out_msg {
 	struct ds_out_msg *next;
 } ds_out_msg;
 
+#define DS_STATS_MAX_LAYERS 128
+
 typedef struct ds_batcher_stats {
 	uint64_t submitted, completed, cancelled, failed, preempted, steps;
 	uint64_t prompt_tokens, generated_tokens;
@@ -48,6 +50,12 @@ typedef struct ds_batcher_stats {
 	 * sequence and the tokens they emitted (tokens per step = the ratio) */
 	uint64_t mtp_drafted, mtp_accepted, decode_steps, decode_tokens;
 	int mtp_depth, mtp_max_batch;
+	/* expert load since start, per MoE layer (main and MTP): the busiest
+	 * expert's tokens over the mean; refreshed about once a second */
+	int expert_layers;                  /* 0: no experts, or not counted */
+	uint64_t expert_routed;             /* (token, expert) pairs, all layers */
+	double expert_max_over_mean[DS_STATS_MAX_LAYERS];
+	int expert_layer_id[DS_STATS_MAX_LAYERS], expert_hottest[DS_STATS_MAX_LAYERS];
 	int draining;
 } ds_batcher_stats;
 

@@ -696,7 +696,7 @@ static void m_stats(ds_srv *s, ds_conn *c, const ds_ipc_msg *m)
 	pk k;
 	pk_init(&k);
 	ds_ipc_pack_response_head(&k.p, m->msgid);
-	msgpack_pack_map(&k.p, 9);
+	msgpack_pack_map(&k.p, 10);
 	ds_mp_pack_str(&k.p, "requests");
 	msgpack_pack_map(&k.p, 10);
 	kv_u64(&k.p, "submitted", st.submitted);
@@ -745,6 +745,21 @@ static void m_stats(ds_srv *s, ds_conn *c, const ds_ipc_msg *m)
 	kv_f64(&k.p, "acceptance_rate", st.mtp_drafted ? (double)st.mtp_accepted / (double)st.mtp_drafted : 0.0);
 	/* tokens a sequence's decode step emits: 1 without drafting, up to depth + 1 */
 	kv_f64(&k.p, "tokens_per_step", st.decode_steps ? (double)st.decode_tokens / (double)st.decode_steps : 0.0);
+	ds_mp_pack_str(&k.p, "experts");
+	msgpack_pack_map(&k.p, 3);
+	kv_u64(&k.p, "routed", st.expert_routed);
+	double worst = 0;
+	for (int i = 0; i < st.expert_layers; i++)
+		worst = st.expert_max_over_mean[i] > worst ? st.expert_max_over_mean[i] : worst;
+	kv_f64(&k.p, "max_over_mean", worst);
+	ds_mp_pack_str(&k.p, "layers");
+	msgpack_pack_array(&k.p, (size_t)st.expert_layers);
+	for (int i = 0; i < st.expert_layers; i++) {
+		msgpack_pack_map(&k.p, 3);
+		kv_i64(&k.p, "layer", st.expert_layer_id[i]);
+		kv_f64(&k.p, "max_over_mean", st.expert_max_over_mean[i]);
+		kv_i64(&k.p, "hottest", st.expert_hottest[i]);
+	}
 	ds_mp_pack_str(&k.p, "engine");
 	msgpack_pack_map(&k.p, 2);
 	kv_u64(&k.p, "steps", st.steps);

@@ -56,6 +56,7 @@ struct ds_backend {
 	 * arena; matrices used as stored point into it. NULL: mmap + upload. */
 	ds_wload_cuda *wl;
 	const ds_tensor_ref *ref0;
+	unsigned long long *eload; /* [layers incl. MTP][E] tokens routed to each expert */
 	dlayer *L;
 	dsk_bf16 *embed;
 	float *final_norm, *inv_freq;
@@ -516,6 +517,12 @@ static int create(const ds_model *m, ds_backend_config *cfg, ds_backend **out, d
 		}
 	}
 	b->wl = ds_wload_cuda_free(b->wl); /* the arena stays: weights point into it */
+	if (!rc && c->n_routed_experts > 0) {
+		size_t nb = sizeof(unsigned long long) * (size_t)NL * c->n_routed_experts;
+		b->eload = dalloc(b, nb, e, &rc);
+		if (!rc && cudaMemset(b->eload, 0, nb) != cudaSuccess)
+			rc = ds_errf(e, -EIO, "cuda backend: cudaMemset failed");
+	}
 	float inv_freq[512];
 	ds_rope_inv_freq(c, inv_freq, &b->attn_factor);
 	b->softmax_scale = (float)ds_config_softmax_scale(c);
@@ -554,6 +561,19 @@ static int create(const ds_model *m, ds_backend_config *cfg, ds_backend **out, d
 	}
 	*out = b;
 	return 0;
+}
+
+/* Between steps only: waits for the stream. */
+static int expert_load(ds_backend *b, uint64_t *out)
+{
+	const ds_config *c = &b->m->cfg;
+	if (!b->eload)
+		return -ENOTSUP;
+	size_t n = (size_t)(b->m->n_layers + b->m->n_mtp) * c->n_routed_experts;
+	cudaError_t err = cudaStreamSynchronize(b->s);
+	if (err == cudaSuccess)
+		err = cudaMemcpy(out, b->eload, sizeof(uint64_t) * n, cudaMemcpyDeviceToHost);
+	return err == cudaSuccess ? 0 : -EIO;
 }
 
 static size_t weight_bytes(const ds_backend *b) { return b->weight_bytes; }
@@ -815,7 +835,8 @@ static int moe(ds_backend *b, int li, int T, ds_err *e)
 			       .sigmoid = c->scoring_func == DS_SCORE_SIGMOID, .method = (int)c->topk_method,
 			       .norm_topk = c->norm_topk_prob, .scale = c->routed_scaling_factor };
 	TRY(dsk_moe_route(&rcfg, b->logits_r, d->router_bias, T, b->ids, b->moe_w, b->s, e));
-	TRY(dsk_moe_plan(b->ids, T, K, E, b->cnt, b->off, b->ppos, b->row_tok, b->act, b->moe_rows, b->s, e));
+	TRY(dsk_moe_plan(b->ids, T, K, E, b->cnt, b->off, b->ppos, b->row_tok, b->act,
+			  b->eload ? b->eload + (size_t)li * E : NULL, b->moe_rows, b->s, e));
 	const int max_act = T * K < E ? T * K : E;
 	if (d->dev_moe && T <= b->dev_moe_max_t) {
 		/* Decode-sized steps: grouped GEMVs read the plan on the device. */
@@ -1058,4 +1079,5 @@ const ds_backend_ops ds_cuda_backend = {
 	.forward = forward,
 	.kv_copy = kv_copy,
 	.weight_bytes = weight_bytes,
+	.expert_load = expert_load,
 };

@@ -138,7 +138,7 @@ extern "C" int dsk_moe_route(const dsk_route_cfg *c, const float *logits, const 
 /* One block: count, padded scan, then each pair takes the next row of its
  * expert (rows within an expert in any order: each is computed alone). */
 static __global__ void plan_k(const int32_t *ids, int n, int E, int32_t *cnt, int32_t *off, int32_t *pos,
-			      int32_t *row_tok, int K, int32_t *act)
+			      int32_t *row_tok, int K, int32_t *act, unsigned long long *load)
 {
 	__shared__ int c[MAX_E], cur[MAX_E + 1];
 	for (int i = threadIdx.x; i < E; i += blockDim.x)
@@ -153,6 +153,8 @@ static __global__ void plan_k(const int32_t *ids, int n, int E, int32_t *cnt, in
 			cur[x] = o;
 			off[x] = o;
 			cnt[x] = c[x];
+			if (load)
+				load[x] += (unsigned long long)c[x];
 			o += (c[x] + 15) & ~15;
 			if (c[x] && act)
 				act[1 + na++] = x;
@@ -174,11 +176,12 @@ static __global__ void plan_k(const int32_t *ids, int n, int E, int32_t *cnt, in
 }
 
 extern "C" int dsk_moe_plan(const int32_t *ids, int T, int K, int E, int32_t *cnt, int32_t *off, int32_t *pos,
-			    int32_t *row_tok, int32_t *act, int max_rows, dsk_stream s, ds_err *e)
+			    int32_t *row_tok, int32_t *act, unsigned long long *load, int max_rows, dsk_stream s,
+			    ds_err *e)
 {
 	if (E > MAX_E || max_rows < T * K + 15 * E)
 		return ds_errf(e, -EINVAL, "moe_plan: %d rows cannot hold %d pairs over %d experts", max_rows, T * K, E);
-	plan_k<<<1, 1024, 0, s>>>(ids, T * K, E, cnt, off, pos, row_tok, K, act);
+	plan_k<<<1, 1024, 0, s>>>(ids, T * K, E, cnt, off, pos, row_tok, K, act, load);
 	return dsk_check(e, "moe_plan");
 }
 

@@ -24,9 +24,11 @@ DSK_EXTERN_C int dsk_moe_route(const dsk_route_cfg *c, const float *logits, cons
  * (each range padded to 16), pos[T*K] the permuted row of each pair, and
  * row_tok[P] the token of each permuted row (-1 for padding), P = off[E].
  * P is at most T*K + 15*E. act (optional, [E+1]): the number of experts with
- * rows, then their ids in order. */
+ * rows, then their ids in order. load (optional, [E]): each expert's pairs
+ * are added to it (cumulative expert-load statistics). */
 DSK_EXTERN_C int dsk_moe_plan(const int32_t *ids, int T, int K, int E, int32_t *cnt, int32_t *off, int32_t *pos,
-			      int32_t *row_tok, int32_t *act, int max_rows, dsk_stream s, ds_err *e);
+			      int32_t *row_tok, int32_t *act, unsigned long long *load, int max_rows, dsk_stream s,
+			      ds_err *e);
 /* xp[r] = x[row_tok[r]] (zeros for padding), bf16 rows of dim. */
 DSK_EXTERN_C int dsk_moe_gather(dsk_bf16 *xp, const dsk_bf16 *x, const int32_t *row_tok, int P, int dim,
 				dsk_stream s, ds_err *e);

@@ -64,6 +64,9 @@ typedef struct ds_backend_ops {
 	int (*kv_copy)(ds_backend *b, int32_t dst, int32_t src);
 	/* Optional: memory report. */
 	size_t (*weight_bytes)(const ds_backend *b);
+	/* Optional: tokens routed to each expert since create, [layer][expert]
+	 * over the main and MTP layers (zeros for dense layers). Between steps. */
+	int (*expert_load)(ds_backend *b, uint64_t *out);
 } ds_backend_ops;
 
 /* Bytes of one KV block across all layers (main + MTP) in float32. */

@@ -27,6 +27,7 @@ struct ds_backend {
 	float *kv;
 	size_t kv_layer_stride, kv_block_stride; /* floats */
 	layer_vecs *lv;
+	uint64_t *eload;   /* [layer][expert] tokens routed, since create */
 	float *final_norm;
 	float *inv_freq;
 	float attn_factor;
@@ -54,6 +55,7 @@ static void destroy(ds_backend *b)
 		}
 	}
 	free(b->lv);
+	free(b->eload);
 	free(b->final_norm);
 	free(b->inv_freq);
 	free(b->kv);
@@ -91,9 +93,10 @@ static int create(const ds_model *m, ds_backend_config *cfg, ds_backend **out, d
 	size_t bytes = sizeof(float) * b->kv_block_stride * (size_t)b->kv_blocks;
 	b->kv = malloc(bytes);
 	b->lv = calloc((size_t)L, sizeof(layer_vecs));
+	b->eload = calloc((size_t)L * (c->n_routed_experts > 0 ? c->n_routed_experts : 1), sizeof(uint64_t));
 	b->final_norm = load_vec(m->final_norm, c->hidden_size);
 	b->inv_freq = malloc(sizeof(float) * (size_t)c->qk_rope_head_dim);
-	if (!b->kv || !b->lv || !b->final_norm || !b->inv_freq) {
+	if (!b->kv || !b->lv || !b->eload || !b->final_norm || !b->inv_freq) {
 		destroy(b);
 		return ds_errf(e, -ENOMEM, "cpu backend: cannot allocate %zu bytes of KV pool", bytes);
 	}
@@ -292,6 +295,8 @@ static void moe(ds_backend *b, int li, int T, const float *x, float *out, float 
 	memset(count, 0, sizeof(int) * (size_t)E);
 	for (int i = 0; i < T * K; i++)
 		count[ids[i]]++;
+	for (int ex = 0; ex < E; ex++)
+		b->eload[(size_t)li * E + ex] += (uint64_t)count[ex];
 	int off = 0;
 	for (int e = 0; e < E; e++) {
 		int n = 0;
@@ -445,10 +450,20 @@ static int kv_copy(ds_backend *b, int32_t dst, int32_t src)
 	return 0;
 }
 
+static int expert_load(ds_backend *b, uint64_t *out)
+{
+	const ds_config *c = &b->m->cfg;
+	if (c->n_routed_experts <= 0)
+		return -ENOTSUP;
+	memcpy(out, b->eload, sizeof(uint64_t) * (size_t)(b->m->n_layers + b->m->n_mtp) * c->n_routed_experts);
+	return 0;
+}
+
 const ds_backend_ops ds_cpu_backend = {
 	.name = "cpu",
 	.create = create,
 	.destroy = destroy,
 	.forward = forward,
 	.kv_copy = kv_copy,
+	.expert_load = expert_load,
 };

@@ -113,6 +113,11 @@ ds_engine *ds_engine_free(ds_engine *eng)
 const ds_model *ds_engine_model(const ds_engine *eng) { return eng->m; }
 const ds_wload_result *ds_engine_load_result(const ds_engine *eng) { return &eng->load; }
 
+int ds_engine_expert_load(ds_engine *eng, uint64_t *out)
+{
+	return eng->ops->expert_load ? eng->ops->expert_load(eng->be, out) : -ENOTSUP;
+}
+
 ds_kv_pool *ds_engine_pool(ds_engine *eng) { return eng->pool; }
 const char *ds_engine_backend_name(const ds_engine *eng) { return eng->ops->name; }
 

@@ -82,6 +82,11 @@ int ds_engine_mtp_step(ds_engine *eng, int depth, const ds_step_item *items, int
 /* Forget MTP KV beyond position n. */
 int ds_seq_mtp_truncate(ds_seq *s, int n);
 
+/* Tokens routed to each expert since the engine was created:
+ * out[(n_layers + n_mtp) * n_routed_experts], by layer (dense layers 0).
+ * -ENOTSUP when the backend does not count or the model has no experts. */
+int ds_engine_expert_load(ds_engine *eng, uint64_t *out);
+
 /* Rows of logits ds_engine_step will write for these items. */
 int ds_engine_logit_rows(const ds_step_item *items, int n_items);
 

@@ -400,6 +400,40 @@ static void test_fixtures(void **st)
 }
 
 /* The GPU backend refuses bad input with an error, not a crash. */
+/* Expert load on the GPU: every routed (token, expert) pair counted once,
+ * through the device-planned (short steps) and host-planned (long) paths. */
+static void test_expert_load(void **st)
+{
+	(void)st;
+	env v;
+	env_open(&v, "v3-bf16");
+	const ds_model *m = v.m;
+	const int E = m->cfg.n_routed_experts, K = m->cfg.num_experts_per_tok, NL = m->n_layers + m->n_mtp;
+	const int n1 = 40, n2 = 100, V = m->cfg.vocab_size;
+	int32_t ids[140];
+	prompt(ids, n1 + n2, V, 7);
+	ds_seq *s;
+	assert_int_equal(ds_seq_new(v.gpu, &s), 0);
+	free(step_all(v.gpu, s, ids, n1, NULL));
+	for (int i = 0; i < 3; i++)
+		free(step_all(v.gpu, s, ids + n1 + i, 1, NULL));
+	free(step_all(v.gpu, s, ids + n1 + 3, n2 - 3, NULL));
+	uint64_t *c = calloc((size_t)NL * E, sizeof(uint64_t));
+	assert_int_equal(ds_engine_expert_load(v.gpu, c), 0);
+	for (int l = 0; l < m->n_layers; l++) {
+		uint64_t sum = 0;
+		for (int x = 0; x < E; x++)
+			sum += c[(size_t)l * E + x];
+		uint64_t want = m->layers[l].is_moe ? (uint64_t)(n1 + n2) * K : 0;
+		if (sum != want)
+			fail_msg("layer %d: %llu pairs counted, want %llu", l, (unsigned long long)sum, (unsigned long long)want);
+	}
+	printf("v3-bf16: expert load counted %d tokens x top-%d per MoE layer on the GPU\n", n1 + n2, K);
+	free(c);
+	ds_seq_free(s);
+	env_close(&v);
+}
+
 static void test_bad_input(void **st)
 {
 	(void)st;
@@ -441,6 +475,7 @@ int main(void)
 		cmocka_unit_test(test_consistency_v2_bf16),
 		cmocka_unit_test(test_paths),
 		cmocka_unit_test(test_fixtures),
+		cmocka_unit_test(test_expert_load),
 		cmocka_unit_test(test_bad_input),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);

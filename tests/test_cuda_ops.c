@@ -276,7 +276,7 @@ static void check_route(ds_config *c, int T)
 	int32_t *dcnt = dup_up(NULL, 4 * (size_t)E), *doff = dup_up(NULL, 4 * (size_t)(E + 1)), *dpos = dup_up(NULL, 4 * (size_t)T * K);
 	int32_t *drt = dup_up(NULL, 4 * (size_t)P);
 	int32_t *dact = dup_up(NULL, 4 * (size_t)(E + 1));
-	assert_int_equal(dsk_moe_plan(di, T, K, E, dcnt, doff, dpos, drt, dact, P, NULL, &e), 0);
+	assert_int_equal(dsk_moe_plan(di, T, K, E, dcnt, doff, dpos, drt, dact, NULL, P, NULL, &e), 0);
 	int32_t *act = malloc(4 * (size_t)(E + 1)), *cnt = malloc(4 * (size_t)E);
 	down(act, dact, 4 * (size_t)(E + 1));
 	down(cnt, dcnt, 4 * (size_t)E);

@@ -393,9 +393,49 @@ static void test_adopt_shared_prefix(void **st)
 	fx_close(f);
 }
 
+/* Expert load counts every (token, expert) pair routed: a step of n tokens
+ * adds n * top-k to each MoE layer of the main model and nothing to dense
+ * layers; an MTP step adds to the MTP layer only. */
+static void test_expert_load(void **st)
+{
+	(void)st;
+	fx *f = fx_open("v3", 0, 16);
+	const ds_model *m = f->m;
+	const int E = m->cfg.n_routed_experts, K = m->cfg.num_experts_per_tok, NL = m->n_layers + m->n_mtp;
+	const fx_seq *q = longest(f);
+	uint64_t *c = calloc((size_t)NL * E, sizeof(uint64_t));
+	float *hid = malloc(sizeof(float) * (size_t)q->n * m->cfg.hidden_size);
+	ds_seq *s;
+	assert_int_equal(ds_seq_new(f->eng, &s), 0);
+	ds_step_item it = { .seq = s, .tokens = q->ids, .n = q->n, .logits = DS_LOGITS_NONE };
+	assert_int_equal(ds_engine_step(f->eng, &it, 1, NULL, hid, NULL), 0);
+	assert_int_equal(ds_engine_expert_load(f->eng, c), 0);
+	for (int l = 0; l < NL; l++) {
+		uint64_t sum = 0;
+		for (int x = 0; x < E; x++)
+			sum += c[(size_t)l * E + x];
+		uint64_t want = l < m->n_layers && m->layers[l].is_moe ? (uint64_t)q->n * K : 0;
+		if (sum != want)
+			fail_msg("layer %d: %llu pairs counted, want %llu", l, (unsigned long long)sum, (unsigned long long)want);
+	}
+	assert_true(m->n_mtp > 0);
+	ds_step_item mt = { .seq = s, .tokens = q->ids + 1, .n = q->n - 1, .logits = DS_LOGITS_NONE };
+	assert_int_equal(ds_engine_mtp_step(f->eng, 0, &mt, 1, hid, NULL, NULL, NULL), 0);
+	assert_int_equal(ds_engine_expert_load(f->eng, c), 0);
+	uint64_t sum = 0;
+	for (int x = 0; x < E; x++)
+		sum += c[(size_t)m->n_layers * E + x];
+	assert_int_equal(sum, m->layers[m->n_layers].is_moe ? (uint64_t)(q->n - 1) * K : 0);
+	ds_seq_free(s);
+	free(hid);
+	free(c);
+	fx_close(f);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_expert_load),
 		cmocka_unit_test(test_logits_v3),
 		cmocka_unit_test(test_logits_v2lite),
 		cmocka_unit_test(test_logits_fp8),
