@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "client-lib/dsclient.h"
@@ -411,6 +412,27 @@ static int cmd_status(int argc, char **argv)
 	int rc = call_json("status", &j, json);
 	if (rc || json)
 		return rc;
+	/* while the model loads: a progress bar, redrawn on a terminal until done */
+	int tty = isatty(STDOUT_FILENO), drew = 0;
+	while (!strcmp(str(j, "state", NULL), "loading")) {
+		double p = num(j, "load.progress");
+		int w = (int)(p * 30 + 0.5);
+		printf("%sloading [%.*s%*s] %3.0f%%  %.1f of %.1f GB, %.0f s%s", tty ? "\r" : "",
+		       w, "##############################", 30 - w, "", 100 * p, num(j, "load.bytes_done") / 1e9,
+		       num(j, "load.bytes_total") / 1e9, num(j, "load.seconds"), tty ? "" : "\n");
+		fflush(stdout);
+		drew = 1;
+		cJSON_Delete(j);
+		j = NULL;
+		if (!tty || interrupted)
+			return 0;
+		struct timespec ts = { 0, 250 * 1000 * 1000 };
+		nanosleep(&ts, NULL);
+		if ((rc = call_json("status", &j, 0)))
+			return rc;
+	}
+	if (drew)
+		printf("\n");
 	printf("server:   %s (pid %.0f), %s, up %.0f s\n", str(j, "server", NULL), num(j, "pid"), str(j, "state", NULL),
 	       num(j, "uptime_s"));
 	printf("model:    %s on %s (%.0f layers, vocab %.0f, context %.0f)\n", str(j, "model", "path"),

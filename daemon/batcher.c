@@ -1139,12 +1139,22 @@ static void *run(void *arg)
 
 /* ---- the loop thread's side ---- */
 
-int ds_batcher_start(ds_engine *eng, const ds_tok *tok, const ds_batcher_cfg *c, int out_efd, ds_batcher **out,
-		     ds_err *e)
+int ds_batcher_new(int out_efd, ds_batcher **out)
 {
 	ds_batcher *b = calloc(1, sizeof(*b));
 	if (!b)
-		return ds_errf(e, -ENOMEM, "out of memory");
+		return -ENOMEM;
+	b->out_efd = out_efd;
+	pthread_mutex_init(&b->mu, NULL);
+	pthread_cond_init(&b->cv, NULL);
+	pthread_mutex_init(&b->out_mu, NULL);
+	pthread_mutex_init(&b->st_mu, NULL);
+	*out = b;
+	return 0;
+}
+
+int ds_batcher_start(ds_batcher *b, ds_engine *eng, const ds_tok *tok, const ds_batcher_cfg *c, ds_err *e)
+{
 	b->eng = eng;
 	b->m = ds_engine_model(eng);
 	b->tok = tok;
@@ -1156,11 +1166,6 @@ int ds_batcher_start(ds_engine *eng, const ds_tok *tok, const ds_batcher_cfg *c,
 	if (b->cfg.mtp_depth > DS_SPEC_MAX_DEPTH)
 		b->cfg.mtp_depth = DS_SPEC_MAX_DEPTH;
 	b->max_ctx = b->m->cfg.max_position_embeddings;
-	b->out_efd = out_efd;
-	pthread_mutex_init(&b->mu, NULL);
-	pthread_cond_init(&b->cv, NULL);
-	pthread_mutex_init(&b->out_mu, NULL);
-	pthread_mutex_init(&b->st_mu, NULL);
 	ds_kv_pool *pool = ds_engine_pool(eng);
 	ds_sched_config sc = {
 		.block_tokens = ds_kv_pool_block_tokens(pool), .pool_blocks = ds_kv_pool_blocks(pool),
@@ -1178,10 +1183,10 @@ int ds_batcher_start(ds_engine *eng, const ds_tok *tok, const ds_batcher_cfg *c,
 		rc = b->probs ? 0 : -ENOMEM;
 	}
 	if (rc) {
-		ds_sched_free(b->sched);
-		ds_prefix_free(b->pc);
+		b->sched = ds_sched_free(b->sched);
+		b->pc = ds_prefix_free(b->pc);
 		free(b->probs);
-		free(b);
+		b->probs = NULL;
 		return ds_errf(e, rc, "scheduler: %s", strerror(-rc));
 	}
 	for (int i = 0; i < 11; i++)
@@ -1196,14 +1201,13 @@ int ds_batcher_start(ds_engine *eng, const ds_tok *tok, const ds_batcher_cfg *c,
 	publish_stats(b);
 	rc = pthread_create(&b->th, NULL, run, b);
 	if (rc) {
-		ds_sched_free(b->sched);
-		ds_prefix_free(b->pc);
+		b->sched = ds_sched_free(b->sched);
+		b->pc = ds_prefix_free(b->pc);
 		free(b->probs);
-		free(b);
+		b->probs = NULL;
 		return ds_errf(e, -rc, "cannot start the engine thread: %s", strerror(rc));
 	}
 	b->started = 1;
-	*out = b;
 	return 0;
 }
 

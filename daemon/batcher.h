@@ -68,10 +68,13 @@ typedef struct ds_ps_entry {
 	double age_s;
 } ds_ps_entry;
 
-/* Starts the thread. out_efd is written when the outbox has messages. */
-int ds_batcher_start(ds_engine *eng, const ds_tok *tok, const ds_batcher_cfg *c, int out_efd, ds_batcher **out,
-		     ds_err *e);
-/* Cancels everything still running, joins the thread, frees. */
+/* An idle batcher: its inbox takes requests at once (they wait there while
+ * the model loads); out_efd is written when the outbox has messages. */
+int ds_batcher_new(int out_efd, ds_batcher **out);
+/* Gives it the engine and starts the thread, which takes the inbox in order.
+ * On failure b stays idle (ds_batcher_stop frees it and what waits). */
+int ds_batcher_start(ds_batcher *b, ds_engine *eng, const ds_tok *tok, const ds_batcher_cfg *c, ds_err *e);
+/* Cancels everything still running, joins the thread (if started), frees. */
 ds_batcher *ds_batcher_stop(ds_batcher *b);
 
 void ds_batcher_submit(ds_batcher *b, ds_req *r);

@@ -193,7 +193,7 @@ static void m_hello(ds_srv *s, ds_conn *c, const ds_ipc_msg *m)
 	msgpack_pack_map(&k.p, 6);
 	kv_i64(&k.p, "version", DS_PROTOCOL_VERSION);
 	kv_str(&k.p, "server", "dsd " DS_VERSION);
-	kv_str(&k.p, "backend", s->backend);
+	kv_str(&k.p, "backend", s->backend ? s->backend : s->conf.backend);
 	ds_mp_pack_str(&k.p, "model");
 	model_info(s, &k.p);
 	ds_mp_pack_str(&k.p, "ring");
@@ -658,15 +658,20 @@ static void m_status(ds_srv *s, ds_conn *c, const ds_ipc_msg *m)
 	kv_str(&k.p, "server", "dsd " DS_VERSION);
 	kv_i64(&k.p, "protocol", DS_PROTOCOL_VERSION);
 	kv_i64(&k.p, "pid", getpid());
-	kv_str(&k.p, "state", s->stopping ? "stopping" : "serving");
+	kv_str(&k.p, "state", s->stopping ? "stopping" : s->loaded ? "serving" : "loading");
 	kv_f64(&k.p, "uptime_s", ds_now() - s->t_start);
-	kv_str(&k.p, "backend", s->backend);
+	kv_str(&k.p, "backend", s->backend ? s->backend : s->conf.backend);
 	ds_mp_pack_str(&k.p, "model");
 	model_info(s, &k.p);
 	ds_mp_pack_str(&k.p, "load");
-	msgpack_pack_map(&k.p, 5);
-	kv_f64(&k.p, "progress", 1.0); /* the socket opens once the model is loaded */
-	kv_f64(&k.p, "seconds", s->load_s);
+	ds_wload_snapshot sn;
+	int loading = ds_srv_load_snapshot(s, &sn);
+	msgpack_pack_map(&k.p, 7);
+	/* while loading without byte counts (mmap uploads) progress stays 0 */
+	kv_f64(&k.p, "progress", !loading ? 1.0 : sn.total ? (double)sn.done / (double)sn.total : 0.0);
+	kv_f64(&k.p, "seconds", loading ? ds_now() - s->t_start : s->load_s);
+	kv_u64(&k.p, "bytes_done", loading ? sn.done : s->load_bytes);
+	kv_u64(&k.p, "bytes_total", loading ? sn.total : s->load_bytes);
 	kv_u64(&k.p, "bytes_streamed", s->load_bytes);
 	kv_str(&k.p, "method", !s->load_bytes ? "mmap" : s->load_uring == 1 ? "io_uring" : "pread");
 	kv_i64(&k.p, "o_direct", s->load_direct);

@@ -612,60 +612,93 @@ static int open_socket(ds_srv *s, ds_err *e)
 	return 0;
 }
 
-/* While the model loads: STATUS= with bytes, total and rate, and
- * EXTEND_TIMEOUT_USEC= so that systemd's start timeout does not kill a long
- * load that is making progress. */
-typedef struct {
+/* The engine (the weights onto the backend: the slow part of a start) is
+ * created on a thread of its own while the event loop already answers
+ * hello/status (state "loading", with progress) and queues requests in the
+ * batcher's inbox. Meanwhile sd_notify gets STATUS= with bytes, total and
+ * rate, and EXTEND_TIMEOUT_USEC= so that systemd's start timeout does not
+ * kill a long load that is making progress. */
+struct ds_loader {
+	pthread_t th, nt;
+	int has_nt;
 	pthread_mutex_t mu;
 	pthread_cond_t cv;
-	int done;
-	const char *model;
+	int done, rc;
+	ds_srv *s;
+	ds_engine_config ec;
+	const char *want;
+	ds_err e;
+	double t0;
 	ds_wload_progress prog;
-} load_watch;
+};
 
-static void *load_watch_run(void *arg)
+static void *loader_run(void *arg)
 {
-	load_watch *w = arg;
-	pthread_mutex_lock(&w->mu);
-	while (!w->done) {
-		struct timespec ts;
-		clock_gettime(CLOCK_REALTIME, &ts);
-		ts.tv_sec += 1;
-		pthread_cond_timedwait(&w->cv, &w->mu, &ts);
-		if (w->done)
-			break;
-		ds_wload_snapshot sn;
-		ds_wload_progress_read(&w->prog, &sn);
-		if (sn.total)
-			sd_notifyf(0, "STATUS=loading %s: %.1f of %.1f GB (%.0f%%), %.2f GB/s\nEXTEND_TIMEOUT_USEC=30000000",
-				   w->model, sn.done / 1e9, sn.total / 1e9, 100.0 * (double)sn.done / (double)sn.total,
-				   sn.bytes_per_s / 1e9);
-		else
-			sd_notifyf(0, "STATUS=loading %s\nEXTEND_TIMEOUT_USEC=30000000", w->model);
+	ds_loader *l = arg;
+	ds_srv *s = l->s;
+	l->ec.load_progress = &l->prog;
+	/* tests: a load slow enough to watch (tests/integration/serve.sh) */
+	const char *delay = getenv("DSD_TEST_LOAD_DELAY_MS");
+	if (delay && atoi(delay) > 0) {
+		struct timespec ts = { atoi(delay) / 1000, (long)(atoi(delay) % 1000) * 1000000L };
+		nanosleep(&ts, NULL);
 	}
-	pthread_mutex_unlock(&w->mu);
+	int rc = ds_engine_create(s->m, &l->ec, &s->eng, &l->e);
+	if (rc && !strcmp(l->want, "auto")) {
+		ds_log(DS_LOG_NOTICE, "backend auto: no usable CUDA backend (%s); using the CPU", l->e.msg);
+		l->ec.backend = "cpu";
+		memset(&l->e, 0, sizeof(l->e));
+		rc = ds_engine_create(s->m, &l->ec, &s->eng, &l->e);
+	}
+	pthread_mutex_lock(&l->mu);
+	l->rc = rc;
+	l->done = 1;
+	pthread_cond_broadcast(&l->cv);
+	pthread_mutex_unlock(&l->mu);
+	uint64_t one = 1;
+	ssize_t w = write(s->loadefd, &one, sizeof(one));
+	(void)w;
 	return NULL;
 }
 
-static int create_engine(ds_srv *s, ds_engine_config *ec, ds_err *e)
+/* STATUS= lines while loading, once a second, until the loader is done. */
+static void *loader_notify(void *arg)
 {
-	load_watch w = { .mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER, .model = s->conf.model };
-	ec->load_progress = &w.prog;
-	pthread_t th;
-	int watching = pthread_create(&th, NULL, load_watch_run, &w) == 0;
-	int rc = ds_engine_create(s->m, ec, &s->eng, e);
-	if (watching) {
-		pthread_mutex_lock(&w.mu);
-		w.done = 1;
-		pthread_cond_signal(&w.cv);
-		pthread_mutex_unlock(&w.mu);
-		pthread_join(th, NULL);
+	ds_loader *l = arg;
+	pthread_mutex_lock(&l->mu);
+	while (!l->done) {
+		struct timespec ts;
+		clock_gettime(CLOCK_REALTIME, &ts);
+		ts.tv_sec += 1;
+		pthread_cond_timedwait(&l->cv, &l->mu, &ts);
+		if (l->done)
+			break;
+		ds_wload_snapshot sn;
+		ds_wload_progress_read(&l->prog, &sn);
+		if (sn.total)
+			sd_notifyf(0, "STATUS=loading %s: %.1f of %.1f GB (%.0f%%), %.2f GB/s\nEXTEND_TIMEOUT_USEC=30000000",
+				   l->s->conf.model, sn.done / 1e9, sn.total / 1e9, 100.0 * (double)sn.done / (double)sn.total,
+				   sn.bytes_per_s / 1e9);
+		else
+			sd_notifyf(0, "STATUS=loading %s\nEXTEND_TIMEOUT_USEC=30000000", l->s->conf.model);
 	}
-	ec->load_progress = NULL;
-	return rc;
+	pthread_mutex_unlock(&l->mu);
+	return NULL;
 }
 
-static int load_model(ds_srv *s, ds_err *e)
+int ds_srv_load_snapshot(ds_srv *s, ds_wload_snapshot *sn)
+{
+	memset(sn, 0, sizeof(*sn));
+	if (!s->loader)
+		return 0;
+	ds_wload_progress_read(&s->loader->prog, sn);
+	return 1;
+}
+
+/* The fast part, before the socket opens: the model's config and tensor
+ * index (mapped, not read) and the tokenizer, so that requests can be
+ * validated and tokenized while the weights load. */
+static int open_model(ds_srv *s, ds_err *e)
 {
 	struct stat st;
 	if (stat(s->conf.model, &st) || !S_ISDIR(st.st_mode))
@@ -674,28 +707,74 @@ static int load_model(ds_srv *s, ds_err *e)
 			       "the default model is built by the tiny-model training script)",
 			       s->conf.model, s->conf_path);
 	sd_notifyf(0, "STATUS=loading %s", s->conf.model);
-	double t0 = ds_now();
 	int rc = ds_model_open(s->conf.model, 0, &s->m, e);
 	if (rc)
 		return rc;
-	ds_engine_config ec;
-	ds_engine_config_default(&ec);
-	ec.threads = (int)s->conf.threads;
-	ec.block_tokens = (int)s->conf.block_tokens;
-	ec.kv_bytes = (size_t)s->conf.kv_bytes;
-	ec.device = (int)s->conf.device;
-	ec.gpu_kv_fraction = s->conf.gpu_kv_fraction;
-	const char *want = s->conf.backend;
-	ec.backend = !strcmp(want, "auto") ? "cuda" : want;
-	ec.uring_load = (int)s->conf.uring_load;
-	rc = create_engine(s, &ec, e);
-	if (rc && !strcmp(want, "auto")) {
-		ds_log(DS_LOG_NOTICE, "backend auto: no usable CUDA backend (%s); using the CPU", e->msg);
-		ec.backend = "cpu";
-		rc = create_engine(s, &ec, e);
+	char tj[DS_CONF_STR + 32];
+	snprintf(tj, sizeof(tj), "%s/tokenizer.json", s->conf.model);
+	if (access(tj, F_OK) == 0) {
+		rc = ds_tok_load_dir(s->conf.model, &s->tok, e);
+		if (rc)
+			return rc;
+	} else {
+		ds_log(DS_LOG_NOTICE, "%s has no tokenizer.json: serving token ids only", s->conf.model);
 	}
-	if (rc)
+	return 0;
+}
+
+static int start_loader(ds_srv *s, ds_err *e)
+{
+	ds_loader *l = calloc(1, sizeof(*l));
+	if (!l)
+		return ds_errf(e, -ENOMEM, "out of memory");
+	pthread_mutex_init(&l->mu, NULL);
+	pthread_cond_init(&l->cv, NULL);
+	l->s = s;
+	l->t0 = s->t_start;
+	ds_engine_config_default(&l->ec);
+	l->ec.threads = (int)s->conf.threads;
+	l->ec.block_tokens = (int)s->conf.block_tokens;
+	l->ec.kv_bytes = (size_t)s->conf.kv_bytes;
+	l->ec.device = (int)s->conf.device;
+	l->ec.gpu_kv_fraction = s->conf.gpu_kv_fraction;
+	l->want = s->conf.backend;
+	l->ec.backend = !strcmp(l->want, "auto") ? "cuda" : l->want;
+	l->ec.uring_load = (int)s->conf.uring_load;
+	s->loader = l;
+	int rc = pthread_create(&l->th, NULL, loader_run, l);
+	if (rc) {
+		s->loader = NULL;
+		free(l);
+		return ds_errf(e, -rc, "cannot start the loading thread: %s", strerror(rc));
+	}
+	l->has_nt = pthread_create(&l->nt, NULL, loader_notify, l) == 0;
+	return 0;
+}
+
+/* The loader thread ended (its eventfd fired, or the daemon stops): joins it.
+ * Returns its result; on success the batcher starts and systemd hears READY. */
+static int finish_load(ds_srv *s)
+{
+	ds_loader *l = s->loader;
+	if (!l)
+		return 0;
+	uint64_t v;
+	ssize_t r = read(s->loadefd, &v, sizeof(v));
+	(void)r;
+	pthread_join(l->th, NULL);
+	if (l->has_nt)
+		pthread_join(l->nt, NULL); /* done is set and broadcast: it returns at once */
+	int rc = l->rc;
+	ds_err e = l->e;
+	s->loader = NULL;
+	pthread_mutex_destroy(&l->mu);
+	pthread_cond_destroy(&l->cv);
+	free(l);
+	if (rc) {
+		ds_log(DS_LOG_ERR, "%s", e.msg[0] ? e.msg : strerror(-rc));
+		sd_notifyf(0, "STATUS=cannot load the model: %s", e.msg[0] ? e.msg : strerror(-rc));
 		return rc;
+	}
 	s->backend = ds_engine_backend_name(s->eng);
 	const ds_wload_result *lr = ds_engine_load_result(s->eng);
 	if (lr->tensor_bytes) {
@@ -708,16 +787,24 @@ static int load_model(ds_srv *s, ds_err *e)
 		       lr->buffered_shards ? (lr->direct_refused ? ", buffered: O_DIRECT refused" : ", buffered")
 					   : ", O_DIRECT");
 	}
-	char tj[DS_CONF_STR + 32];
-	snprintf(tj, sizeof(tj), "%s/tokenizer.json", s->conf.model);
-	if (access(tj, F_OK) == 0) {
-		rc = ds_tok_load_dir(s->conf.model, &s->tok, e);
-		if (rc)
-			return rc;
-	} else {
-		ds_log(DS_LOG_NOTICE, "%s has no tokenizer.json: serving token ids only", s->conf.model);
+	s->load_s = ds_now() - s->t_start;
+	ds_batcher_cfg bc = {
+		.max_batch = (int)s->conf.max_batch, .step_tokens = (int)s->conf.step_tokens,
+		.uid_max_running = (int)s->conf.uid_max_running, .sock_budget = SOCK_BUDGET,
+		.prefix_cache = (int)s->conf.prefix_cache, .mtp_depth = (int)s->conf.mtp_depth,
+		.mtp_max_batch = s->conf.mtp_max_batch >= 0 ? (int)s->conf.mtp_max_batch
+			       : !strcmp(s->backend, "cuda") ? DS_MTP_MAX_BATCH_CUDA : DS_MTP_MAX_BATCH_CPU,
+	};
+	if ((rc = ds_batcher_start(s->b, s->eng, s->tok, &bc, &e))) {
+		ds_log(DS_LOG_ERR, "%s", e.msg);
+		sd_notifyf(0, "STATUS=%s", e.msg);
+		return rc;
 	}
-	s->load_s = ds_now() - t0;
+	s->loaded = 1;
+	ds_log(DS_LOG_INFO, "serving %s (%s, %d layers, vocab %d%s) on %s; loaded in %.2f s", s->conf.model, s->backend,
+	       s->m->cfg.num_hidden_layers, s->m->cfg.vocab_size, s->tok ? ", tokenizer" : ", token ids only",
+	       s->sock_path, s->load_s);
+	sd_notifyf(0, "READY=1\nSTATUS=serving %s on %s", s->conf.model, s->sock_path);
 	return 0;
 }
 
@@ -828,6 +915,11 @@ static int serve_loop(ds_srv *s)
 				do_outbox(s);
 			} else if (p == &s->tfd) {
 				on_deadline(s);
+			} else if (p == &s->loadefd) {
+				if (finish_load(s)) {
+					s->stopping = 3; /* nothing to serve: exit 1 */
+					return 1;
+				}
 			} else if (p == &s->sigfd) {
 				struct signalfd_siginfo si;
 				while (read(s->sigfd, &si, sizeof(si)) == sizeof(si)) {
@@ -864,7 +956,7 @@ static int serve_loop(ds_srv *s)
 int ds_cmd_serve(int argc, char **argv)
 {
 	ds_srv s = { 0 };
-	s.lfd = s.epfd = s.sigfd = s.outefd = s.tfd = -1;
+	s.lfd = s.epfd = s.sigfd = s.outefd = s.tfd = s.loadefd = -1;
 	s.t_start = ds_now();
 	int rc = parse_args(&s, argc, argv, "serve");
 	if (rc) {
@@ -892,24 +984,18 @@ int ds_cmd_serve(int argc, char **argv)
 	s.epfd = epoll_create1(EPOLL_CLOEXEC);
 	s.outefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
 	s.tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
-	if (s.sigfd < 0 || s.epfd < 0 || s.outefd < 0 || s.tfd < 0) {
+	s.loadefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+	if (s.sigfd < 0 || s.epfd < 0 || s.outefd < 0 || s.tfd < 0 || s.loadefd < 0) {
 		ds_log(DS_LOG_ERR, "cannot set up the event loop: %s", strerror(errno));
 		goto out;
 	}
-	if (load_model(&s, &e)) {
+	if (open_model(&s, &e)) {
 		ds_log(DS_LOG_ERR, "%s", e.msg);
 		sd_notifyf(0, "STATUS=cannot load the model: %s", e.msg);
 		goto out;
 	}
-	ds_batcher_cfg bc = {
-		.max_batch = (int)s.conf.max_batch, .step_tokens = (int)s.conf.step_tokens,
-		.uid_max_running = (int)s.conf.uid_max_running, .sock_budget = SOCK_BUDGET,
-		.prefix_cache = (int)s.conf.prefix_cache, .mtp_depth = (int)s.conf.mtp_depth,
-		.mtp_max_batch = s.conf.mtp_max_batch >= 0 ? (int)s.conf.mtp_max_batch
-			       : !strcmp(s.backend, "cuda") ? DS_MTP_MAX_BATCH_CUDA : DS_MTP_MAX_BATCH_CPU,
-	};
-	if (ds_batcher_start(s.eng, s.tok, &bc, s.outefd, &s.b, &e)) {
-		ds_log(DS_LOG_ERR, "%s", e.msg);
+	if (ds_batcher_new(s.outefd, &s.b)) {
+		ds_log(DS_LOG_ERR, "out of memory");
 		goto out;
 	}
 	if (open_socket(&s, &e)) {
@@ -926,13 +1012,18 @@ int ds_cmd_serve(int argc, char **argv)
 	epoll_ctl(s.epfd, EPOLL_CTL_ADD, s.sigfd, &ev);
 	ev.data.ptr = &s.tfd;
 	epoll_ctl(s.epfd, EPOLL_CTL_ADD, s.tfd, &ev);
-	ds_log(DS_LOG_INFO, "serving %s (%s, %d layers, vocab %d%s) on %s; loaded in %.2f s", s.conf.model, s.backend,
-	       s.m->cfg.num_hidden_layers, s.m->cfg.vocab_size, s.tok ? ", tokenizer" : ", token ids only", s.sock_path,
-	       s.load_s);
-	sd_notifyf(0, "READY=1\nSTATUS=serving %s on %s", s.conf.model, s.sock_path);
+	ev.data.ptr = &s.loadefd;
+	epoll_ctl(s.epfd, EPOLL_CTL_ADD, s.loadefd, &ev);
+	if (start_loader(&s, &e)) {
+		ds_log(DS_LOG_ERR, "%s", e.msg);
+		goto out;
+	}
+	ds_log(DS_LOG_INFO, "loading %s on %s; listening on %s", s.conf.model, s.conf.backend, s.sock_path);
 	ret = serve_loop(&s);
 	ds_log(DS_LOG_INFO, "stopped");
 out:
+	if (s.loader) /* stopped while loading: the weights finish loading first */
+		finish_load(&s);
 	while (s.conns) {
 		conn_flush(&s, s.conns); /* last answers, best effort */
 		if (s.conns)
@@ -949,11 +1040,10 @@ out:
 	ds_tok_free(s.tok);
 	ds_engine_free(s.eng);
 	ds_model_free(s.m);
-	for (int i = 0; i < 4; i++) {
-		int fd = i == 0 ? s.epfd : i == 1 ? s.sigfd : i == 2 ? s.outefd : s.tfd;
-		if (fd >= 0)
-			close(fd);
-	}
+	int fds[] = { s.epfd, s.sigfd, s.outefd, s.tfd, s.loadefd };
+	for (size_t i = 0; i < sizeof(fds) / sizeof(fds[0]); i++)
+		if (fds[i] >= 0)
+			close(fds[i]);
 	free_flags(&s);
 	return ret;
 }

@@ -32,6 +32,9 @@ typedef struct ds_srv {
 	ds_batcher *b;
 	char sock_path[DS_CONF_STR];
 	int lfd, own_socket, epfd, sigfd, outefd, tfd;
+	int loadefd;                 /* written when the loader thread is done */
+	struct ds_loader *loader;    /* non-NULL while the engine is being created */
+	int loaded;                  /* the engine runs: state "serving" */
 	ds_conn *conns;
 	ds_conn *dead;               /* closed, unreferenced after the epoll batch */
 	int n_conns;
@@ -49,6 +52,11 @@ typedef struct ds_srv {
 	const char *backend;
 	uint64_t rejected, protocol_errors, connections;
 } ds_srv;
+
+typedef struct ds_loader ds_loader;
+/* While loading (returns 1): bytes of the weights streamed so far and in
+ * all (zero when the backend streams nothing it can count). 0 otherwise. */
+int ds_srv_load_snapshot(ds_srv *s, ds_wload_snapshot *sn);
 
 /* Handles one decoded message from c. */
 void ds_srv_dispatch(ds_srv *s, ds_conn *c, const ds_ipc_msg *m);

@@ -217,6 +217,26 @@ else
 	echo "note: systemd-socket-activate or python3 missing; socket activation checks skipped"
 fi
 
+# --- the socket answers while the weights load; requests wait for them ---
+: >"$T/empty.conf"
+DSD_TEST_LOAD_DELAY_MS=1500 start_dsd && {
+	st=$("$DSCTL" --socket "$SOCK" status --json)
+	grep -q '"state":"loading"' <<<"$st" && ok "status while loading: state loading" || bad "state loading" "$st"
+	bar=$("$DSCTL" --socket "$SOCK" status)
+	grep -q '^loading \[' <<<"$bar" && ok "dsctl status while loading: a progress line" || bad "dsctl status loading" "$bar"
+	want=$(offline 5,6,7,8 12 0 0)
+	got=$("$DSCTL" --socket "$SOCK" run --prompt-ids 5,6,7,8 --max-tokens 12 --ids --temperature 0)
+	check "$got" "$want" "a request sent while loading waits and equals dsd generate"
+	st=$("$DSCTL" --socket "$SOCK" status --json)
+	grep -q '"state":"serving"' <<<"$st" && ok "then state serving" || bad "state serving" "$st"
+	stop_dsd
+}
+DSD_TEST_LOAD_DELAY_MS=1500 start_dsd && {
+	t0=$(date +%s.%N)
+	stop_dsd
+	check "$?" 0 "SIGTERM while loading: exits 0 once the load is over ($(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }') s)"
+}
+
 # --- the trained default model, with text, when present ---
 DEF=models/dsv3-tiny/bf16
 if [ -f "$DEF/tokenizer.json" ]; then
