@@ -422,16 +422,18 @@ static int cmd_status(int argc, char **argv)
 		       num(j, "load.bytes_total") / 1e9, num(j, "load.seconds"), tty ? "" : "\n");
 		fflush(stdout);
 		drew = 1;
+		if (!tty)
+			break; /* one line, then the rest of the status */
 		cJSON_Delete(j);
 		j = NULL;
-		if (!tty || interrupted)
+		if (interrupted)
 			return 0;
 		struct timespec ts = { 0, 250 * 1000 * 1000 };
 		nanosleep(&ts, NULL);
 		if ((rc = call_json("status", &j, 0)))
 			return rc;
 	}
-	if (drew)
+	if (drew && tty)
 		printf("\n");
 	printf("server:   %s (pid %.0f), %s, up %.0f s\n", str(j, "server", NULL), num(j, "pid"), str(j, "state", NULL),
 	       num(j, "uptime_s"));

@@ -223,7 +223,7 @@ DSD_TEST_LOAD_DELAY_MS=1500 start_dsd && {
 	st=$("$DSCTL" --socket "$SOCK" status --json)
 	grep -q '"state":"loading"' <<<"$st" && ok "status while loading: state loading" || bad "state loading" "$st"
 	bar=$("$DSCTL" --socket "$SOCK" status)
-	grep -q '^loading \[' <<<"$bar" && ok "dsctl status while loading: a progress line" || bad "dsctl status loading" "$bar"
+	grep -q '^loading \[' <<<"$bar" && grep -q '^model: ' <<<"$bar" && ok "dsctl status while loading: a progress line, then the status" || bad "dsctl status loading" "$bar"
 	want=$(offline 5,6,7,8 12 0 0)
 	got=$("$DSCTL" --socket "$SOCK" run --prompt-ids 5,6,7,8 --max-tokens 12 --ids --temperature 0)
 	check "$got" "$want" "a request sent while loading waits and equals dsd generate"
