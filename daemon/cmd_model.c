@@ -261,7 +261,7 @@ int ds_cmd_generate(int argc, char **argv)
 		{ "help", no_argument, 0, 'h' },            { 0 }
 	};
 	const char *dir = NULL, *ids_s = NULL, *prompt = NULL, *backend = NULL;
-	int max_tokens = 64, json = 0, threads = 0, depth = 1, c;
+	int max_tokens = 64, json = 0, threads = 0, depth = -1, c; /* -1: the backend's default */
 	ds_sampling sp;
 	ds_sampling_default(&sp);
 	while ((c = getopt_long(argc, argv, "m:i:p:n:T:P:K:N:s:jb:t:h", opts, NULL)) != -1) {
@@ -285,13 +285,14 @@ int ds_cmd_generate(int argc, char **argv)
 				"usage: dsd generate --model DIR (--prompt TEXT | --ids LIST) [--max-tokens N]\n"
 				"       [--temperature T] [--top-p P] [--top-k K] [--min-p P] [--seed S] [--json]\n"
 				"       [--backend cpu|cuda] [--threads N] [--mtp DEPTH | --no-mtp]\n"
-				"  speculative decoding with the model's MTP module is on (depth 1) when the\n"
-				"  model has one; the output is the same as with --no-mtp for greedy decoding\n");
+				"  speculative decoding with the model's MTP module: depth 1 by default on cuda,\n"
+				"  off on the cpu (where drafting does not pay: docs/PERFORMANCE.md), as dsd\n"
+				"  serve does; greedy output is the same with and without it\n");
 			return c == 'h' ? 0 : 2;
 		}
 	}
 	const char *why;
-	if (depth < 0 || depth > DS_SPEC_MAX_DEPTH) {
+	if (depth < -1 || depth > DS_SPEC_MAX_DEPTH) {
 		fprintf(stderr, "dsd generate: --mtp must be in [0, %d]\n", DS_SPEC_MAX_DEPTH);
 		return 2;
 	}
@@ -367,6 +368,8 @@ int ds_cmd_generate(int argc, char **argv)
 		goto out;
 	}
 	ds_sampler_add_prompt(smp, ids, n);
+	if (depth < 0)
+		depth = strcmp(ds_engine_backend_name(eng), "cuda") ? 0 : 1;
 	ds_err e = { { 0 } };
 	ds_spec_req req;
 	if (ds_spec_req_init(&req, eng, s, smp, sp.temperature == 0, depth)) {

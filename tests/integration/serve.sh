@@ -107,7 +107,7 @@ for seed in 1 7; do
 	want=$(offline 9,3,100,42,7 30 $seed 0.9)
 	got=$("$DSCTL" --socket "$SOCK" run --prompt-ids 9,3,100,42,7 --max-tokens 30 --ids --seed $seed --temperature 0.9 --no-mtp)
 	check "$got" "$want" "sampled stream (seed $seed, T 0.9, --no-mtp) equals dsd generate --no-mtp"
-	want=$("$DSD" generate --model "$MODEL" --ids 9,3,100,42,7 --max-tokens 30 --seed $seed --temperature 0.9 --threads 1 2>/dev/null)
+	want=$("$DSD" generate --model "$MODEL" --ids 9,3,100,42,7 --max-tokens 30 --seed $seed --temperature 0.9 --mtp 1 --threads 1 2>/dev/null)
 	got=$("$DSCTL" --socket "$SOCK" run --prompt-ids 9,3,100,42,7 --max-tokens 30 --ids --seed $seed --temperature 0.9)
 	check "$got" "$want" "sampled stream (seed $seed, T 0.9, MTP drafting) equals dsd generate (MTP depth 1)"
 done
