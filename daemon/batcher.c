@@ -71,6 +71,7 @@ struct ds_batcher {
 	const float **x_hid;
 	int *x_n;
 	ds_req **x_owner;
+	ds_spec_ws *spec_ws;
 	uint64_t mtp_drafted, mtp_accepted, decode_steps, decode_tokens;
 	uint64_t *eload;         /* [layers][experts], ds_engine_expert_load */
 	double eload_t;
@@ -537,8 +538,6 @@ static void sample_row(ds_batcher *b, ds_req *r, const float *row)
 	ds_sampler_probs(r->smp, row, b->probs);
 	int32_t tok = r->sp.temperature == 0 ? argmax(b->probs, b->V) : ds_sampler_draw(r->smp, b->probs);
 	ds_sampler_accept(r->smp, tok);
-	if (r->spec.depth)
-		r->spec.last = tok;
 	token_out(b, r, row, tok);
 }
 
@@ -733,7 +732,7 @@ static void mtp_extend(ds_batcher *b, int k, int bt)
 	if (!k)
 		return;
 	ds_err e = { { 0 } };
-	int rc = ds_spec_extend(b->eng, b->x_req, k, b->x_tok, b->x_n, b->x_hid, &e);
+	int rc = ds_spec_extend(b->eng, &b->spec_ws, b->x_req, k, b->x_tok, b->x_n, b->x_hid, &e);
 	for (int j = 0; j < k; j++) {
 		ds_req *r = b->x_owner[j];
 		if (rc) {
@@ -782,7 +781,7 @@ static int step(ds_batcher *b)
 	ds_err e = { { 0 } };
 	double t0 = ds_now(), dt;
 	for (;;) {
-		if (grow(b, plan.n_items, (size_t)plan.n_items * (DS_SPEC_MAX_DEPTH + 1), 0))
+		if (grow(b, plan.n_items, 0, 0)) /* items; logits and hidden below, sized exactly */
 			return progress;
 		n = build_items(b, &plan, verify, &rows, &hrows);
 		if (!n)
@@ -1295,6 +1294,7 @@ ds_batcher *ds_batcher_stop(ds_batcher *b)
 	free(b->x_hid);
 	free(b->x_n);
 	free(b->x_owner);
+	b->spec_ws = ds_spec_ws_free(b->spec_ws);
 	free(b->hidden);
 	free(b->eload);
 	free(b->logits);

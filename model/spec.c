@@ -44,6 +44,7 @@ static int32_t pick(ds_spec_req *r, const float *p, int V)
 	return r->greedy ? argmax(p, V) : ds_sampler_draw(r->smp, p);
 }
 
+/* Step buffers, grown as needed; ds_spec_ws keeps one across calls. */
 typedef struct {
 	ds_step_item *items;
 	float *logits, *hidden, *hidden2, *probs;
@@ -51,7 +52,12 @@ typedef struct {
 	int *idx, *nt;
 	const int32_t **tk;
 	const float **hp;
+	int cap_n, cap_rows, cap_lrows;
 } scratch;
+
+struct ds_spec_ws {
+	scratch s;
+};
 
 static void scratch_free(scratch *s)
 {
@@ -141,25 +147,39 @@ static int draft(ds_engine *eng, ds_spec_req **reqs, int n, const int32_t *const
 	return 0;
 }
 
-/* n items, rows tokens, lrows rows of logits */
-static int scratch_init(scratch *s, const ds_model *m, int n, int rows, int lrows)
+static int grow_buf(void *pp, size_t elem, int n)
+{
+	void *q = realloc(*(void **)pp, elem * (size_t)(n > 0 ? n : 1));
+	if (!q)
+		return -ENOMEM;
+	*(void **)pp = q;
+	return 0;
+}
+
+/* Room for n items, rows tokens and lrows rows of logits; keeps what it has
+ * when that is enough. On failure s stays valid (scratch_free frees it). */
+static int scratch_reserve(scratch *s, const ds_model *m, int n, int rows, int lrows)
 {
 	const int V = m->cfg.vocab_size, H = m->cfg.hidden_size;
-	memset(s, 0, sizeof(*s));
-	s->items = calloc((size_t)n, sizeof(ds_step_item));
-	s->logits = malloc(sizeof(float) * (size_t)V * lrows);
-	s->hidden = malloc(sizeof(float) * (size_t)H * rows);
-	s->hidden2 = malloc(sizeof(float) * (size_t)H * rows);
-	s->probs = malloc(sizeof(float) * (size_t)V);
-	s->toks = malloc(sizeof(int32_t) * (size_t)rows);
-	s->idx = malloc(sizeof(int) * (size_t)n);
-	s->nt = malloc(sizeof(int) * (size_t)n);
-	s->tk = malloc(sizeof(*s->tk) * (size_t)n);
-	s->hp = malloc(sizeof(*s->hp) * (size_t)n);
-	if (!s->items || !s->logits || !s->hidden || !s->hidden2 || !s->probs || !s->toks || !s->idx || !s->nt ||
-	    !s->tk || !s->hp) {
-		scratch_free(s);
+	if (!s->probs && grow_buf(&s->probs, sizeof(float), V))
 		return -ENOMEM;
+	if (n > s->cap_n) {
+		if (grow_buf(&s->items, sizeof(ds_step_item), n) || grow_buf(&s->idx, sizeof(int), n) ||
+		    grow_buf(&s->nt, sizeof(int), n) || grow_buf(&s->tk, sizeof(*s->tk), n) ||
+		    grow_buf(&s->hp, sizeof(*s->hp), n))
+			return -ENOMEM;
+		s->cap_n = n;
+	}
+	if (rows > s->cap_rows) {
+		if (grow_buf(&s->hidden, sizeof(float) * (size_t)H, rows) ||
+		    grow_buf(&s->hidden2, sizeof(float) * (size_t)H, rows) || grow_buf(&s->toks, sizeof(int32_t), rows))
+			return -ENOMEM;
+		s->cap_rows = rows;
+	}
+	if (lrows > s->cap_lrows) {
+		if (grow_buf(&s->logits, sizeof(float) * (size_t)V, lrows))
+			return -ENOMEM;
+		s->cap_lrows = lrows;
 	}
 	return 0;
 }
@@ -172,9 +192,11 @@ int ds_spec_prefill(ds_engine *eng, ds_spec_req **reqs, const int32_t *const *pr
 	int rows = 0;
 	for (int i = 0; i < n; i++)
 		rows += lens[i];
-	scratch s;
-	if (scratch_init(&s, m, n, rows + n, n))
+	scratch s = { 0 };
+	if (scratch_reserve(&s, m, n, rows + n, n)) {
+		scratch_free(&s);
 		return -ENOMEM;
+	}
 	for (int i = 0; i < n; i++)
 		s.items[i] = (ds_step_item){ .seq = reqs[i]->seq, .tokens = prompts[i], .n = lens[i], .logits = DS_LOGITS_LAST };
 	float *hid = malloc(sizeof(float) * (size_t)H * rows);
@@ -275,18 +297,26 @@ int ds_spec_verify(ds_spec_req *r, const float *logits, int V, float *probs)
 	return rc;
 }
 
-int ds_spec_extend(ds_engine *eng, ds_spec_req **reqs, int n, const int32_t *const *toks, const int *ntok,
-		   const float *const *hid, ds_err *e)
+int ds_spec_extend(ds_engine *eng, ds_spec_ws **ws, ds_spec_req **reqs, int n, const int32_t *const *toks,
+		   const int *ntok, const float *const *hid, ds_err *e)
 {
 	int rows = 0;
 	for (int i = 0; i < n; i++)
 		rows += ntok[i] > 0 ? ntok[i] : 0;
-	scratch s;
-	if (scratch_init(&s, ds_engine_model(eng), n, rows > n ? rows : n, n))
+	if (!*ws && !(*ws = calloc(1, sizeof(**ws))))
 		return ds_errf(e, -ENOMEM, "out of memory");
-	int rc = draft(eng, reqs, n, toks, ntok, hid, &s, e);
-	scratch_free(&s);
-	return rc;
+	if (scratch_reserve(&(*ws)->s, ds_engine_model(eng), n, rows > n ? rows : n, n))
+		return ds_errf(e, -ENOMEM, "out of memory");
+	return draft(eng, reqs, n, toks, ntok, hid, &(*ws)->s, e);
+}
+
+ds_spec_ws *ds_spec_ws_free(ds_spec_ws *ws)
+{
+	if (ws) {
+		scratch_free(&ws->s);
+		free(ws);
+	}
+	return NULL;
 }
 
 int ds_spec_step(ds_engine *eng, ds_spec_req **reqs, int n, ds_err *e)
@@ -296,9 +326,11 @@ int ds_spec_step(ds_engine *eng, ds_spec_req **reqs, int n, ds_err *e)
 	int rows = 0;
 	for (int i = 0; i < n; i++)
 		rows += 1 + reqs[i]->n_draft;
-	scratch s;
-	if (scratch_init(&s, m, n, rows, rows))
+	scratch s = { 0 };
+	if (scratch_reserve(&s, m, n, rows, rows)) {
+		scratch_free(&s);
 		return -ENOMEM;
+	}
 	int32_t *in = malloc(sizeof(int32_t) * (size_t)rows);
 	float *hid = malloc(sizeof(float) * (size_t)H * rows);
 	int rc = (in && hid) ? 0 : -ENOMEM;

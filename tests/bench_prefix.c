@@ -16,13 +16,7 @@
 
 #include "cache/kvm.h"
 #include "model/engine.h"
-
-static double now(void)
-{
-	struct timespec t;
-	clock_gettime(CLOCK_MONOTONIC, &t);
-	return t.tv_sec + t.tv_nsec * 1e-9;
-}
+#include "tests/bench_util.h"
 
 /* Process CPU time: on a shared machine wall time swings with other load;
  * with one thread (DS_BENCH_THREADS=1) CPU time is the work done. */
@@ -31,18 +25,6 @@ static double cpu(void)
 	struct timespec t;
 	clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
 	return t.tv_sec + t.tv_nsec * 1e-9;
-}
-
-static int cmpd(const void *a, const void *b)
-{
-	double x = *(const double *)a, y = *(const double *)b;
-	return x < y ? -1 : x > y;
-}
-
-static double median(double *v, int n)
-{
-	qsort(v, (size_t)n, sizeof(double), cmpd);
-	return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
 static int32_t argmax(const float *x, int n)

@@ -23,25 +23,7 @@
 #include "model/engine.h"
 #include "model/spec.h"
 #include "model/tokenizer.h"
-
-static double now(void)
-{
-	struct timespec t;
-	clock_gettime(CLOCK_MONOTONIC, &t);
-	return t.tv_sec + t.tv_nsec * 1e-9;
-}
-
-static int cmpd(const void *a, const void *b)
-{
-	double x = *(const double *)a, y = *(const double *)b;
-	return x < y ? -1 : x > y;
-}
-
-static double median(double *v, int n)
-{
-	qsort(v, (size_t)n, sizeof(double), cmpd);
-	return v[n / 2];
-}
+#include "tests/bench_util.h"
 
 static const char *const prompts[] = {
 	"Once upon a time", "The king said to his son", "In the morning the people of the town",

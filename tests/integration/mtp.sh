@@ -15,26 +15,7 @@ DSCTL=$BUILD/bin/dsctl
 MODEL=models/dsv3-tiny/bf16
 BACKEND=${DS_BACKEND:-cpu}   # the GPU machine runs it with cuda
 N=${DS_MTP_SAMPLES:-400}
-pass=0
-fail=0
-ok() { pass=$((pass + 1)); echo "ok   $1"; }
-bad() { fail=$((fail + 1)); echo "FAIL $1"; [ -n "${2:-}" ] && sed 's/^/     | /' <<<"$2"; }
-check() { if [ "$1" = "$2" ]; then ok "$3"; else bad "$3" "got:  $1"$'\n'"want: $2"; fi; }
-export LSAN_OPTIONS=suppressions=$(readlink -f tests/integration/lsan.supp)${LSAN_OPTIONS:+:$LSAN_OPTIONS}
-T=$(mktemp -d)
-SOCK=$T/dsd.sock
-: >"$T/empty.conf"
-DPID=
-cleanup() {
-	[ -n "$DPID" ] && kill "$DPID" 2>/dev/null && wait "$DPID" 2>/dev/null
-	rm -rf "$T"
-}
-trap cleanup EXIT
-if [ ! -x "$DSD" ] || [ ! -x "$DSCTL" ]; then
-	bad "binaries built ($DSD, $DSCTL)"
-	echo "$pass passed, $fail failed"
-	exit 1
-fi
+. tests/integration/lib.sh
 
 start() { # extra serve flags
 	[ -n "$DPID" ] && { kill "$DPID"; wait "$DPID"; }
@@ -49,18 +30,6 @@ start() { # extra serve flags
 	return 1
 }
 stats() { "$DSCTL" --socket "$SOCK" stats --json; }
-# stats are published by the engine thread between steps
-stats_until() { # grep-pattern
-	local st
-	for _ in $(seq 60); do
-		st=$(stats)
-		grep -q "$1" <<<"$st" && { echo "$st"; return 0; }
-		sleep 0.05
-	done
-	echo "$st"
-	return 1
-}
-num() { grep -o "\"$1\":[0-9.e+-]*" <<<"$2" | head -1 | cut -d: -f2; }
 run() { "$DSCTL" --socket "$SOCK" run --ids --temperature 0 --max-tokens 40 "$@"; }
 
 PROMPTS=("Once upon a time" "The king said" "In the morning the" "She looked at the" "It was a dark"

@@ -8,41 +8,10 @@ BUILD=${DS_BUILD:-build}
 DSD=$BUILD/bin/dsd
 DSCTL=$BUILD/bin/dsctl
 MODEL=tests/fixtures/v3
-pass=0
-fail=0
-ok() { pass=$((pass + 1)); echo "ok   $1"; }
-bad() { fail=$((fail + 1)); echo "FAIL $1"; [ -n "${2:-}" ] && sed 's/^/     | /' <<<"$2"; }
-check() { if [ "$1" = "$2" ]; then ok "$3"; else bad "$3" "got:  $1"$'\n'"want: $2"; fi; }
-export LSAN_OPTIONS=suppressions=$(readlink -f tests/integration/lsan.supp)${LSAN_OPTIONS:+:$LSAN_OPTIONS}
-T=$(mktemp -d)
-SOCK=$T/dsd.sock
-: >"$T/empty.conf"
-DPID=
-cleanup() {
-	[ -n "$DPID" ] && kill "$DPID" 2>/dev/null && wait "$DPID" 2>/dev/null
-	rm -rf "$T"
-}
-trap cleanup EXIT
-if [ ! -x "$DSD" ] || [ ! -x "$DSCTL" ]; then
-	bad "binaries built ($DSD, $DSCTL)"
-	echo "$pass passed, $fail failed"
-	exit 1
-fi
+. tests/integration/lib.sh
 
 offline() { "$DSD" generate --model "$MODEL" --ids "$1" --max-tokens "$2" --no-mtp --temperature 0 --threads 1 2>/dev/null; }
 run() { "$DSCTL" --socket "$SOCK" run --prompt-ids "$1" --max-tokens "$2" --ids --temperature 0; }
-# stats are published by the engine thread between steps: wait for a condition
-stats_until() { # grep-pattern
-	local st
-	for _ in $(seq 50); do
-		st=$("$DSCTL" --socket "$SOCK" stats --json)
-		grep -q "$1" <<<"$st" && { echo "$st"; return 0; }
-		sleep 0.05
-	done
-	echo "$st"
-	return 1
-}
-num() { grep -o "\"$1\":[0-9.]*" <<<"$2" | head -1 | cut -d: -f2; }
 
 "$DSD" serve --config "$T/empty.conf" --model "$MODEL" --socket "$SOCK" --threads 1 --block-tokens 16 2>>"$T/dsd.log" &
 DPID=$!

@@ -9,22 +9,7 @@ DSD=$BUILD/bin/dsd
 DSCTL=$BUILD/bin/dsctl
 DRIVER=$BUILD/tests/serve_driver
 MODEL=tests/fixtures/v3
-pass=0
-fail=0
-ok() { pass=$((pass + 1)); echo "ok   $1"; }
-bad() { fail=$((fail + 1)); echo "FAIL $1"; [ -n "${2:-}" ] && sed 's/^/     | /' <<<"$2"; }
-check() { if [ "$1" = "$2" ]; then ok "$3"; else bad "$3" "got:  $1"$'\n'"want: $2"; fi; }
-
-export LSAN_OPTIONS=suppressions=$(readlink -f tests/integration/lsan.supp)${LSAN_OPTIONS:+:$LSAN_OPTIONS}
-T=$(mktemp -d)
-SOCK=$T/dsd.sock
-: >"$T/empty.conf"
-DPID=
-cleanup() {
-	[ -n "$DPID" ] && kill "$DPID" 2>/dev/null && wait "$DPID" 2>/dev/null
-	[ -n "${KEEP:-}" ] && echo "kept $T" || rm -rf "$T"
-}
-trap cleanup EXIT
+. tests/integration/lib.sh
 
 start_dsd() { # extra flags...
 	"$DSD" serve --config "$T/empty.conf" --model "$MODEL" --socket "$SOCK" --threads 1 "$@" 2>>"$T/dsd.log" &
