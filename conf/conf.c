@@ -31,6 +31,9 @@ static const ds_conf_key keys[] = {
 	{ "model", "uring_load", "uring-load", DS_CONF_T_INT, F(uring_load), 0, 1, "1", 0,
 	  "cuda: 1 streams the weights from disk with io_uring (O_DIRECT where allowed); 0 uploads them from "
 	  "the memory-mapped files", NULL },
+	{ "model", "cuda_graphs", "cuda-graphs", DS_CONF_T_INT, F(cuda_graphs), 0, 1, "1", 0,
+	  "cuda: 1 replays decode steps as CUDA graphs (captured per step shape on its second use); 0 launches "
+	  "every kernel (slower; for debugging)", NULL },
 	{ "model", "gpu_kv_fraction", "gpu-kv-fraction", DS_CONF_T_DOUBLE, F(gpu_kv_fraction), 0.01, 0.99, "0.9", 0,
 	  "fraction of free GPU memory (after the weights) for the KV pool", NULL },
 	{ "server", "socket", "socket", DS_CONF_T_STRING, F(socket), 0, 0, "", 0,

@@ -30,6 +30,7 @@ typedef struct ds_conf {
 	int64_t block_tokens;
 	int64_t device;
 	int64_t uring_load;
+	int64_t cuda_graphs;
 	double gpu_kv_fraction;
 	/* [server] */
 	char socket[DS_CONF_STR];

@@ -740,6 +740,7 @@ static int start_loader(ds_srv *s, ds_err *e)
 	l->want = s->conf.backend;
 	l->ec.backend = !strcmp(l->want, "auto") ? "cuda" : l->want;
 	l->ec.uring_load = (int)s->conf.uring_load;
+	l->ec.eager = !s->conf.cuda_graphs;
 	s->loader = l;
 	int rc = pthread_create(&l->th, NULL, loader_run, l);
 	if (rc) {

@@ -15,6 +15,7 @@
 #include "kernels/attn.h"
 #include "kernels/cuda_backend.h"
 #include "kernels/gemm.h"
+#include "kernels/graph.h"
 #include "kernels/moe.h"
 #include "kernels/norm.h"
 #include "kernels/rope.h"
@@ -28,6 +29,9 @@
 /* Sequences with at least this many new tokens in a step (and at most 8192
  * positions) take the GEMM attention path. */
 #define PF_MIN_TOKENS 64
+#define BLAS_WS_BYTES (32u << 20)
+/* Decode shapes kept as graphs: token counts x rounded lengths in use. */
+#define GRAPHS_KEPT 128
 
 typedef struct {
 	dsk_weight q_proj, q_a, q_b, kv_a, o_proj, gate, up, down, router, sh_gate, sh_up, sh_down, eh_proj, head;
@@ -87,6 +91,10 @@ struct ds_backend {
 	int dev_moe_max_t; /* steps up to this many tokens skip the host round trip */
 	int prof;        /* synchronize and time each phase of a step */
 	double prof_t[DS_CUDA_PHASES], prof_last;
+	float *lg;       /* logit rows of a step */
+	size_t lg_cap;
+	dsk_graphs *graphs; /* decode steps as CUDA graphs (NULL: off) */
+	unsigned gemm_gen;
 	int32_t *h_i32;  /* pinned host staging */
 	float *h_f32;
 	size_t h_cap;
@@ -129,7 +137,30 @@ static void mark(ds_backend *b, int phase)
 }
 int ds_cuda_backend_kv_blocks(const ds_backend *b) { return b->kv_blocks; }
 void ds_cuda_backend_set_device_moe(ds_backend *b, int max_tokens) { b->dev_moe_max_t = max_tokens; }
-void ds_cuda_backend_set_gemv(ds_backend *b, int on) { dsk_gemm_set_gemv(b->gemm, on); }
+void ds_cuda_backend_set_gemv(ds_backend *b, int on)
+{
+	dsk_gemm_set_gemv(b->gemm, on);
+	dsk_graphs_clear(b->graphs);
+}
+
+int ds_cuda_backend_set_graphs(ds_backend *b, int on)
+{
+	if (!on) {
+		b->graphs = (dsk_graphs_free(b->graphs), NULL);
+		return 0;
+	}
+	return b->graphs ? 0 : dsk_graphs_new(GRAPHS_KEPT, &b->graphs);
+}
+
+void ds_cuda_backend_graph_stats(const ds_backend *b, long *replays, long *captures, long *eager)
+{
+	dsk_graph_stats st = { 0 };
+	if (b->graphs)
+		st = dsk_graphs_stats(b->graphs);
+	*replays = st.replays;
+	*captures = st.captures;
+	*eager = st.eager;
+}
 
 static int cerr(ds_err *e, cudaError_t err, const char *what)
 {
@@ -329,6 +360,8 @@ static void destroy(ds_backend *b)
 	free(b->allocs);
 	cudaFree(b->ws);
 	cudaFree(b->pf_buf);
+	cudaFree(b->lg);
+	dsk_graphs_free(b->graphs);
 	free(b->pf);
 	cudaFreeHost(b->h_i32);
 	cudaFreeHost(b->h_f32);
@@ -448,6 +481,16 @@ static int create(const ds_model *m, ds_backend_config *cfg, ds_backend **out, d
 	}
 	cublasSetStream(b->blas, b->s);
 	if ((rc = dsk_gemm_create(b->s, &b->gemm, e))) {
+		destroy(b);
+		return rc;
+	}
+	/* cuBLAS's own workspace, so that its calls can be captured. */
+	void *blas_ws = dalloc(b, BLAS_WS_BYTES, e, &rc);
+	if (rc || cublasSetWorkspace(b->blas, blas_ws, BLAS_WS_BYTES) != CUBLAS_STATUS_SUCCESS) {
+		destroy(b);
+		return rc ? rc : ds_errf(e, -EIO, "cuda backend: cublasSetWorkspace failed");
+	}
+	if (!cfg->eager && (rc = dsk_graphs_new(GRAPHS_KEPT, &b->graphs))) {
 		destroy(b);
 		return rc;
 	}
@@ -919,20 +962,96 @@ static int block(ds_backend *b, int li, int T, int max_len, const dsk_kv_geom *g
 	return rc;
 }
 
+/* Attention splits its work by the context length; rounding the length up
+ * keeps the number of distinct step shapes (and graphs) small, and eager and
+ * replayed steps split alike, so they compute the same bits. */
+static int len_bucket(int n)
+{
+	const int q = n <= 2048 ? 256 : n <= 16384 ? 2048 : 8192;
+	return (n + q - 1) / q * q;
+}
+
+/* What a step's launches depend on beyond the uploaded arrays. */
+struct step {
+	ds_backend *b;
+	int mtp, T, rows, max_len;
+	dsk_kv_geom geo;
+};
+
+/* Embedding to logits, on the device only: no host synchronization, no
+ * allocation, so decode-sized steps can be captured (kernels/graph.h). */
+static int step_body(void *ctx, ds_err *e)
+{
+	const struct step *st = ctx;
+	ds_backend *b = st->b;
+	const ds_model *m = b->m;
+	const ds_config *c = &m->cfg;
+	const int H = c->hidden_size, V = c->vocab_size, T = st->T;
+	int first, last, rc;
+	if (!st->mtp) {
+		TRY(dsk_embed(b->x, b->embed, b->tok, T, H, b->s, e));
+		first = 0;
+		last = m->n_layers;
+	} else {
+		const int li = m->n_layers + st->mtp - 1;
+		const dlayer *d = &b->L[li];
+		TRY(dsk_embed(b->x, d->mtp_embed, b->tok, T, H, b->s, e));
+		/* [T][2H]: normed embedding, then normed hidden state. */
+		TRY(dsk_add_rmsnorm(b->x, NULL, d->enorm, T, H, c->rms_norm_eps, b->xn, 2 * H, NULL, b->s, e));
+		TRY(dsk_add_rmsnorm(b->hin, NULL, d->hnorm, T, H, c->rms_norm_eps, b->xn + H, 2 * H, NULL, b->s, e));
+		TRY(gemm(b, b->x, H, b->xn, T, &d->eh_proj, e));
+		first = li;
+		last = li + 1;
+	}
+	mark(b, 0);
+	for (int li = first; li < last; li++)
+		TRY(block(b, li, T, st->max_len, &st->geo, li == first, e));
+
+	const float *fn = st->mtp ? b->L[m->n_layers + st->mtp - 1].head_norm : b->final_norm;
+	const dsk_weight *head = st->mtp ? &b->L[m->n_layers + st->mtp - 1].head : &b->lm_head;
+	/* Residual add of the last MLP, then the final norm (x keeps the
+	 * pre-norm state: MTP's hidden output). */
+	TRY(dsk_add_rmsnorm(b->x, b->y, fn, T, H, c->rms_norm_eps, b->xn, H, b->of, b->s, e));
+	if (st->rows > 0) {
+		TRY(dsk_gather_rows(b->sel, b->xn, b->sel_idx, st->rows, H, b->s, e));
+		TRY(gemm(b, b->lg, V, b->sel, st->rows, head, e));
+	}
+	return 0;
+}
+
+/* Steps a graph can hold: every sequence through the split-KV kernel and
+ * every MoE layer on the device-side path (no host round trip). */
+static int graphable(const ds_backend *b, int T, int first, int last)
+{
+	if (!b->graphs || b->prof || b->n_pf || T > b->dev_moe_max_t)
+		return 0;
+	for (int li = first; li < last; li++)
+		if (b->m->layers[li].is_moe && !b->L[li].dev_moe)
+			return 0;
+	return 1;
+}
+
+/* Buffers graphs hold pointers to were reallocated: forget the graphs. */
+static void graphs_check(ds_backend *b)
+{
+	unsigned gen = dsk_gemm_generation(b->gemm);
+	if (gen != b->gemm_gen) {
+		dsk_graphs_clear(b->graphs);
+		b->gemm_gen = gen;
+	}
+}
+
 static int forward(ds_backend *b, const ds_batch *bt, ds_step_out *out, ds_err *e)
 {
 	const ds_model *m = b->m;
 	const ds_config *c = &m->cfg;
 	const int H = c->hidden_size, V = c->vocab_size;
-	int T = 0, mb = 1, max_len = 1, rc;
+	int T = 0, max_len = 1, rc;
 	for (int s = 0; s < bt->n_seqs; s++) {
 		if (bt->n_new[s] < 1 || bt->pos0[s] < 0 || bt->logits_from[s] < 0 || bt->logits_from[s] > bt->n_new[s])
 			return ds_errf(e, -EINVAL, "cuda backend: bad batch entry %d", s);
 		T += bt->n_new[s];
 		int len = bt->pos0[s] + bt->n_new[s];
-		int nb = (len + b->block_tokens - 1) / b->block_tokens;
-		if (nb > mb)
-			mb = nb;
 		if (len > max_len)
 			max_len = len;
 	}
@@ -952,8 +1071,14 @@ static int forward(ds_backend *b, const ds_batch *bt, ds_step_out *out, ds_err *
 				return ds_errf(e, -EINVAL, "cuda backend: sequence %d names KV block %d of %d", s,
 					       bt->block_tables[s][i], b->kv_blocks);
 	}
+	max_len = len_bucket(max_len);
+	/* Block tables go up with a row stride fixed by the rounded length. */
+	const int mb = (max_len + b->block_tokens - 1) / b->block_tokens;
 	mark(b, -1);
+	const int ws_T = b->cap_T, ws_seqs = b->cap_seqs, ws_mb = b->cap_mb;
 	TRY(ensure_ws(b, T, bt->n_seqs, mb, e));
+	if (b->cap_T != ws_T || b->cap_seqs != ws_seqs || b->cap_mb != ws_mb)
+		dsk_graphs_clear(b->graphs);
 	if ((cudaSetDevice(b->dev)) != cudaSuccess)
 		return cerr(e, cudaGetLastError(), "set device");
 
@@ -989,6 +1114,21 @@ static int forward(ds_backend *b, const ds_batch *bt, ds_step_out *out, ds_err *
 		int nb = (bt->pos0[s] + bt->n_new[s] + b->block_tokens - 1) / b->block_tokens;
 		memcpy(h_tab + (size_t)s * mb, bt->block_tables[s], sizeof(int32_t) * (size_t)nb);
 	}
+	if (!out->logits)
+		rows = 0;
+	const size_t lg_need = (size_t)dsk_gemm_pad(rows > 0 ? rows : 1) * V;
+	if (lg_need > b->lg_cap) {
+		cudaStreamSynchronize(b->s);
+		cudaFree(b->lg);
+		b->lg_cap = 0;
+		dsk_graphs_clear(b->graphs);
+		if (cudaMalloc((void **)&b->lg, sizeof(float) * lg_need) != cudaSuccess) {
+			cudaGetLastError();
+			b->lg = NULL;
+			return ds_errf(e, -ENOMEM, "cuda backend: no GPU memory for %d logit rows", rows);
+		}
+		b->lg_cap = lg_need;
+	}
 	cudaError_t err;
 #define UP(dst, src, n)                                                                                          \
 	do {                                                                                                     \
@@ -1004,57 +1144,33 @@ static int forward(ds_backend *b, const ds_batch *bt, ds_step_out *out, ds_err *
 	if (b->n_pf && b->n_short)
 		UP(b->alist, h_list, b->n_short);
 #undef UP
-	dsk_kv_geom geo = { .pool = b->kv, .block_stride = (long)b->kv_block_stride, .layer_stride = (long)b->kv_layer_stride,
-			    .block_tokens = b->block_tokens, .tables = b->tables, .max_blocks = mb };
-
-	int first, last;
-	if (!bt->mtp) {
-		TRY(dsk_embed(b->x, b->embed, b->tok, T, H, b->s, e));
-		first = 0;
-		last = m->n_layers;
+	if (bt->mtp && (err = cudaMemcpyAsync(b->hin, bt->hidden_in, sizeof(float) * (size_t)T * H,
+					      cudaMemcpyHostToDevice, b->s)) != cudaSuccess)
+		return cerr(e, err, "hidden_in upload");
+	struct step st = { .b = b, .mtp = bt->mtp, .T = T, .rows = rows, .max_len = max_len,
+			   .geo = { .pool = b->kv, .block_stride = (long)b->kv_block_stride,
+				    .layer_stride = (long)b->kv_layer_stride, .block_tokens = b->block_tokens,
+				    .tables = b->tables, .max_blocks = mb } };
+	const int first = bt->mtp ? m->n_layers + bt->mtp - 1 : 0, last = bt->mtp ? first + 1 : m->n_layers;
+	graphs_check(b);
+	if (graphable(b, T, first, last)) {
+		const int key[DSK_GRAPH_KEY] = { bt->mtp, T, rows, max_len, mb, 0 };
+		rc = dsk_graphs_run(b->graphs, key, b->s, step_body, &st, e);
 	} else {
-		const int li = m->n_layers + bt->mtp - 1;
-		const dlayer *d = &b->L[li];
-		if ((err = cudaMemcpyAsync(b->hin, bt->hidden_in, sizeof(float) * (size_t)T * H, cudaMemcpyHostToDevice,
-					   b->s)) != cudaSuccess)
-			return cerr(e, err, "hidden_in upload");
-		TRY(dsk_embed(b->x, d->mtp_embed, b->tok, T, H, b->s, e));
-		/* [T][2H]: normed embedding, then normed hidden state. */
-		TRY(dsk_add_rmsnorm(b->x, NULL, d->enorm, T, H, c->rms_norm_eps, b->xn, 2 * H, NULL, b->s, e));
-		TRY(dsk_add_rmsnorm(b->hin, NULL, d->hnorm, T, H, c->rms_norm_eps, b->xn + H, 2 * H, NULL, b->s, e));
-		TRY(gemm(b, b->x, H, b->xn, T, &d->eh_proj, e));
-		first = li;
-		last = li + 1;
+		rc = step_body(&st, e);
 	}
-	mark(b, 0);
-	for (int li = first; li < last; li++)
-		TRY(block(b, li, T, max_len, &geo, li == first, e));
-
-	const float *fn = bt->mtp ? b->L[m->n_layers + bt->mtp - 1].head_norm : b->final_norm;
-	const dsk_weight *head = bt->mtp ? &b->L[m->n_layers + bt->mtp - 1].head : &b->lm_head;
-	/* Residual add of the last MLP, then the final norm (x keeps the
-	 * pre-norm state: MTP's hidden output). */
-	TRY(dsk_add_rmsnorm(b->x, b->y, fn, T, H, c->rms_norm_eps, b->xn, H, b->of, b->s, e));
+	graphs_check(b);
+	if (rc)
+		return rc;
 	if (out->hidden) {
 		const float *src = bt->mtp ? b->x : b->of;
 		if ((err = cudaMemcpyAsync(out->hidden, src, sizeof(float) * (size_t)T * H, cudaMemcpyDeviceToHost, b->s)) !=
 		    cudaSuccess)
 			return cerr(e, err, "hidden download");
 	}
-	if (rows > 0 && out->logits) {
-		TRY(dsk_gather_rows(b->sel, b->xn, b->sel_idx, rows, H, b->s, e));
-		/* Logit rows reuse the MoE row buffer when it is larger. */
-		float *lg = NULL;
-		if ((err = cudaMallocAsync((void **)&lg, sizeof(float) * (size_t)dsk_gemm_pad(rows) * V, b->s)) != cudaSuccess)
-			return cerr(e, err, "logits buffer");
-		rc = gemm(b, lg, V, b->sel, rows, head, e);
-		if (!rc && (err = cudaMemcpyAsync(out->logits, lg, sizeof(float) * (size_t)rows * V, cudaMemcpyDeviceToHost,
-						  b->s)) != cudaSuccess)
-			rc = cerr(e, err, "logits download");
-		cudaFreeAsync(lg, b->s);
-		if (rc)
-			return rc;
-	}
+	if (rows > 0 && (err = cudaMemcpyAsync(out->logits, b->lg, sizeof(float) * (size_t)rows * V,
+					       cudaMemcpyDeviceToHost, b->s)) != cudaSuccess)
+		return cerr(e, err, "logits download");
 	if ((err = cudaStreamSynchronize(b->s)) != cudaSuccess)
 		return cerr(e, err, "step");
 	mark(b, 7);

@@ -17,6 +17,13 @@ void ds_cuda_backend_set_device_moe(ds_backend *b, int max_tokens);
 /* Decode-sized GEMMs through the GEMV kernel (default) or cuBLASLt. */
 void ds_cuda_backend_set_gemv(ds_backend *b, int on);
 
+/* Decode-sized steps replayed as CUDA graphs (default on unless the backend
+ * was created eager); off drops the captured graphs. */
+int ds_cuda_backend_set_graphs(ds_backend *b, int on);
+/* Steps replayed from a graph, graphs captured, steps launched kernel by
+ * kernel while graphs were on (first use of a shape, or not capturable). */
+void ds_cuda_backend_graph_stats(const ds_backend *b, long *replays, long *captures, long *eager);
+
 /* Benchmarks: with profiling on, each step synchronizes after every phase
  * and adds its wall time to the phase (slower steps; off by default). */
 enum { DS_CUDA_PHASES = 8 };

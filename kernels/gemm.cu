@@ -30,6 +30,7 @@ struct dsk_gemm {
 	size_t q_cap;   /* elements of q */
 	dsk_bf16 *tmp;  /* bf16 result widened to float32 */
 	size_t tmp_cap;
+	unsigned gen;   /* see dsk_gemm_generation */
 	long n_bf16, n_fp8;
 	int no_gemv;    /* force cuBLASLt for every M (tests, benchmarks) */
 	algo_slot cache[CACHE];
@@ -63,6 +64,8 @@ extern "C" int dsk_gemm_create(dsk_stream s, dsk_gemm **out, ds_err *e)
 	*out = g;
 	return 0;
 }
+
+extern "C" unsigned dsk_gemm_generation(const dsk_gemm *g) { return g->gen; }
 
 extern "C" dsk_gemm *dsk_gemm_free(dsk_gemm *g)
 {
@@ -154,6 +157,7 @@ static int grow_q(dsk_gemm *g, size_t elems, int M, int K, ds_err *e)
 	size_t sc = (size_t)M * (K / 128);
 	if (elems <= g->q_cap && sc <= g->q_cap / 128)
 		return 0;
+	g->gen++;
 	cudaFree(g->q);
 	cudaFree(g->qs);
 	g->q = NULL;
@@ -276,6 +280,7 @@ static int matmul(dsk_gemm *g, void *out, int ldo, int outbf, const void *B, int
 		/* Block-scaled FP8 with a float32 result is not offered
 		 * everywhere: take bf16 and widen it. */
 		if (g->tmp_cap < (size_t)Mp * N) {
+			g->gen++;
 			cudaFree(g->tmp);
 			g->tmp_cap = 0;
 			if (cudaMalloc(&g->tmp, sizeof(dsk_bf16) * (size_t)Mp * N) != cudaSuccess) {

@@ -56,6 +56,9 @@ DSK_EXTERN_C int dsk_moe_gemv(float *out, int ldo, const void *x, const float *x
 			      const int32_t *off, const int32_t *cnt, const int32_t *act, int max_active,
 			      const void *const *wp, const float *const *sp, int sld, int fp8, int N, int K, dsk_stream s,
 			      ds_err *e);
+/* Bumped whenever scratch buffers the GEMMs launch with are reallocated
+ * (graphs that captured them are stale then). */
+DSK_EXTERN_C unsigned dsk_gemm_generation(const dsk_gemm *g);
 /* Counters for the log: calls that used each path. */
 DSK_EXTERN_C void dsk_gemm_stats(const dsk_gemm *g, long *bf16_calls, long *fp8_calls);
 

@@ -51,6 +51,7 @@ spec)
 	# speculative decoding: the trained default model (acceptance is real),
 	# then the verify-2 / 1-token step ratio on the V2-Lite-shaped model
 	timeout 120 $B/bench/bench_spec --backend cuda --batches 1,4,16,64 models/dsv3-tiny/bf16
+	timeout 120 $B/bench/bench_spec --eager --backend cuda --batches 1,4,16,64 models/dsv3-tiny/bf16
 	timeout 120 $B/bench/bench_spec --backend cuda --batches 1,4,16,64 models/dsv3-tiny/fp8
 	DS_BUILD=$B DS_BACKEND=cuda DS_MTP_SAMPLES=100 timeout 150 bash tests/integration/mtp.sh
 	python3 - <<'PY' || exit 1
@@ -59,5 +60,6 @@ sys.path.insert(0, "tools"); import make_bench_models as m
 m.write_model("/tmp/dsd-bench-models/v2lite-bf16", m.v2_config(False), False, 3, True)
 PY
 	timeout 240 $B/bench/bench_spec --ratio --backend cuda --batches 1,4,16,64 $M/v2lite-bf16
+	timeout 240 $B/bench/bench_spec --ratio --eager --backend cuda --batches 1,4,16,64 $M/v2lite-bf16
 	rm -rf $M/v2lite-bf16 ;;
 esac

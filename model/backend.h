@@ -22,6 +22,7 @@ typedef struct ds_backend_config {
 	int device;         /* GPU ordinal */
 	double gpu_kv_fraction; /* of free memory after weights, when kv_blocks == 0 */
 	int uring_load;     /* GPU: stream the weights with io_uring (model/wload.h), else upload from the mapping */
+	int eager;          /* GPU: no CUDA graphs for decode steps */
 	ds_wload_progress *load_progress; /* optional, updated while streaming */
 	ds_wload_result load_result;      /* out: what streaming did (zero when it did not run) */
 } ds_backend_config;

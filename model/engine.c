@@ -59,6 +59,7 @@ int ds_engine_create(const ds_model *m, const ds_engine_config *cfg, ds_engine *
 		.device = cfg->device,
 		.gpu_kv_fraction = cfg->gpu_kv_fraction,
 		.uring_load = cfg->uring_load,
+		.eager = cfg->eager,
 		.load_progress = cfg->load_progress,
 	};
 	if (bc.kv_blocks <= 0 && !strcmp(ops->name, "cpu")) {

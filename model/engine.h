@@ -24,6 +24,7 @@ typedef struct ds_engine_config {
 	int device;
 	double gpu_kv_fraction;
 	int uring_load;        /* GPU backends: stream weights with io_uring (default 1) */
+	int eager;             /* GPU backends: launch every kernel, no CUDA graphs (default 0) */
 	ds_wload_progress *load_progress; /* optional: read from another thread while creating */
 } ds_engine_config;
 

@@ -6,6 +6,7 @@
  * routed experts expected to be hit by B tokens under uniform routing) and
  * the KV of B x C positions; over the device-to-device copy bandwidth.
  * Usage: bench_gpu MODEL_DIR [label]   (env DS_BENCH_STEPS, default 10) */
+#include <cuda_profiler_api.h>
 #include <cuda_runtime_api.h>
 #include <math.h>
 #include <stdio.h>
@@ -49,6 +50,53 @@ static size_t tref_bytes(const ds_tensor_ref *t) { return t ? t->nbytes : 0; }
 static size_t wmat_bytes(const ds_wmat *w)
 {
 	return w->w ? tref_bytes(w->w) + (w->scale_inv ? tref_bytes(w->scale_inv) : 0) : 0;
+}
+
+/* DS_BENCH_NCU=B:C — for `ncu --profile-from-start off`: one decode step of
+ * B sequences at context C, launched kernel by kernel, between
+ * cudaProfilerStart and Stop (after two warm-up steps). */
+static int ncu_step(ds_backend *b, ds_model *m, const char *spec, int bt, int blocks)
+{
+	int B = 1, C = 1024;
+	if (sscanf(spec, "%d:%d", &B, &C) != 2 || B < 1 || C < 1 || (long)B * ((C + bt) / bt) > blocks) {
+		fprintf(stderr, "bench_gpu: DS_BENCH_NCU=%s: want B:C that fits the pool\n", spec);
+		return 2;
+	}
+	const int per = (C + bt) / bt, V = m->cfg.vocab_size;
+	int32_t *tab = malloc(sizeof(int32_t) * (size_t)B * per), *tok = malloc(sizeof(int32_t) * B);
+	const int32_t **tabs = malloc(sizeof(int32_t *) * B);
+	int *n_new = malloc(sizeof(int) * B), *pos0 = malloc(sizeof(int) * B), *lf = calloc(B, sizeof(int));
+	float *logits = malloc(sizeof(float) * (size_t)B * V);
+	for (int s = 0; s < B; s++) {
+		for (int i = 0; i < per; i++)
+			tab[(size_t)s * per + i] = s * per + i;
+		tabs[s] = tab + (size_t)s * per;
+		n_new[s] = 1;
+		pos0[s] = C - 1;
+		tok[s] = (s * 7919 + 13) % V;
+	}
+	ds_batch batch = { .n_seqs = B, .n_new = n_new, .pos0 = pos0, .tokens = tok, .block_tables = tabs, .logits_from = lf };
+	ds_step_out out = { .logits = logits };
+	ds_err e = { { 0 } };
+	int rc = ds_cuda_backend_set_graphs(b, 0);
+	for (int i = 0; i < 3 && !rc; i++) {
+		if (i == 2)
+			cudaProfilerStart();
+		rc = ds_cuda_backend.forward(b, &batch, &out, &e);
+	}
+	cudaProfilerStop();
+	if (rc)
+		fprintf(stderr, "bench_gpu: %s\n", e.msg);
+	free(tab);
+	free(tok);
+	free(tabs);
+	free(n_new);
+	free(pos0);
+	free(lf);
+	free(logits);
+	ds_cuda_backend.destroy(b);
+	ds_model_free(m);
+	return rc ? 1 : 0;
 }
 
 int main(int argc, char **argv)
@@ -106,9 +154,11 @@ int main(int argc, char **argv)
 		}
 	}
 	const int V = c->vocab_size;
+	if (getenv("DS_BENCH_NCU"))
+		return ncu_step(b, m, getenv("DS_BENCH_NCU"), bt, blocks);
 	const int batches[] = { 1, 8, 64, 256 }, ctxs[] = { 1024, 8192 };
-	printf("%-14s %6s %6s %10s %10s %9s %10s %8s %9s\n", "model", "batch", "ctx", "step ms", "tok/s", "GB/step",
-	       "GB/s", "% roof", "TFLOP/s");
+	printf("%-14s %6s %6s %10s %10s %10s %9s %10s %8s %9s\n", "model", "batch", "ctx", "step ms", "eager ms", "tok/s",
+	       "GB/step", "GB/s", "% roof", "TFLOP/s");
 	float *logits = malloc(sizeof(float) * (size_t)256 * V);
 	for (size_t ci = 0; ci < 2; ci++)
 		for (size_t bi = 0; bi < 4; bi++) {
@@ -133,25 +183,34 @@ int main(int argc, char **argv)
 			ds_batch batch = { .n_seqs = B, .n_new = n_new, .pos0 = pos0, .tokens = tok,
 					   .block_tables = (const int32_t *const *)tables, .logits_from = lf };
 			ds_step_out out = { .logits = logits };
-			double *t = malloc(sizeof(double) * (steps + 2));
+			/* The same steps with CUDA graphs (the default) and launched
+			 * kernel by kernel, one after the other. */
+			double *t = malloc(sizeof(double) * (steps + 2)), *te = malloc(sizeof(double) * (steps + 2));
 			int rc = 0;
-			for (int i = 0; i < steps + 2 && !rc; i++) {
-				double a = now();
-				rc = ds_cuda_backend.forward(b, &batch, &out, &e);
-				t[i] = now() - a;
-				for (int s = 0; s < B; s++)
-					tok[s] = (tok[s] + 1) % V;
+			for (int pass = 0; pass < 2 && !rc; pass++) {
+				double *tt = pass ? te : t;
+				rc = ds_cuda_backend_set_graphs(b, !pass);
+				for (int i = 0; i < steps + 2 && !rc; i++) {
+					double a = now();
+					rc = ds_cuda_backend.forward(b, &batch, &out, &e);
+					tt[i] = now() - a;
+					for (int s = 0; s < B; s++)
+						tok[s] = (tok[s] + 1) % V;
+				}
 			}
+			ds_cuda_backend_set_graphs(b, 1);
 			if (rc) {
 				printf("%-14s %6d %6d  failed: %s\n", label, B, C, e.msg);
 			} else {
 				qsort(t + 2, steps, sizeof(double), cmpd);
-				const double med = t[2 + steps / 2];
+				qsort(te + 2, steps, sizeof(double), cmpd);
+				const double med = t[2 + steps / 2], emed = te[2 + steps / 2];
 				const double hit = n_moe ? c->n_routed_experts * (1 - pow(1 - (double)c->num_experts_per_tok / c->n_routed_experts, B)) : 0;
 				const double bytes = dense + hit * n_moe * expert + (double)B * C * L * kvd * 2;
 				const double flops = 2 * active_params * B +
 						     (double)B * L * c->num_attention_heads * C * 2.0 * (2 * c->kv_lora_rank + c->qk_rope_head_dim);
-				printf("%-14s %6d %6d %10.3f %10.1f %9.3f %10.1f %8.1f %9.1f\n", label, B, C, med * 1e3, B / med,
+				printf("%-14s %6d %6d %10.3f %10.3f %10.1f %9.3f %10.1f %8.1f %9.1f\n", label, B, C, med * 1e3,
+				       emed * 1e3, B / med,
 				       bytes / 1e9, bytes / med / 1e9, 100 * bytes / med / bw, flops / med / 1e12);
 			}
 			fflush(stdout);
@@ -163,6 +222,7 @@ int main(int argc, char **argv)
 			free(lf);
 			free(tok);
 			free(t);
+			free(te);
 		}
 	/* Where a step's time goes (synchronizing after each phase): batch 1
 	 * at 1024 and the 4096-token prefill. */

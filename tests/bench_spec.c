@@ -171,12 +171,13 @@ static int run_ratio(ds_engine *eng, int batch, int ctx, double *t1, double *t2,
 int main(int argc, char **argv)
 {
 	const char *backend = "cpu";
-	int threads = 0, tokens = 64, ratio = 0, ctx = 512;
+	int threads = 0, tokens = 64, ratio = 0, ctx = 512, eager = 0;
 	int batches[16] = { 1, 4, 16, 64 }, nb = 4;
 	static const struct option lo[] = {
 		{ "backend", required_argument, 0, 'b' }, { "threads", required_argument, 0, 't' },
 		{ "batches", required_argument, 0, 'B' }, { "tokens", required_argument, 0, 'n' },
 		{ "ratio", no_argument, 0, 'r' },         { "context", required_argument, 0, 'c' },
+		{ "eager", no_argument, 0, 'e' },
 		{ 0 }
 	};
 	int c;
@@ -186,6 +187,7 @@ int main(int argc, char **argv)
 		case 't': threads = atoi(optarg); break;
 		case 'n': tokens = atoi(optarg); break;
 		case 'r': ratio = 1; break;
+		case 'e': eager = 1; break;
 		case 'c': ctx = atoi(optarg); break;
 		case 'B':
 			nb = 0;
@@ -196,7 +198,7 @@ int main(int argc, char **argv)
 		}
 	}
 	if (optind != argc - 1) {
-		fprintf(stderr, "usage: bench_spec [--ratio] [--backend cpu|cuda] [--threads N] [--batches LIST] "
+		fprintf(stderr, "usage: bench_spec [--ratio] [--eager] [--backend cpu|cuda] [--threads N] [--batches LIST] "
 				"[--tokens N] [--context N] MODEL\n");
 		return 2;
 	}
@@ -212,6 +214,7 @@ int main(int argc, char **argv)
 	ds_engine_config_default(&ec);
 	ec.backend = backend;
 	ec.threads = threads;
+	ec.eager = eager; /* cuda: no CUDA graphs */
 	if (ds_engine_create(m, &ec, &eng, &e)) {
 		fprintf(stderr, "bench_spec: %s\n", e.msg);
 		ds_model_free(m);
@@ -219,8 +222,8 @@ int main(int argc, char **argv)
 	}
 	int rc = 0;
 	if (ratio) {
-		printf("# %s on %s, context %d: main-model step time, 2 tokens per sequence vs 1 (median of 10)\n", dir,
-		       backend, ctx);
+		printf("# %s on %s%s, context %d: main-model step time, 2 tokens per sequence vs 1 (median of 10)\n", dir,
+		       backend, eager ? " (eager)" : "", ctx);
 		printf("%6s %12s %12s %8s\n", "batch", "1-token ms", "2-token ms", "ratio");
 		for (int i = 0; i < nb && !rc; i++) {
 			double t1 = 0, t2 = 0;
@@ -239,8 +242,8 @@ int main(int argc, char **argv)
 			rc = 1;
 		}
 		if (!rc) {
-			printf("# %s on %s: greedy decode of %d tokens per sequence; median of 3 runs\n", dir, backend,
-			       tokens);
+			printf("# %s on %s%s: greedy decode of %d tokens per sequence; median of 3 runs\n", dir, backend,
+			       eager ? " (eager)" : "", tokens);
 			printf("%6s %12s %12s %12s %8s %10s %8s\n", "batch", "off tok/s", "kv-only", "mtp tok/s",
 			       "accept", "tok/step", "speedup");
 		}

@@ -332,6 +332,127 @@ static void test_paths(void **st)
 	}
 }
 
+/* Steps replayed from CUDA graphs compute exactly what the same steps
+ * launched kernel by kernel compute: logits and hidden states bit-identical
+ * across captures, replays, MTP steps, a one-sequence step, and a long
+ * prefill in between that grows the workspace (the captured graphs point
+ * into the old one and must be dropped, or the replays read freed memory). */
+typedef struct {
+	float *v;
+	size_t n, cap;
+} fbuf;
+
+static float *fb_take(fbuf *f, size_t n)
+{
+	if (f->n + n > f->cap) {
+		f->cap = (f->n + n) * 2;
+		f->v = realloc(f->v, sizeof(float) * f->cap);
+		assert_non_null(f->v);
+	}
+	f->n += n;
+	return f->v + f->n - n;
+}
+
+static void graph_script(const ds_model *m, ds_backend *b, fbuf *out)
+{
+	const int V = m->cfg.vocab_size, H = m->cfg.hidden_size, NS = 5;
+	int32_t tab[5][8], ids[512];
+	const int32_t *tabs[5];
+	for (int s = 0; s < NS; s++) {
+		for (int i = 0; i < 8; i++)
+			tab[s][i] = s * 8 + (7 - i);
+		tabs[s] = tab[s];
+	}
+	prompt(ids, 512, V, 23);
+	float *hid = malloc(sizeof(float) * 128 * (size_t)H);
+	for (int i = 0; i < 128 * H; i++)
+		hid[i] = (float)sin(0.37 * i) * 2.0f;
+	int pos[5] = { 0 }, mpos[5] = { 0 }, next = 0;
+	ds_err e = { { 0 } };
+	for (int step = -1; step < 24; step++) {
+		int n_new[5], p0[5], lf[5], ns = 4, T = 0, mtp = 0;
+		int kind = step < 0 ? -1 : step == 12 ? 9 : step % 4;
+		if (kind == 2 && m->n_mtp == 0)
+			kind = 0;
+		if (kind == 9) {
+			/* The fifth sequence's 100-token prompt: a larger workspace. */
+			ns = 1;
+			tabs[0] = tab[4];
+			n_new[0] = 100;
+			p0[0] = 0;
+			lf[0] = 99;
+			T = 100;
+		} else {
+			tabs[0] = tab[0];
+			if (kind == 3)
+				ns = 1;
+			for (int s = 0; s < ns; s++) {
+				n_new[s] = kind < 0 ? 20 : kind == 1 ? 2 : 1;
+				p0[s] = kind == 2 ? mpos[s] : pos[s];
+				lf[s] = kind < 0 ? 19 : 0;
+				T += n_new[s];
+			}
+			mtp = kind == 2;
+		}
+		int rows = 0;
+		for (int s = 0; s < ns; s++)
+			rows += n_new[s] - lf[s];
+		ds_batch bt = { .n_seqs = ns, .n_new = n_new, .pos0 = p0, .tokens = ids + (next % 300), .block_tables = tabs,
+				.logits_from = lf, .mtp = mtp, .hidden_in = mtp ? hid : NULL };
+		/* One take: a second could move the first. */
+		float *o_lg = fb_take(out, (size_t)rows * V + (size_t)T * H);
+		ds_step_out o = { .logits = o_lg, .hidden = o_lg + (size_t)rows * V };
+		if (ds_cuda_backend.forward(b, &bt, &o, &e))
+			fail_msg("step %d: %s", step, e.msg);
+		next += T;
+		if (kind != 9)
+			for (int s = 0; s < ns; s++)
+				*(mtp ? &mpos[s] : &pos[s]) += n_new[s];
+	}
+	free(hid);
+}
+
+static void test_graphs(void **st)
+{
+	(void)st;
+	const char *names[] = { "v3-bf16", "v2-bf16", "v3-fp8" };
+	for (int k = 0; k < 3; k++) {
+		char dir[1024];
+		snprintf(dir, sizeof(dir), "%s/%s", models_dir, names[k]);
+		ds_model *m;
+		ds_err e = { { 0 } };
+		if (ds_model_open(dir, 0, &m, &e))
+			fail_msg("%s", e.msg);
+		fbuf got[2] = { { 0 } };
+		long rep[2], cap[2], eag[2];
+		for (int eager = 0; eager < 2; eager++) {
+			ds_backend_config bc = { .block_tokens = 16, .kv_blocks = 64, .eager = eager };
+			ds_backend *b;
+			if (ds_cuda_backend.create(m, &bc, &b, &e))
+				fail_msg("%s", e.msg);
+			graph_script(m, b, &got[eager]);
+			ds_cuda_backend_graph_stats(b, &rep[eager], &cap[eager], &eag[eager]);
+			ds_cuda_backend.destroy(b);
+		}
+		print_message("%s: graphs: %ld steps replayed, %ld graphs captured, %ld eager; %zu floats compared\n",
+			      names[k], rep[0], cap[0], eag[0], got[0].n);
+		assert_int_equal(got[0].n, got[1].n);
+		size_t diff = 0;
+		for (size_t i = 0; i < got[0].n; i++)
+			diff += memcmp(&got[0].v[i], &got[1].v[i], sizeof(float)) != 0;
+		if (diff)
+			fail_msg("%s: %zu of %zu outputs differ between graph replays and eager steps", names[k], diff,
+				 got[0].n);
+		/* Replays happened, and the workspace growth forced new captures. */
+		assert_true(rep[0] >= 8);
+		assert_true(cap[0] >= 4);
+		assert_int_equal(rep[1] + cap[1], 0);
+		free(got[0].v);
+		free(got[1].v);
+		ds_model_free(m);
+	}
+}
+
 /* Against transformers (tests/fixtures, tools/make_fixtures.py): logits of
  * every fixture sequence, top-1 where the reference's top-2 margin exceeds
  * 0.05 (95 % of them with bf16 weights and activations on the GPU, 90 % for
@@ -466,6 +587,8 @@ int main(void)
 		printf("test_cuda_backend: DS_GPU_MODELS has no models (tools/make_bench_models.py --tiny), skipped\n");
 		return 77;
 	}
+	if (getenv("DS_TEST_FILTER"))
+		cmocka_set_test_filter(getenv("DS_TEST_FILTER"));
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_v3_bf16),
 		cmocka_unit_test(test_v3_fp8),
@@ -474,6 +597,7 @@ int main(void)
 		cmocka_unit_test(test_consistency_v3_bf16),
 		cmocka_unit_test(test_consistency_v2_bf16),
 		cmocka_unit_test(test_paths),
+		cmocka_unit_test(test_graphs),
 		cmocka_unit_test(test_fixtures),
 		cmocka_unit_test(test_expert_load),
 		cmocka_unit_test(test_bad_input),
