@@ -1,109 +1,178 @@
 /* attn.cu — split-KV absorbed MLA attention (see attn.h).
- * A block of 8 warps serves one token, 8 heads and one KV range: warp w owns
- * head h0+w's scores and online-softmax state, and every thread owns up to
- * two latent columns of all 8 heads' accumulators. The cache is read in
- * tiles of 16 positions through the block table, once per 8 heads. */
+ * A block of 4 warps serves one token, 16 heads and one KV range, on the
+ * tensor cores (mma.sync m16n8k16, bf16 in, float32 accumulators): the 16
+ * heads' absorbed queries are the A operand of both products, so the cache
+ * is read once per 16 heads. Per tile of 32 positions: warp w scores
+ * positions 8w..8w+7 for all heads (S = Q K^T over kv_lora_rank + rope),
+ * the online softmax runs a head per lane group, and warp w accumulates
+ * latent columns kvl/4 * w .. for all heads (lat += P C). Queries and
+ * probabilities enter as a bf16 pair (hi + lo, two products each), which
+ * keeps them to ~16 mantissa bits: single bf16 rounding doubled the
+ * decode-vs-prefill difference on the random test models. Cache tiles
+ * arrive by cp.async, all of a thread's rows in flight at once. */
 #include <cuda_runtime.h>
 #include <math.h>
+#include <stdint.h>
 
 #include "kernels/attn.h"
 
-#define HB 8
-#define TILE 16
-#define NT 256
-#define MAXC 2 /* columns per thread: kvl <= 512 */
+#define HB 16    /* heads per block: the mma's M */
+#define TILE 32  /* positions per iteration */
+#define NW 4     /* warps */
+#define MAXNT 16 /* latent n-tiles of 8 per warp: kvl <= 512 */
 
-static __global__ void __launch_bounds__(NT) attn_k(dsk_attn_args a, int nsplit, int chunk)
+static __device__ __forceinline__ void mma16816(float c[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+						 uint32_t b0, uint32_t b1)
 {
-	extern __shared__ float sm[];
-	const int kvl = a.kvl, kvd = a.kvl + a.rope, qk = a.nope + a.rope;
-	float *qs = sm;                                    /* [HB][kvd] */
-	float *p = qs + HB * kvd;                          /* [HB][TILE] */
-	float *alpha = p + HB * TILE;                      /* [HB] */
-	dsk_bf16 *kt = (dsk_bf16 *)(alpha + HB + 8);       /* [TILE][kvd], 16-byte aligned */
+	asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+		     "{%0,%1,%2,%3};\n"
+		     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+		     : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+static __device__ __forceinline__ uint32_t ld32(const dsk_bf16 *p) { return *(const uint32_t *)p; }
+
+/* 16 bytes global -> shared, zero-filled when !valid. */
+static __device__ __forceinline__ void cp16(void *dst, const void *src, bool valid)
+{
+	const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+	asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 16 : 0));
+}
+
+static __device__ __forceinline__ void cp_wait_all(void)
+{
+	asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::);
+}
+
+/* x = hi + lo, both bf16. */
+static __device__ __forceinline__ void split_bf16(float x, dsk_bf16 *hi, dsk_bf16 *lo)
+{
+	*hi = __float2bfloat16(x);
+	*lo = __float2bfloat16(x - __bfloat162float(*hi));
+}
+
+static __device__ __forceinline__ uint32_t pack2(const dsk_bf16 *lo, const dsk_bf16 *hi)
+{
+	return (uint32_t)(*(const uint16_t *)lo) | ((uint32_t)(*(const uint16_t *)hi) << 16);
+}
+
+static __global__ void __launch_bounds__(NW * 32) attn_k(dsk_attn_args a, int nsplit, int chunk)
+{
+	extern __shared__ __align__(16) unsigned char smem_raw[];
+	const int kvl = a.kvl, kvd = a.kvl + a.rope, qk = a.nope + a.rope, ld = kvd + 8; /* +8: no bank conflicts */
+	dsk_bf16 *qs = (dsk_bf16 *)smem_raw;                 /* [HB][ld] queries, hi */
+	dsk_bf16 *ql = qs + HB * ld;                         /* [HB][ld] lo */
+	dsk_bf16 *ks = ql + HB * ld;                         /* [TILE][ld] cache rows */
+	float *sf = (float *)(ks + TILE * ld);               /* [HB][TILE] scores */
+	dsk_bf16 *ps = (dsk_bf16 *)(sf + HB * TILE);         /* [HB][TILE + 8] probabilities, hi */
+	dsk_bf16 *pl = ps + HB * (TILE + 8);                 /* lo */
+	float *mrow = (float *)(pl + HB * (TILE + 8));       /* [HB] running max, sum, rescale */
+	float *lrow = mrow + HB, *alpha = lrow + HB;
+	const dsk_bf16 **rowp = (const dsk_bf16 **)(alpha + HB + 2); /* [TILE] (8-byte aligned) */
 	const int t = a.list ? a.list[blockIdx.x] : blockIdx.x, h0 = blockIdx.y * HB, split = blockIdx.z;
-	const int tid = threadIdx.x, w = tid / 32, lane = tid & 31;
+	const int tid = threadIdx.x, w = tid / 32, lane = tid & 31, g = lane >> 2, q = lane & 3;
 	const int n = a.pos[t] + 1;
 	const int j0 = split * chunk, j1 = min(n, j0 + chunk);
 	const int32_t *table = a.g.tables + (size_t)a.seq[t] * a.g.max_blocks;
+	const int ntw = kvl / 8 / NW; /* n-tiles per warp */
 
-	for (int i = tid; i < HB * kvd; i += NT) {
+	for (int i = tid; i < HB * kvd; i += NW * 32) {
 		const int h = i / kvd, d = i % kvd, hh = h0 + h;
 		float v = 0;
 		if (hh < a.nh)
 			v = d < kvl ? a.qabs[((size_t)t * a.nh + hh) * kvl + d]
 				    : a.q[((size_t)t * a.nh + hh) * qk + a.nope + (d - kvl)];
-		qs[i] = v;
+		split_bf16(v, &qs[h * ld + d], &ql[h * ld + d]);
 	}
-	float acc[HB][MAXC];
+	if (tid < HB) {
+		mrow[tid] = -INFINITY;
+		lrow[tid] = 0;
+	}
+	float acc[MAXNT][4];
 #pragma unroll
-	for (int h = 0; h < HB; h++)
-#pragma unroll
-		for (int c = 0; c < MAXC; c++)
-			acc[h][c] = 0;
-	float m = -INFINITY, l = 0;
-	const bool head_ok = h0 + w < a.nh;
+	for (int j = 0; j < MAXNT; j++)
+		acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0;
 	const int vec = kvd / 8; /* uint4 per row */
 
 	for (int jt = j0; jt < j1; jt += TILE) {
-		__syncthreads();
-		for (int i = tid; i < TILE * vec; i += NT) {
-			const int r = i / vec, v = i % vec, j = jt + r;
-			uint4 val = make_uint4(0, 0, 0, 0);
-			if (j < j1) {
-				const int32_t blk = table[j / a.g.block_tokens];
-				const dsk_bf16 *src = a.g.pool + (size_t)blk * a.g.block_stride +
-						      (size_t)a.layer * a.g.layer_stride + (size_t)(j % a.g.block_tokens) * kvd;
-				val = ((const uint4 *)src)[v];
-			}
-			((uint4 *)(kt + (size_t)r * kvd))[v] = val;
+		__syncthreads(); /* the last tile's readers are done */
+		if (tid < TILE) {
+			const int j = jt + tid;
+			rowp[tid] = j < j1 ? a.g.pool + (size_t)table[j / a.g.block_tokens] * a.g.block_stride +
+						     (size_t)a.layer * a.g.layer_stride + (size_t)(j % a.g.block_tokens) * kvd
+					   : a.g.pool;
 		}
 		__syncthreads();
-		float my = -INFINITY;
-		if (head_ok) {
-			const float *qh = qs + w * kvd;
-			for (int r = 0; r < TILE; r++) {
-				const dsk_bf16 *kr = kt + (size_t)r * kvd;
-				float d = 0;
-				for (int i = lane; i < kvd; i += 32)
-					d += qh[i] * __bfloat162float(kr[i]);
-				for (int o = 16; o; o >>= 1)
-					d += __shfl_xor_sync(0xffffffffu, d, o);
-				if (lane == r)
-					my = jt + r < j1 ? d * a.scale : -INFINITY;
+		for (int i = tid; i < TILE * vec; i += NW * 32) {
+			const int r = i / vec, v = i % vec;
+			cp16(ks + (size_t)r * ld + v * 8, rowp[r] + v * 8, jt + r < j1);
+		}
+		cp_wait_all();
+		__syncthreads();
+		/* Scores of positions 8w..8w+7 for the 16 heads. */
+		{
+			float c[4] = { 0, 0, 0, 0 };
+			const dsk_bf16 *qa = qs + g * ld + q * 2, *qb = qs + (g + 8) * ld + q * 2;
+			const dsk_bf16 *la = ql + g * ld + q * 2, *lb = ql + (g + 8) * ld + q * 2;
+			const dsk_bf16 *kb = ks + (w * 8 + g) * ld + q * 2;
+			for (int k0 = 0; k0 < kvd; k0 += 16) {
+				const uint32_t b0 = ld32(kb + k0), b1 = ld32(kb + k0 + 8);
+				mma16816(c, ld32(qa + k0), ld32(qb + k0), ld32(qa + k0 + 8), ld32(qb + k0 + 8), b0, b1);
+				mma16816(c, ld32(la + k0), ld32(lb + k0), ld32(la + k0 + 8), ld32(lb + k0 + 8), b0, b1);
+			}
+			const int p0 = w * 8 + q * 2;
+			sf[g * TILE + p0] = jt + p0 < j1 ? c[0] * a.scale : -INFINITY;
+			sf[g * TILE + p0 + 1] = jt + p0 + 1 < j1 ? c[1] * a.scale : -INFINITY;
+			sf[(g + 8) * TILE + p0] = jt + p0 < j1 ? c[2] * a.scale : -INFINITY;
+			sf[(g + 8) * TILE + p0 + 1] = jt + p0 + 1 < j1 ? c[3] * a.scale : -INFINITY;
+		}
+		__syncthreads();
+		/* Online softmax: warp w takes heads 4w..4w+3, a lane per position. */
+		for (int hh = 0; hh < HB / NW; hh++) {
+			const int h = w * (HB / NW) + hh;
+			const float sv = sf[h * TILE + lane];
+			float mt = sv;
+			for (int o = 16; o; o >>= 1)
+				mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, o));
+			const float mo = mrow[h], mn = fmaxf(mo, mt);
+			const float pr = sv == -INFINITY ? 0.0f : expf(sv - mn);
+			float sum = pr;
+			for (int o = 16; o; o >>= 1)
+				sum += __shfl_xor_sync(0xffffffffu, sum, o);
+			split_bf16(pr, &ps[h * (TILE + 8) + lane], &pl[h * (TILE + 8) + lane]);
+			__syncwarp();
+			if (lane == 0) {
+				const float al = mn == -INFINITY ? 1.0f : expf(mo - mn);
+				alpha[h] = al;
+				lrow[h] = lrow[h] * al + sum;
+				mrow[h] = mn;
 			}
 		}
-		float mt = my;
-		for (int o = 16; o; o >>= 1)
-			mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, o));
-		const float mn = fmaxf(m, mt);
-		const float al = mn == -INFINITY ? 1.0f : expf(m - mn);
-		const float pr = my == -INFINITY ? 0.0f : expf(my - mn);
-		float ps = pr;
-		for (int o = 16; o; o >>= 1)
-			ps += __shfl_xor_sync(0xffffffffu, ps, o);
-		l = l * al + ps;
-		m = mn;
-		if (lane < TILE)
-			p[w * TILE + lane] = pr;
-		if (lane == 0)
-			alpha[w] = al;
 		__syncthreads();
+		/* lat[16 heads][cols of warp w] = alpha * lat + P C. */
+		const float al0 = alpha[g], al1 = alpha[g + 8];
 #pragma unroll
-		for (int c = 0; c < MAXC; c++) {
-			const int col = tid + c * NT;
-			if (col < kvl) {
-				float kv[TILE];
+		for (int j = 0; j < MAXNT; j++) {
+			acc[j][0] *= al0;
+			acc[j][1] *= al0;
+			acc[j][2] *= al1;
+			acc[j][3] *= al1;
+		}
 #pragma unroll
-				for (int r = 0; r < TILE; r++)
-					kv[r] = __bfloat162float(kt[(size_t)r * kvd + col]);
+		for (int kk = 0; kk < TILE; kk += 16) {
+			const dsk_bf16 *pa = ps + g * (TILE + 8) + kk + q * 2, *pb = ps + (g + 8) * (TILE + 8) + kk + q * 2;
+			const uint32_t a0 = ld32(pa), a1 = ld32(pb), a2 = ld32(pa + 8), a3 = ld32(pb + 8);
+			const int lo = HB * (TILE + 8); /* pl - ps */
+			const uint32_t l0 = ld32(pa + lo), l1 = ld32(pb + lo), l2 = ld32(pa + lo + 8), l3 = ld32(pb + lo + 8);
+			const dsk_bf16 *kr = ks + (size_t)(kk + q * 2) * ld + g;
 #pragma unroll
-				for (int h = 0; h < HB; h++) {
-					float s = acc[h][c] * alpha[h];
-#pragma unroll
-					for (int r = 0; r < TILE; r++)
-						s += p[h * TILE + r] * kv[r];
-					acc[h][c] = s;
+			for (int j = 0; j < MAXNT; j++) {
+				if (j < ntw) {
+					const int col = (w * ntw + j) * 8;
+					const uint32_t b0 = pack2(kr + col, kr + ld + col);
+					const uint32_t b1 = pack2(kr + 8 * ld + col, kr + 9 * ld + col);
+					mma16816(acc[j], a0, a1, a2, a3, b0, b1);
+					mma16816(acc[j], l0, l1, l2, l3, b0, b1);
 				}
 			}
 		}
@@ -111,52 +180,74 @@ static __global__ void __launch_bounds__(NT) attn_k(dsk_attn_args a, int nsplit,
 	float *part = a.ws;
 	float *ml = a.ws + (size_t)a.T * a.nh * nsplit * kvl;
 #pragma unroll
-	for (int h = 0; h < HB; h++) {
-		if (h0 + h >= a.nh)
+	for (int j = 0; j < MAXNT; j++) {
+		if (j >= ntw)
 			break;
-		const size_t base = (((size_t)t * a.nh + h0 + h) * nsplit + split);
-#pragma unroll
-		for (int c = 0; c < MAXC; c++) {
-			const int col = tid + c * NT;
-			if (col < kvl)
-				part[base * kvl + col] = acc[h][c];
+		const int col = (w * ntw + j) * 8 + q * 2;
+		if (h0 + g < a.nh) {
+			float *o = part + (((size_t)t * a.nh + h0 + g) * nsplit + split) * kvl + col;
+			o[0] = acc[j][0];
+			o[1] = acc[j][1];
+		}
+		if (h0 + g + 8 < a.nh) {
+			float *o = part + (((size_t)t * a.nh + h0 + g + 8) * nsplit + split) * kvl + col;
+			o[0] = acc[j][2];
+			o[1] = acc[j][3];
 		}
 	}
-	if (head_ok && lane == 0) {
-		const size_t base = (((size_t)t * a.nh + h0 + w) * nsplit + split);
-		ml[2 * base] = m;
-		ml[2 * base + 1] = l;
+	__syncthreads();
+	if (tid < HB && h0 + tid < a.nh) {
+		const size_t base = (((size_t)t * a.nh + h0 + tid) * nsplit + split);
+		ml[2 * base] = mrow[tid];
+		ml[2 * base + 1] = lrow[tid];
 	}
 }
 
+/* Each split's weight exp(m_s - M) / L once, by one warp; then every column
+ * is an independent weighted sum over the splits. */
 static __global__ void merge_k(dsk_attn_args a, int nsplit)
 {
+	__shared__ float wgt[64];
 	const int t = a.list ? a.list[blockIdx.x] : blockIdx.x, h = blockIdx.y, kvl = a.kvl;
 	const size_t base = ((size_t)t * a.nh + h) * nsplit;
 	const float *part = a.ws + base * kvl;
 	const float *ml = a.ws + (size_t)a.T * a.nh * nsplit * kvl + 2 * base;
-	float M = -INFINITY;
-	for (int s = 0; s < nsplit; s++)
-		M = fmaxf(M, ml[2 * s]);
-	float L = 0;
-	for (int s = 0; s < nsplit; s++)
-		if (ml[2 * s] != -INFINITY)
-			L += ml[2 * s + 1] * expf(ml[2 * s] - M);
-	const float inv = 1.0f / L;
-	for (int c = threadIdx.x; c < kvl; c += blockDim.x) {
+	if (threadIdx.x < 32) {
+		const int lane = threadIdx.x;
+		float M = -INFINITY;
+		for (int s = lane; s < nsplit; s += 32)
+			M = fmaxf(M, ml[2 * s]);
+		for (int o = 16; o; o >>= 1)
+			M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+		float L = 0;
+		for (int s = lane; s < nsplit; s += 32) {
+			const float w = ml[2 * s] == -INFINITY ? 0.0f : expf(ml[2 * s] - M);
+			wgt[s] = w;
+			L += ml[2 * s + 1] * w;
+		}
+		for (int o = 16; o; o >>= 1)
+			L += __shfl_xor_sync(0xffffffffu, L, o);
+		const float inv = 1.0f / L;
+		for (int s = lane; s < nsplit; s += 32)
+			wgt[s] *= inv;
+	}
+	__syncthreads();
+	for (int c = blockIdx.z * blockDim.x + threadIdx.x; c < kvl; c += gridDim.z * blockDim.x) {
 		float v = 0;
+#pragma unroll 8
 		for (int s = 0; s < nsplit; s++)
-			if (ml[2 * s] != -INFINITY)
-				v += part[(size_t)s * kvl + c] * expf(ml[2 * s] - M);
-		a.lat[((size_t)t * a.nh + h) * kvl + c] = __float2bfloat16(v * inv);
+			v += part[(size_t)s * kvl + c] * wgt[s];
+		a.lat[((size_t)t * a.nh + h) * kvl + c] = __float2bfloat16(v);
 	}
 }
 
 extern "C" int dsk_attn_splits(int T, int nh, int max_len, int sms)
 {
+	/* Enough blocks for several per SM (one is latency-bound), at least a
+	 * tile of positions a split. */
 	const int blocks = T * ((nh + HB - 1) / HB);
-	int s = (2 * sms + blocks - 1) / blocks;
-	const int most = (max_len + 63) / 64; /* at least 64 positions a split */
+	int s = (4 * sms + blocks - 1) / blocks;
+	const int most = (max_len + TILE - 1) / TILE;
 	if (s > most)
 		s = most;
 	if (s > 64)
@@ -172,25 +263,27 @@ extern "C" size_t dsk_attn_ws_floats(int T, int nh, int kvl, int nsplit)
 extern "C" int dsk_mla_attention(const dsk_attn_args *a, int nsplit, dsk_stream s, ds_err *e)
 {
 	const int kvd = a->kvl + a->rope;
-	if (a->kvl > MAXC * NT || kvd % 8)
+	if (a->kvl % (8 * NW) || a->kvl > 8 * NW * MAXNT || kvd % 16)
 		return ds_errf(e, -EINVAL, "mla_attention: kv_lora_rank %d + rope %d unsupported", a->kvl, a->rope);
 	const int rows = a->list ? a->n_list : a->T;
 	if (a->T <= 0 || rows <= 0)
 		return 0;
 	int chunk = (a->max_len + nsplit - 1) / nsplit;
 	chunk = (chunk + TILE - 1) / TILE * TILE;
-	const size_t smem = sizeof(float) * (HB * kvd + HB * TILE + HB + 8) + sizeof(dsk_bf16) * TILE * kvd;
+	const int ld = kvd + 8;
+	const size_t smem = sizeof(dsk_bf16) * (size_t)(2 * HB + TILE) * ld + sizeof(float) * HB * TILE +
+			    sizeof(dsk_bf16) * 2 * HB * (TILE + 8) + sizeof(float) * (3 * HB + 2) + sizeof(void *) * TILE;
 	static int raised;
 	if (!raised) {
 		cudaFuncSetAttribute(attn_k, cudaFuncAttributeMaxDynamicSharedMemorySize, 96 * 1024);
 		raised = 1;
 	}
 	dim3 grid(rows, (a->nh + HB - 1) / HB, nsplit);
-	attn_k<<<grid, NT, smem, s>>>(*a, nsplit, chunk);
+	attn_k<<<grid, NW * 32, smem, s>>>(*a, nsplit, chunk);
 	int rc = dsk_check(e, "mla_attention");
 	if (rc)
 		return rc;
-	merge_k<<<dim3(rows, a->nh), 128, 0, s>>>(*a, nsplit);
+	merge_k<<<dim3(rows, a->nh, (a->kvl + 127) / 128), 128, 0, s>>>(*a, nsplit);
 	return dsk_check(e, "mla_attention_merge");
 }
 

@@ -894,7 +894,7 @@ static int moe(ds_backend *b, int li, int T, ds_err *e)
 				 (const float *const *)d->es[0], d->esld[0], d->moe_fp8, I, H, b->s, e));
 		TRY(dsk_moe_gemv(b->up, I, xin, b->qxs, Tp, b->row_tok, b->off, b->cnt, b->act, max_act, (const void *const *)d->ew[1],
 				 (const float *const *)d->es[1], d->esld[1], d->moe_fp8, I, H, b->s, e));
-		TRY(dsk_silu_mul(b->hp, b->gp, b->up, Pn, I, b->s, e));
+		TRY(dsk_silu_mul_dev(b->hp, b->gp, b->up, b->off + E, Pn, I, b->s, e));
 		const void *hin = b->hp;
 		if (d->moe_fp8) {
 			TRY(dsk_quant_fp8(b->qx, b->qxs, b->hp, Pn, I, b->s, e));

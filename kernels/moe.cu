@@ -135,34 +135,64 @@ extern "C" int dsk_moe_route(const dsk_route_cfg *c, const float *logits, const 
 	return dsk_check(e, "moe_route");
 }
 
-/* One block: count, padded scan, then each pair takes the next row of its
- * expert (rows within an expert in any order: each is computed alone). */
-static __global__ void plan_k(const int32_t *ids, int n, int E, int32_t *cnt, int32_t *off, int32_t *pos,
-			      int32_t *row_tok, int K, int32_t *act, unsigned long long *load)
+/* One block of 1024 threads (one per expert, E <= MAX_E): count, scans of
+ * the padded counts and of the active flags, then each pair takes the next
+ * row of its expert (rows within an expert in any order: each is computed
+ * alone). */
+static __device__ void warp_scan2(int *a, int *b, int lane)
 {
-	__shared__ int c[MAX_E], cur[MAX_E + 1];
-	for (int i = threadIdx.x; i < E; i += blockDim.x)
-		c[i] = 0;
+	for (int o = 1; o < 32; o <<= 1) {
+		const int u = __shfl_up_sync(0xffffffffu, *a, o), v = __shfl_up_sync(0xffffffffu, *b, o);
+		if (lane >= o) {
+			*a += u;
+			*b += v;
+		}
+	}
+}
+
+static __global__ void __launch_bounds__(1024) plan_k(const int32_t *ids, int n, int E, int32_t *cnt, int32_t *off,
+						      int32_t *pos, int32_t *row_tok, int K, int32_t *act,
+						      unsigned long long *load)
+{
+	__shared__ int c[MAX_E], cur[MAX_E + 1], wrow[32], wact[32];
+	const int x = threadIdx.x, lane = x & 31, wid = x >> 5;
+	if (x < E)
+		c[x] = 0;
 	__syncthreads();
-	for (int i = threadIdx.x; i < n; i += blockDim.x)
+	for (int i = x; i < n; i += blockDim.x)
 		atomicAdd(&c[ids[i]], 1);
 	__syncthreads();
-	if (threadIdx.x == 0) {
-		int o = 0, na = 0;
-		for (int x = 0; x < E; x++) {
-			cur[x] = o;
-			off[x] = o;
-			cnt[x] = c[x];
-			if (load)
-				load[x] += (unsigned long long)c[x];
-			o += (c[x] + 15) & ~15;
-			if (c[x] && act)
-				act[1 + na++] = x;
+	const int pc = x < E ? (c[x] + 15) & ~15 : 0, a = x < E && c[x] > 0;
+	int ip = pc, ia = a; /* inclusive within the warp */
+	warp_scan2(&ip, &ia, lane);
+	if (lane == 31) {
+		wrow[wid] = ip;
+		wact[wid] = ia;
+	}
+	__syncthreads();
+	if (wid == 0) {
+		const int r = wrow[lane], q = wact[lane];
+		int ir = r, iq = q;
+		warp_scan2(&ir, &iq, lane);
+		wrow[lane] = ir - r; /* exclusive: the warps before */
+		wact[lane] = iq - q;
+		if (lane == 31) {
+			cur[E] = ir;
+			off[E] = ir;
+			if (act)
+				act[0] = iq;
 		}
-		if (act)
-			act[0] = na;
-		off[E] = o;
-		cur[E] = o;
+	}
+	__syncthreads();
+	if (x < E) {
+		const int o = wrow[wid] + ip - pc;
+		cur[x] = o;
+		off[x] = o;
+		cnt[x] = c[x];
+		if (load)
+			load[x] += (unsigned long long)c[x];
+		if (a && act)
+			act[1 + wact[wid] + ia - 1] = x;
 	}
 	__syncthreads();
 	for (int r = threadIdx.x; r < cur[E]; r += blockDim.x)
@@ -205,7 +235,7 @@ static __global__ void combine_k(float *out, const float *shared, const float *y
 				 int K, int dim)
 {
 	const int t = blockIdx.x;
-	for (int c = threadIdx.x; c < dim; c += blockDim.x) {
+	for (int c = blockIdx.y * blockDim.x + threadIdx.x; c < dim; c += gridDim.y * blockDim.x) {
 		float acc = shared ? shared[(size_t)t * dim + c] : 0.0f;
 		for (int k = 0; k < K; k++)
 			acc += w[(size_t)t * K + k] * yp[(size_t)pos[(size_t)t * K + k] * dim + c];
@@ -218,6 +248,6 @@ extern "C" int dsk_moe_combine(float *out, const float *shared, const float *yp,
 {
 	if (T <= 0)
 		return 0;
-	combine_k<<<T, 256, 0, s>>>(out, shared, yp, pos, w, K, dim);
+	combine_k<<<dim3(T, (dim + 255) / 256), 256, 0, s>>>(out, shared, yp, pos, w, K, dim);
 	return dsk_check(e, "moe_combine");
 }

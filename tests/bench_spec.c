@@ -116,17 +116,25 @@ static int time_step(ds_engine *eng, ds_seq **seqs, int batch, int per, int ctx,
 		     ds_err *e)
 {
 	ds_step_item *it = calloc((size_t)batch, sizeof(*it));
-	int32_t toks[8] = { 11, 12, 13, 14, 15, 16, 17, 18 };
-	if (!it)
+	int32_t *toks = malloc(sizeof(int32_t) * (size_t)batch * per);
+	const int V = ds_engine_model(eng)->cfg.vocab_size;
+	if (!it || !toks) {
+		free(it);
+		free(toks);
 		return -ENOMEM;
+	}
+	/* different tokens per sequence: experts are hit as in real traffic */
+	for (int i = 0; i < batch * per; i++)
+		toks[i] = (int32_t)((i * 7919u + 11u) % (unsigned)V);
 	for (int i = 0; i < batch; i++)
-		it[i] = (ds_step_item){ .seq = seqs[i], .tokens = toks, .n = per, .logits = DS_LOGITS_ALL };
+		it[i] = (ds_step_item){ .seq = seqs[i], .tokens = toks + (size_t)i * per, .n = per, .logits = DS_LOGITS_ALL };
 	double t0 = now();
 	int rc = ds_engine_step(eng, it, batch, logits, NULL, e);
 	*sec = now() - t0;
 	for (int i = 0; !rc && i < batch; i++)
 		rc = ds_seq_truncate(seqs[i], ctx);
 	free(it);
+	free(toks);
 	return rc;
 }
 
@@ -139,10 +147,11 @@ static int run_ratio(ds_engine *eng, int batch, int ctx, double *t1, double *t2,
 	float *logits = malloc(sizeof(float) * (size_t)m->cfg.vocab_size * 2 * batch);
 	int rc = seqs && ids && logits ? 0 : -ENOMEM;
 	unsigned x = 12345;
-	for (int i = 0; i < ctx && ids; i++)
-		ids[i] = (int32_t)(((x = x * 1103515245u + 12345u) >> 8) % (unsigned)m->cfg.vocab_size);
-	/* prefill in groups so the step's scratch stays small */
+	/* prefill one at a time so the step's scratch stays small; every
+	 * sequence its own random prompt */
 	for (int i = 0; i < batch && !rc; i++) {
+		for (int j = 0; j < ctx; j++)
+			ids[j] = (int32_t)(((x = x * 1103515245u + 12345u) >> 8) % (unsigned)m->cfg.vocab_size);
 		if ((rc = ds_seq_new(eng, &seqs[i])))
 			break;
 		ds_step_item it = { .seq = seqs[i], .tokens = ids, .n = ctx, .logits = DS_LOGITS_NONE };

@@ -221,8 +221,11 @@ static void check_consistency(const char *name)
 	 * stay in single rows. */
 	/* FP8 activation quantization turns any difference of kernel choice
 	 * (1e-4 relative) into a few percent on this small random model, as it
-	 * does against the CPU: the cache logic is checked strictly in bf16. */
-	const double tol = v.fp8 ? 0.1 : 1e-2;
+	 * does against the CPU. In bf16 the random V3 model alone amplifies
+	 * rounding to about 1 % (H100: 0.0084 with cuBLASLt decode GEMMs, 0.0099
+	 * with the GEMV, for the same attention), so 2 %; v2 stays at 0.6 %. A
+	 * cache bug (a wrong slot or position) moves rows by tens of percent. */
+	const double tol = v.fp8 ? 0.1 : 0.02;
 	if (!(r.row_med < tol))
 		fail_msg("%s: KV decode differs from the full forward (median row %g)", name, r.row_med);
 	ds_seq_free(s);
@@ -324,7 +327,7 @@ static void test_paths(void **st)
 			if (!(r <= worst))
 				worst = r;
 		}
-		const double tol = m->cfg.fp8 ? 0.1 : 1e-2; /* see check_consistency */
+		const double tol = m->cfg.fp8 ? 0.1 : 0.02; /* see check_consistency */
 		ds_cuda_backend.destroy(b);
 		ds_model_free(m);
 		if (!(worst < tol))
