@@ -64,6 +64,7 @@ struct ds_batcher {
 	int items_cap;
 	int stepping;            /* inside step(): finished requests stay until its end */
 	float *logits, *probs, *hidden;
+	int32_t *ids; /* argmax of each logit row */
 	size_t logits_rows, hidden_rows;
 	/* ds_spec_extend's arguments, one per item */
 	ds_spec_req **x_req;
@@ -643,6 +644,10 @@ static int grow(ds_batcher *b, int n, size_t rows, size_t hrows)
 		if (!l)
 			return -ENOMEM;
 		b->logits = l;
+		int32_t *d = realloc(b->ids, sizeof(int32_t) * rows);
+		if (!d)
+			return -ENOMEM;
+		b->ids = d;
 		b->logits_rows = rows;
 	}
 	if (hrows > b->hidden_rows) {
@@ -710,9 +715,12 @@ static int build_items(ds_batcher *b, const ds_sched_plan *plan, int verify, siz
 						      .logits = DS_LOGITS_ALL };
 		} else {
 			drop_drafts(r);
+			/* Greedy without penalties or logprobs needs the argmax only:
+			 * on a GPU the vocabulary row stays there. */
 			b->items[n] = (ds_step_item){
 				.seq = r->seq, .tokens = r->tokens + s->n_cached, .n = s->n_sched,
 				.logits = s->n_cached + s->n_sched == s->n_tokens ? DS_LOGITS_LAST : DS_LOGITS_NONE,
+				.argmax_only = ds_sampling_plain_greedy(&r->sp) && !r->logprobs,
 			};
 		}
 		*rows += b->items[n].logits == DS_LOGITS_ALL ? (size_t)b->items[n].n
@@ -788,7 +796,8 @@ static int step(ds_batcher *b)
 			return progress;
 		if (grow(b, n, rows, mtp ? hrows : 0))
 			return progress;
-		rc = ds_engine_step(b->eng, b->items, n, b->logits, mtp ? b->hidden : NULL, &e);
+		rc = rows ? ds_engine_step_ids(b->eng, b->items, n, b->logits, b->ids, mtp ? b->hidden : NULL, &e)
+			  : ds_engine_step(b->eng, b->items, n, b->logits, mtp ? b->hidden : NULL, &e);
 		dt = ds_now() - t0;
 		if (rc != -ENOSPC || !verify)
 			break;
@@ -844,7 +853,12 @@ static int step(ds_batcher *b)
 			if (it->logits == DS_LOGITS_LAST) {
 				if (r->t_prefill_done == 0)
 					r->t_prefill_done = ds_now();
-				sample_row(b, r, b->logits + (size_t)row * b->V);
+				if (it->argmax_only) {
+					ds_sampler_accept(r->smp, b->ids[row]);
+					on_token(b, r, b->ids[row], NAN, NULL, 0);
+				} else {
+					sample_row(b, r, b->logits + (size_t)row * b->V);
+				}
 				row++;
 				if (dec) {
 					b->decode_steps++;
@@ -1298,6 +1312,7 @@ ds_batcher *ds_batcher_stop(ds_batcher *b)
 	free(b->hidden);
 	free(b->eload);
 	free(b->logits);
+	free(b->ids);
 	free(b->probs);
 	free(b->ps);
 	pthread_mutex_destroy(&b->mu);

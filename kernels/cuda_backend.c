@@ -19,6 +19,7 @@
 #include "kernels/moe.h"
 #include "kernels/norm.h"
 #include "kernels/rope.h"
+#include "kernels/sample.h"
 #include "model/backend.h"
 #include "model/cpu_ops.h"
 #include "model/wload.h"
@@ -92,6 +93,7 @@ struct ds_backend {
 	int prof;        /* synchronize and time each phase of a step */
 	double prof_t[DS_CUDA_PHASES], prof_last;
 	float *lg;       /* logit rows of a step */
+	int32_t *amax;   /* their argmax */
 	size_t lg_cap;
 	dsk_graphs *graphs; /* decode steps as CUDA graphs (NULL: off) */
 	unsigned gemm_gen;
@@ -361,6 +363,7 @@ static void destroy(ds_backend *b)
 	cudaFree(b->ws);
 	cudaFree(b->pf_buf);
 	cudaFree(b->lg);
+	cudaFree(b->amax);
 	dsk_graphs_free(b->graphs);
 	free(b->pf);
 	cudaFreeHost(b->h_i32);
@@ -1015,6 +1018,7 @@ static int step_body(void *ctx, ds_err *e)
 	if (st->rows > 0) {
 		TRY(dsk_gather_rows(b->sel, b->xn, b->sel_idx, st->rows, H, b->s, e));
 		TRY(gemm(b, b->lg, V, b->sel, st->rows, head, e));
+		TRY(dsk_argmax_rows(b->amax, b->lg, st->rows, V, V, b->s, e));
 	}
 	return 0;
 }
@@ -1120,10 +1124,14 @@ static int forward(ds_backend *b, const ds_batch *bt, ds_step_out *out, ds_err *
 	if (lg_need > b->lg_cap) {
 		cudaStreamSynchronize(b->s);
 		cudaFree(b->lg);
+		cudaFree(b->amax);
+		b->amax = NULL;
 		b->lg_cap = 0;
 		dsk_graphs_clear(b->graphs);
-		if (cudaMalloc((void **)&b->lg, sizeof(float) * lg_need) != cudaSuccess) {
+		if (cudaMalloc((void **)&b->lg, sizeof(float) * lg_need) != cudaSuccess ||
+		    cudaMalloc((void **)&b->amax, sizeof(int32_t) * (lg_need / V)) != cudaSuccess) {
 			cudaGetLastError();
+			cudaFree(b->lg);
 			b->lg = NULL;
 			return ds_errf(e, -ENOMEM, "cuda backend: no GPU memory for %d logit rows", rows);
 		}
@@ -1168,9 +1176,25 @@ static int forward(ds_backend *b, const ds_batch *bt, ds_step_out *out, ds_err *
 		    cudaSuccess)
 			return cerr(e, err, "hidden download");
 	}
-	if (rows > 0 && (err = cudaMemcpyAsync(out->logits, b->lg, sizeof(float) * (size_t)rows * V,
-					       cudaMemcpyDeviceToHost, b->s)) != cudaSuccess)
-		return cerr(e, err, "logits download");
+	if (rows > 0 && out->argmax &&
+	    (err = cudaMemcpyAsync(out->argmax, b->amax, sizeof(int32_t) * (size_t)rows, cudaMemcpyDeviceToHost,
+				   b->s)) != cudaSuccess)
+		return cerr(e, err, "argmax download");
+	/* Logit rows the caller needs, in runs of consecutive rows. */
+	for (int r0 = 0; r0 < rows;) {
+		if (out->need && !out->need[r0]) {
+			r0++;
+			continue;
+		}
+		int r1 = r0 + 1;
+		while (r1 < rows && (!out->need || out->need[r1]))
+			r1++;
+		if ((err = cudaMemcpyAsync(out->logits + (size_t)r0 * V, b->lg + (size_t)r0 * V,
+					   sizeof(float) * (size_t)(r1 - r0) * V, cudaMemcpyDeviceToHost, b->s)) !=
+		    cudaSuccess)
+			return cerr(e, err, "logits download");
+		r0 = r1;
+	}
 	if ((err = cudaStreamSynchronize(b->s)) != cudaSuccess)
 		return cerr(e, err, "step");
 	mark(b, 7);

@@ -54,6 +54,11 @@ typedef struct ds_step_out {
 	 * final norm (the MTP input). MTP: its output before shared_head.norm
 	 * (the input of a chained MTP step). */
 	float *hidden;
+	/* Optional: [rows] the argmax of each logit row (first maximal index). */
+	int32_t *argmax;
+	/* Optional: [rows], 0 where the caller takes only the argmax: that
+	 * logits row may be left unwritten (a GPU does not download it). */
+	const uint8_t *need;
 } ds_step_out;
 
 typedef struct ds_backend_ops {

@@ -438,6 +438,14 @@ static int forward(ds_backend *b, const ds_batch *bt, ds_step_out *out, ds_err *
 	}
 	if (rows > 0 && out->logits)
 		ds_cpu_matmul(out->logits, sel, rows, head);
+	for (int r = 0; out->argmax && out->logits && r < rows; r++) {
+		const float *l = out->logits + (size_t)r * V;
+		int k = 0;
+		for (int i = 1; i < V; i++)
+			if (l[i] > l[k])
+				k = i;
+		out->argmax[r] = k;
+	}
 	return 0;
 }
 

@@ -292,7 +292,7 @@ static int grow_scratch(ds_engine *eng, int n_seqs, int n_tokens)
 }
 
 static int run_step(ds_engine *eng, int mtp, const ds_step_item *items, int n_items, const float *hidden_in,
-		    float *logits, float *hidden, ds_err *e)
+		    float *logits, int32_t *ids, float *hidden, ds_err *e)
 {
 	const ds_model *m = eng->m;
 	int total = 0;
@@ -356,8 +356,25 @@ static int run_step(ds_engine *eng, int mtp, const ds_step_item *items, int n_it
 		.mtp = mtp,
 		.hidden_in = hidden_in,
 	};
-	ds_step_out o = { .logits = logits, .hidden = hidden };
+	ds_step_out o = { .logits = logits, .hidden = hidden, .argmax = ids };
+	uint8_t *need = NULL;
+	if (ids) {
+		int rows = 0, skip = 0;
+		for (int i = 0; i < n_items; i++) {
+			rows += items[i].n - eng->logits_from[i];
+			skip |= items[i].argmax_only && items[i].n > eng->logits_from[i];
+		}
+		if (skip && !(need = malloc((size_t)rows))) {
+			free(added);
+			return -ENOMEM;
+		}
+		for (int i = 0, r = 0; need && i < n_items; i++)
+			for (int j = eng->logits_from[i]; j < items[i].n; j++)
+				need[r++] = !items[i].argmax_only;
+		o.need = need;
+	}
 	rc = eng->ops->forward(eng->be, &b, &o, e);
+	free(need);
 	if (rc) {
 		for (int j = 0; j < n_items; j++)
 			drop_blocks_after(items[j].seq, items[j].seq->n_blocks - added[j]);
@@ -377,7 +394,15 @@ static int run_step(ds_engine *eng, int mtp, const ds_step_item *items, int n_it
 int ds_engine_step(ds_engine *eng, const ds_step_item *items, int n_items, float *logits, float *hidden,
 		   ds_err *e)
 {
-	return run_step(eng, 0, items, n_items, NULL, logits, hidden, e);
+	return run_step(eng, 0, items, n_items, NULL, logits, NULL, hidden, e);
+}
+
+int ds_engine_step_ids(ds_engine *eng, const ds_step_item *items, int n_items, float *logits, int32_t *ids,
+		       float *hidden, ds_err *e)
+{
+	if (!ids || !logits)
+		return ds_errf(e, -EINVAL, "ds_engine_step_ids needs logits and ids");
+	return run_step(eng, 0, items, n_items, NULL, logits, ids, hidden, e);
 }
 
 int ds_engine_mtp_step(ds_engine *eng, int depth, const ds_step_item *items, int n_items, const float *hidden_in,
@@ -387,5 +412,5 @@ int ds_engine_mtp_step(ds_engine *eng, int depth, const ds_step_item *items, int
 		return ds_errf(e, -EINVAL, "the model has %d MTP layers; depth %d asked", eng->m->n_mtp, depth);
 	if (!hidden_in)
 		return ds_errf(e, -EINVAL, "an MTP step needs the main model's hidden states");
-	return run_step(eng, depth + 1, items, n_items, hidden_in, logits, hidden_out, e);
+	return run_step(eng, depth + 1, items, n_items, hidden_in, logits, NULL, hidden_out, e);
 }

@@ -64,6 +64,9 @@ typedef struct ds_step_item {
 	const int32_t *tokens;
 	int n;          /* >= 1 */
 	int logits;     /* DS_LOGITS_* */
+	/* ds_engine_step_ids: the caller takes only the argmax of this item's
+	 * logit rows, which may be left unwritten in logits. */
+	int argmax_only;
 } ds_step_item;
 
 /* Runs one forward step; appends each item's tokens to its seq. logits gets
@@ -73,6 +76,11 @@ typedef struct ds_step_item {
  * caller preempts and retries. Other errors leave the seqs unchanged too. */
 int ds_engine_step(ds_engine *eng, const ds_step_item *items, int n_items,
 		   float *logits, float *hidden, ds_err *e);
+/* The same, with ids[row] = the argmax of each logit row (first maximal
+ * index). Rows of argmax_only items need not be written to logits: greedy
+ * decoding on a GPU then downloads token ids instead of vocabulary rows. */
+int ds_engine_step_ids(ds_engine *eng, const ds_step_item *items, int n_items, float *logits, int32_t *ids,
+		       float *hidden, ds_err *e);
 
 /* One MTP step (layer `depth`, 0-based): item i's tokens are the tokens at
  * positions seq_mtp_len+1 .. +n and hidden_in the main model's hidden states

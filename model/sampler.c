@@ -23,6 +23,12 @@ void ds_sampling_default(ds_sampling *s)
 	s->repetition_penalty = 1.0f;
 }
 
+int ds_sampling_plain_greedy(const ds_sampling *s)
+{
+	return s->temperature == 0 && s->repetition_penalty == 1.0f && s->presence_penalty == 0 &&
+	       s->frequency_penalty == 0;
+}
+
 int ds_sampling_validate(const ds_sampling *s, const char **why)
 {
 	const char *w = NULL;

@@ -18,6 +18,9 @@ typedef struct ds_sampling {
 } ds_sampling;
 
 void ds_sampling_default(ds_sampling *s);
+/* 1 when the token is the logits' argmax, unchanged by any setting
+ * (temperature 0, no penalties). */
+int ds_sampling_plain_greedy(const ds_sampling *s);
 /* -EINVAL with a message in *why when a value is out of range. */
 int ds_sampling_validate(const ds_sampling *s, const char **why);
 

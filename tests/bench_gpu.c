@@ -157,8 +157,10 @@ int main(int argc, char **argv)
 	if (getenv("DS_BENCH_NCU"))
 		return ncu_step(b, m, getenv("DS_BENCH_NCU"), bt, blocks);
 	const int batches[] = { 1, 8, 64, 256 }, ctxs[] = { 1024, 8192 };
-	printf("%-14s %6s %6s %10s %10s %10s %9s %10s %8s %9s\n", "model", "batch", "ctx", "step ms", "eager ms", "tok/s",
-	       "GB/step", "GB/s", "% roof", "TFLOP/s");
+	printf("%-14s %6s %6s %10s %10s %10s %10s %9s %10s %8s %9s\n", "model", "batch", "ctx", "step ms", "eager ms",
+	       "ids ms", "tok/s", "GB/step", "GB/s", "% roof", "TFLOP/s");
+	int32_t *amax = malloc(sizeof(int32_t) * 256);
+	uint8_t *none = calloc(256, 1);
 	float *logits = malloc(sizeof(float) * (size_t)256 * V);
 	for (size_t ci = 0; ci < 2; ci++)
 		for (size_t bi = 0; bi < 4; bi++) {
@@ -183,16 +185,19 @@ int main(int argc, char **argv)
 			ds_batch batch = { .n_seqs = B, .n_new = n_new, .pos0 = pos0, .tokens = tok,
 					   .block_tables = (const int32_t *const *)tables, .logits_from = lf };
 			ds_step_out out = { .logits = logits };
-			/* The same steps with CUDA graphs (the default) and launched
-			 * kernel by kernel, one after the other. */
+			/* The same steps with CUDA graphs (the default), launched kernel
+			 * by kernel, and with graphs downloading token ids only (the
+			 * argmax of each row: greedy decoding), one after the other. */
 			double *t = malloc(sizeof(double) * (steps + 2)), *te = malloc(sizeof(double) * (steps + 2));
+			double *ti = malloc(sizeof(double) * (steps + 2));
+			ds_step_out ids_out = { .logits = logits, .argmax = amax, .need = none };
 			int rc = 0;
-			for (int pass = 0; pass < 2 && !rc; pass++) {
-				double *tt = pass ? te : t;
-				rc = ds_cuda_backend_set_graphs(b, !pass);
+			for (int pass = 0; pass < 3 && !rc; pass++) {
+				double *tt = pass == 0 ? t : pass == 1 ? te : ti;
+				rc = ds_cuda_backend_set_graphs(b, pass != 1);
 				for (int i = 0; i < steps + 2 && !rc; i++) {
 					double a = now();
-					rc = ds_cuda_backend.forward(b, &batch, &out, &e);
+					rc = ds_cuda_backend.forward(b, &batch, pass == 2 ? &ids_out : &out, &e);
 					tt[i] = now() - a;
 					for (int s = 0; s < B; s++)
 						tok[s] = (tok[s] + 1) % V;
@@ -204,13 +209,14 @@ int main(int argc, char **argv)
 			} else {
 				qsort(t + 2, steps, sizeof(double), cmpd);
 				qsort(te + 2, steps, sizeof(double), cmpd);
-				const double med = t[2 + steps / 2], emed = te[2 + steps / 2];
+				qsort(ti + 2, steps, sizeof(double), cmpd);
+				const double med = t[2 + steps / 2], emed = te[2 + steps / 2], imed = ti[2 + steps / 2];
 				const double hit = n_moe ? c->n_routed_experts * (1 - pow(1 - (double)c->num_experts_per_tok / c->n_routed_experts, B)) : 0;
 				const double bytes = dense + hit * n_moe * expert + (double)B * C * L * kvd * 2;
 				const double flops = 2 * active_params * B +
 						     (double)B * L * c->num_attention_heads * C * 2.0 * (2 * c->kv_lora_rank + c->qk_rope_head_dim);
-				printf("%-14s %6d %6d %10.3f %10.3f %10.1f %9.3f %10.1f %8.1f %9.1f\n", label, B, C, med * 1e3,
-				       emed * 1e3, B / med,
+				printf("%-14s %6d %6d %10.3f %10.3f %10.3f %10.1f %9.3f %10.1f %8.1f %9.1f\n", label, B, C,
+				       med * 1e3, emed * 1e3, imed * 1e3, B / med,
 				       bytes / 1e9, bytes / med / 1e9, 100 * bytes / med / bw, flops / med / 1e12);
 			}
 			fflush(stdout);
@@ -223,6 +229,7 @@ int main(int argc, char **argv)
 			free(tok);
 			free(t);
 			free(te);
+			free(ti);
 		}
 	/* Where a step's time goes (synchronizing after each phase): batch 1
 	 * at 1024 and the 4096-token prefill. */
@@ -286,6 +293,8 @@ int main(int argc, char **argv)
 		free(tok);
 	}
 	free(logits);
+	free(amax);
+	free(none);
 	ds_cuda_backend.destroy(b);
 	ds_model_free(m);
 	return 0;

@@ -8,6 +8,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "model/engine.h"
 #include "model/npy.h"
 
 const char *fx_srcdir(void)
@@ -141,5 +142,67 @@ int fx_copy_file(const char *from, const char *to)
 		fclose(a);
 	if (b && fclose(b))
 		rc = -EIO;
+	return rc;
+}
+
+/* Three sequences: A (argmax only, last row), B (logits, last row), C
+ * (argmax only, all rows of a 2-token step). */
+static int step_ids_run(ds_engine *eng, const int32_t *ids, int use_ids, float *lg, int32_t *out, char *why,
+			size_t whylen)
+{
+	ds_seq *s[3] = { 0 };
+	int rc = 0;
+	const int len[3] = { 7, 11, 5 };
+	for (int i = 0; i < 3 && !rc; i++) {
+		ds_step_item p = { .seq = NULL, .tokens = ids + 3 * i, .n = len[i], .logits = DS_LOGITS_NONE };
+		if (!(rc = ds_seq_new(eng, &s[i]))) {
+			p.seq = s[i];
+			rc = ds_engine_step(eng, &p, 1, NULL, NULL, NULL);
+		}
+	}
+	ds_step_item it[3] = {
+		{ .seq = s[0], .tokens = ids + 20, .n = 1, .logits = DS_LOGITS_LAST, .argmax_only = 1 },
+		{ .seq = s[1], .tokens = ids + 21, .n = 1, .logits = DS_LOGITS_LAST },
+		{ .seq = s[2], .tokens = ids + 22, .n = 2, .logits = DS_LOGITS_ALL, .argmax_only = 1 },
+	};
+	ds_err e = { { 0 } };
+	if (!rc)
+		rc = use_ids ? ds_engine_step_ids(eng, it, 3, lg, out, NULL, &e) : ds_engine_step(eng, it, 3, lg, NULL, &e);
+	if (rc)
+		snprintf(why, whylen, "step: %s (%d)", e.msg, rc);
+	for (int i = 0; i < 3; i++)
+		ds_seq_free(s[i]);
+	return rc ? -1 : 0;
+}
+
+int fx_check_step_ids(ds_engine *eng, const int32_t *ids, int n, char *why, size_t whylen)
+{
+	const int V = ds_engine_model(eng)->cfg.vocab_size, rows = 4;
+	float *ref = malloc(sizeof(float) * (size_t)rows * V), *lg = malloc(sizeof(float) * (size_t)rows * V);
+	int32_t got[4];
+	int rc = ref && lg && n >= 24 ? 0 : -1;
+	if (rc)
+		snprintf(why, whylen, "out of memory or short prompt");
+	if (!rc)
+		rc = step_ids_run(eng, ids, 0, ref, NULL, why, whylen);
+	if (!rc)
+		rc = step_ids_run(eng, ids, 1, lg, got, why, whylen);
+	for (int r = 0; !rc && r < rows; r++) {
+		const float *l = ref + (size_t)r * V;
+		int k = 0;
+		for (int i = 1; i < V; i++)
+			if (l[i] > l[k])
+				k = i;
+		if (got[r] != k) {
+			snprintf(why, whylen, "row %d: argmax %d, the logits say %d", r, got[r], k);
+			rc = -1;
+		}
+	}
+	if (!rc && memcmp(lg + V, ref + V, sizeof(float) * (size_t)V)) {
+		snprintf(why, whylen, "the row that needs logits differs from ds_engine_step's");
+		rc = -1;
+	}
+	free(ref);
+	free(lg);
 	return rc;
 }

@@ -35,4 +35,11 @@ int fx_tmpdir(char *out, size_t len);
 void fx_rmtree(const char *dir);
 int fx_copy_file(const char *from, const char *to);
 
+struct ds_engine;
+/* ds_engine_step_ids against ds_engine_step on the same batch (fresh
+ * sequences, prompts from ids[0..n), n >= 24): each row's id is the first
+ * maximal index of the reference logits row, and a row that is not
+ * argmax-only equals the reference bit for bit. 0, or -1 with why. */
+int fx_check_step_ids(struct ds_engine *eng, const int32_t *ids, int n, char *why, size_t whylen);
+
 #endif

@@ -558,6 +558,24 @@ static void test_expert_load(void **st)
 	env_close(&v);
 }
 
+/* ds_engine_step_ids on the GPU: ids from the device argmax, logit rows
+ * downloaded only where needed (tests/fixture_util.c). */
+static void test_step_ids(void **st)
+{
+	(void)st;
+	const char *names[] = { "v3-bf16", "v2-bf16" };
+	for (int k = 0; k < 2; k++) {
+		env v;
+		env_open(&v, names[k]);
+		int32_t ids[32];
+		prompt(ids, 32, v.m->cfg.vocab_size, 5);
+		char why[256] = "";
+		if (fx_check_step_ids(v.gpu, ids, 32, why, sizeof(why)))
+			fail_msg("%s: %s", names[k], why);
+		env_close(&v);
+	}
+}
+
 static void test_bad_input(void **st)
 {
 	(void)st;
@@ -603,6 +621,7 @@ int main(void)
 		cmocka_unit_test(test_graphs),
 		cmocka_unit_test(test_fixtures),
 		cmocka_unit_test(test_expert_load),
+		cmocka_unit_test(test_step_ids),
 		cmocka_unit_test(test_bad_input),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);

@@ -218,6 +218,22 @@ static void test_kv_decode_equals_full(void **st)
 
 /* Three sequences of different lengths in one step, then mixed decode and
  * prefill-chunk steps, equal each sequence run alone. */
+/* ds_engine_step_ids: argmax rows on the CPU backend (tests/fixture_util.c). */
+static void test_step_ids(void **st)
+{
+	(void)st;
+	fx *f = fx_open("v3", 0, 16);
+	const fx_seq *q = NULL;
+	for (int i = 0; i < f->ref.n_seqs; i++)
+		if (f->ref.seqs[i].n >= 24)
+			q = &f->ref.seqs[i];
+	assert_non_null(q);
+	char why[256] = "";
+	if (fx_check_step_ids(f->eng, q->ids, q->n, why, sizeof(why)))
+		fail_msg("%s", why);
+	fx_close(f);
+}
+
 static void test_batch_equals_alone(void **st)
 {
 	(void)st;
@@ -444,6 +460,7 @@ int main(void)
 		cmocka_unit_test(test_greedy_fp8),
 		cmocka_unit_test(test_kv_decode_equals_full),
 		cmocka_unit_test(test_batch_equals_alone),
+		cmocka_unit_test(test_step_ids),
 		cmocka_unit_test(test_truncate_rollback),
 		cmocka_unit_test(test_pool_full),
 		cmocka_unit_test(test_adopt_shared_prefix),
