@@ -35,9 +35,9 @@
  * a 2-token step costs 1.6-1.9x a 1-token one for the models we can measure
  * (they fit in cache: compute-bound even at batch 1), so drafting never pays
  * and MTP is off unless configured. On an H100 the verify-2/1 step ratio of
- * the V2-Lite-shaped model is 1.20 at batch 1, 1.28 at 4 and 1.72 at 16:
- * with the trained model's acceptance (0.55-0.8) drafting gains up to about
- * 4 sequences and loses from 16. */
+ * the V2-Lite-shaped model is 1.27 at batch 1, 1.43 at 4 and 1.49 at 16:
+ * with the trained model's acceptance (0.55-0.8) drafting can gain up to
+ * about 4 sequences and not beyond. */
 #define DS_MTP_MAX_BATCH_CPU 0
 #define DS_MTP_MAX_BATCH_CUDA 4
 
