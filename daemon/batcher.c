@@ -551,6 +551,7 @@ static void submit(ds_batcher *b, ds_req *r)
 	if (!rc)
 		rc = ds_spec_req_init(&r->spec, b->eng, NULL, r->smp, r->sp.temperature == 0, b->cfg.mtp_depth);
 	r->spec.want = 0;
+	r->draw_for = -1;
 	if (!rc && b->tok)
 		rc = ds_tok_stream_new(b->tok, r->skip_special ? DS_TOK_SKIP_SPECIAL : 0, &r->ts, &e);
 	if (rc) {
@@ -660,6 +661,25 @@ static int grow(ds_batcher *b, int n, size_t rows, size_t hrows)
 	return 0;
 }
 
+/* Whether r's next token is drawn on the device; then r->draw holds the
+ * request's settings and the uniform the host sampler would use for this
+ * token (one per token, as ds_sampler_draw: the stream is the same either
+ * way but at rounding boundaries, kernels/sample.h). The uniform is taken
+ * once per token index, so a step retried after preemption reuses it. */
+static int device_draw(ds_batcher *b, ds_req *r)
+{
+	const ds_sampling *p = &r->sp;
+	if (!ds_engine_draws(b->eng) || p->temperature == 0 || r->logprobs || p->repetition_penalty != 1.0f ||
+	    p->presence_penalty != 0 || p->frequency_penalty != 0)
+		return 0;
+	if (r->draw_for != r->sr.n_tokens) {
+		r->draw = (ds_draw){ .temperature = p->temperature, .top_p = p->top_p, .min_p = p->min_p,
+				     .u = (float)ds_sampler_uniform(r->smp), .top_k = p->top_k };
+		r->draw_for = r->sr.n_tokens;
+	}
+	return 1;
+}
+
 /* Drafts that will not be verified: forget them, and the MTP KV that
  * chained drafting wrote beyond the main KV. */
 static void drop_drafts(ds_req *r)
@@ -715,13 +735,16 @@ static int build_items(ds_batcher *b, const ds_sched_plan *plan, int verify, siz
 						      .logits = DS_LOGITS_ALL };
 		} else {
 			drop_drafts(r);
-			/* Greedy without penalties or logprobs needs the argmax only:
-			 * on a GPU the vocabulary row stays there. */
+			/* Greedy without penalties or logprobs needs the argmax only,
+			 * and a backend that draws takes sampling without penalties
+			 * or logprobs: on a GPU the vocabulary row stays there. */
 			b->items[n] = (ds_step_item){
 				.seq = r->seq, .tokens = r->tokens + s->n_cached, .n = s->n_sched,
 				.logits = s->n_cached + s->n_sched == s->n_tokens ? DS_LOGITS_LAST : DS_LOGITS_NONE,
 				.argmax_only = ds_sampling_plain_greedy(&r->sp) && !r->logprobs,
 			};
+			if (b->items[n].logits == DS_LOGITS_LAST && !b->items[n].argmax_only && device_draw(b, r))
+				b->items[n].draw = &r->draw;
 		}
 		*rows += b->items[n].logits == DS_LOGITS_ALL ? (size_t)b->items[n].n
 			 : b->items[n].logits == DS_LOGITS_LAST ? 1 : 0;
@@ -853,7 +876,7 @@ static int step(ds_batcher *b)
 			if (it->logits == DS_LOGITS_LAST) {
 				if (r->t_prefill_done == 0)
 					r->t_prefill_done = ds_now();
-				if (it->argmax_only) {
+				if (it->argmax_only || it->draw) {
 					ds_sampler_accept(r->smp, b->ids[row]);
 					on_token(b, r, b->ids[row], NAN, NULL, 0);
 				} else {

@@ -73,6 +73,8 @@ typedef struct ds_req {
 	ds_sched_req sr;
 	ds_seq *seq;
 	ds_sampler *smp;
+	ds_draw draw;            /* a device draw's settings and u (ds_engine_draws) */
+	int draw_for;            /* the token index draw.u was taken for, -1 none */
 	ds_spec_req spec;        /* MTP state; depth 0 when the daemon runs without MTP */
 	int32_t vin[DS_SPEC_MAX_DEPTH + 1]; /* a verifying step's input: the pending token, then the drafts */
 	uint32_t drafted, accepted; /* drafts verified, and accepted */

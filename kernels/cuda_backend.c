@@ -93,7 +93,9 @@ struct ds_backend {
 	int prof;        /* synchronize and time each phase of a step */
 	double prof_t[DS_CUDA_PHASES], prof_last;
 	float *lg;       /* logit rows of a step */
-	int32_t *amax;   /* their argmax */
+	int32_t *amax;   /* their argmax or drawn token */
+	dsk_draw *drawp; /* per row: how to draw (temperature 0: argmax) */
+	dsk_draw *h_draw;
 	size_t lg_cap;
 	dsk_graphs *graphs; /* decode steps as CUDA graphs (NULL: off) */
 	unsigned gemm_gen;
@@ -364,6 +366,8 @@ static void destroy(ds_backend *b)
 	cudaFree(b->pf_buf);
 	cudaFree(b->lg);
 	cudaFree(b->amax);
+	cudaFree(b->drawp);
+	cudaFreeHost(b->h_draw);
 	dsk_graphs_free(b->graphs);
 	free(b->pf);
 	cudaFreeHost(b->h_i32);
@@ -1018,7 +1022,7 @@ static int step_body(void *ctx, ds_err *e)
 	if (st->rows > 0) {
 		TRY(dsk_gather_rows(b->sel, b->xn, b->sel_idx, st->rows, H, b->s, e));
 		TRY(gemm(b, b->lg, V, b->sel, st->rows, head, e));
-		TRY(dsk_argmax_rows(b->amax, b->lg, st->rows, V, V, b->s, e));
+		TRY(dsk_draw_rows(b->amax, b->lg, st->rows, V, V, b->drawp, b->s, e));
 	}
 	return 0;
 }
@@ -1125,11 +1129,17 @@ static int forward(ds_backend *b, const ds_batch *bt, ds_step_out *out, ds_err *
 		cudaStreamSynchronize(b->s);
 		cudaFree(b->lg);
 		cudaFree(b->amax);
+		cudaFree(b->drawp);
+		cudaFreeHost(b->h_draw);
 		b->amax = NULL;
+		b->drawp = b->h_draw = NULL;
 		b->lg_cap = 0;
 		dsk_graphs_clear(b->graphs);
+		const size_t nr = lg_need / V;
 		if (cudaMalloc((void **)&b->lg, sizeof(float) * lg_need) != cudaSuccess ||
-		    cudaMalloc((void **)&b->amax, sizeof(int32_t) * (lg_need / V)) != cudaSuccess) {
+		    cudaMalloc((void **)&b->amax, sizeof(int32_t) * nr) != cudaSuccess ||
+		    cudaMalloc((void **)&b->drawp, sizeof(dsk_draw) * nr) != cudaSuccess ||
+		    cudaMallocHost((void **)&b->h_draw, sizeof(dsk_draw) * nr) != cudaSuccess) {
 			cudaGetLastError();
 			cudaFree(b->lg);
 			b->lg = NULL;
@@ -1152,6 +1162,18 @@ static int forward(ds_backend *b, const ds_batch *bt, ds_step_out *out, ds_err *
 	if (b->n_pf && b->n_short)
 		UP(b->alist, h_list, b->n_short);
 #undef UP
+	/* How each logit row's token is chosen: argmax unless drawn. */
+	if (rows > 0) {
+		for (int r = 0; r < rows; r++) {
+			const ds_draw *d = out->draw ? &out->draw[r] : NULL;
+			b->h_draw[r] = d ? (dsk_draw){ .temperature = d->temperature, .top_p = d->top_p, .min_p = d->min_p,
+						      .u = d->u, .top_k = d->top_k }
+					 : (dsk_draw){ .temperature = 0 };
+		}
+		if ((err = cudaMemcpyAsync(b->drawp, b->h_draw, sizeof(dsk_draw) * (size_t)rows, cudaMemcpyHostToDevice,
+					   b->s)) != cudaSuccess)
+			return cerr(e, err, "draw upload");
+	}
 	if (bt->mtp && (err = cudaMemcpyAsync(b->hin, bt->hidden_in, sizeof(float) * (size_t)T * H,
 					      cudaMemcpyHostToDevice, b->s)) != cudaSuccess)
 		return cerr(e, err, "hidden_in upload");
@@ -1180,14 +1202,16 @@ static int forward(ds_backend *b, const ds_batch *bt, ds_step_out *out, ds_err *
 	    (err = cudaMemcpyAsync(out->argmax, b->amax, sizeof(int32_t) * (size_t)rows, cudaMemcpyDeviceToHost,
 				   b->s)) != cudaSuccess)
 		return cerr(e, err, "argmax download");
-	/* Logit rows the caller needs, in runs of consecutive rows. */
+	/* Logit rows the caller needs, in runs of consecutive rows; a drawn
+	 * row holds probabilities now. */
+#define NEEDED(r) ((!out->need || out->need[r]) && b->h_draw[r].temperature == 0)
 	for (int r0 = 0; r0 < rows;) {
-		if (out->need && !out->need[r0]) {
+		if (!NEEDED(r0)) {
 			r0++;
 			continue;
 		}
 		int r1 = r0 + 1;
-		while (r1 < rows && (!out->need || out->need[r1]))
+		while (r1 < rows && NEEDED(r1))
 			r1++;
 		if ((err = cudaMemcpyAsync(out->logits + (size_t)r0 * V, b->lg + (size_t)r0 * V,
 					   sizeof(float) * (size_t)(r1 - r0) * V, cudaMemcpyDeviceToHost, b->s)) !=
@@ -1195,6 +1219,7 @@ static int forward(ds_backend *b, const ds_batch *bt, ds_step_out *out, ds_err *
 			return cerr(e, err, "logits download");
 		r0 = r1;
 	}
+#undef NEEDED
 	if ((err = cudaStreamSynchronize(b->s)) != cudaSuccess)
 		return cerr(e, err, "step");
 	mark(b, 7);
@@ -1220,4 +1245,5 @@ const ds_backend_ops ds_cuda_backend = {
 	.kv_copy = kv_copy,
 	.weight_bytes = weight_bytes,
 	.expert_load = expert_load,
+	.draws = 1,
 };

@@ -48,6 +48,15 @@ typedef struct ds_batch {
 	const float *hidden_in;            /* [sum n_new][hidden], mtp only */
 } ds_batch;
 
+/* A token drawn by the backend from one logit row (see kernels/sample.h
+ * for the exact rule): softmax(l / temperature) filtered by top-k, top-p and
+ * min-p, then the first token whose cumulative mass in id order exceeds u.
+ * temperature 0: the argmax. */
+typedef struct ds_draw {
+	float temperature, top_p, min_p, u;
+	int top_k, pad_;
+} ds_draw;
+
 typedef struct ds_step_out {
 	float *logits;     /* [rows][vocab], rows as described above */
 	/* Optional: [sum n_new][hidden]. Main model: hidden state after the
@@ -59,6 +68,10 @@ typedef struct ds_step_out {
 	/* Optional: [rows], 0 where the caller takes only the argmax: that
 	 * logits row may be left unwritten (a GPU does not download it). */
 	const uint8_t *need;
+	/* Optional, for backends with `draws` set: [rows]; argmax[r] is then
+	 * the token drawn with draw[r], and a row drawn with temperature > 0
+	 * is not written to logits. */
+	const ds_draw *draw;
 } ds_step_out;
 
 typedef struct ds_backend_ops {
@@ -73,6 +86,8 @@ typedef struct ds_backend_ops {
 	/* Optional: tokens routed to each expert since create, [layer][expert]
 	 * over the main and MTP layers (zeros for dense layers). Between steps. */
 	int (*expert_load)(ds_backend *b, uint64_t *out);
+	/* forward takes ds_step_out.draw (sampling on the device). */
+	int draws;
 } ds_backend_ops;
 
 /* Bytes of one KV block across all layers (main + MTP) in float32. */

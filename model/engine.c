@@ -358,23 +358,31 @@ static int run_step(ds_engine *eng, int mtp, const ds_step_item *items, int n_it
 	};
 	ds_step_out o = { .logits = logits, .hidden = hidden, .argmax = ids };
 	uint8_t *need = NULL;
+	ds_draw *draw = NULL;
 	if (ids) {
-		int rows = 0, skip = 0;
+		int rows = 0, skip = 0, draws = 0;
 		for (int i = 0; i < n_items; i++) {
 			rows += items[i].n - eng->logits_from[i];
-			skip |= items[i].argmax_only && items[i].n > eng->logits_from[i];
+			skip |= (items[i].argmax_only || items[i].draw) && items[i].n > eng->logits_from[i];
+			draws |= items[i].draw != NULL;
 		}
-		if (skip && !(need = malloc((size_t)rows))) {
+		if ((skip && !(need = malloc((size_t)rows))) || (draws && !(draw = calloc((size_t)rows, sizeof(*draw))))) {
+			free(need);
 			free(added);
 			return -ENOMEM;
 		}
 		for (int i = 0, r = 0; need && i < n_items; i++)
-			for (int j = eng->logits_from[i]; j < items[i].n; j++)
-				need[r++] = !items[i].argmax_only;
+			for (int j = eng->logits_from[i]; j < items[i].n; j++, r++) {
+				need[r] = !items[i].argmax_only && !items[i].draw;
+				if (items[i].draw)
+					draw[r] = *items[i].draw;
+			}
 		o.need = need;
+		o.draw = draw;
 	}
 	rc = eng->ops->forward(eng->be, &b, &o, e);
 	free(need);
+	free(draw);
 	if (rc) {
 		for (int j = 0; j < n_items; j++)
 			drop_blocks_after(items[j].seq, items[j].seq->n_blocks - added[j]);
@@ -397,11 +405,17 @@ int ds_engine_step(ds_engine *eng, const ds_step_item *items, int n_items, float
 	return run_step(eng, 0, items, n_items, NULL, logits, NULL, hidden, e);
 }
 
+int ds_engine_draws(const ds_engine *eng) { return eng->ops->draws; }
+
 int ds_engine_step_ids(ds_engine *eng, const ds_step_item *items, int n_items, float *logits, int32_t *ids,
 		       float *hidden, ds_err *e)
 {
 	if (!ids || !logits)
 		return ds_errf(e, -EINVAL, "ds_engine_step_ids needs logits and ids");
+	for (int i = 0; i < n_items; i++)
+		if (items[i].draw && (!eng->ops->draws || items[i].logits != DS_LOGITS_LAST))
+			return ds_errf(e, -EINVAL, "step item %d: a device draw needs a backend that draws and DS_LOGITS_LAST",
+				       i);
 	return run_step(eng, 0, items, n_items, NULL, logits, ids, hidden, e);
 }
 

@@ -67,6 +67,10 @@ typedef struct ds_step_item {
 	/* ds_engine_step_ids: the caller takes only the argmax of this item's
 	 * logit rows, which may be left unwritten in logits. */
 	int argmax_only;
+	/* ds_engine_step_ids on an engine that draws (ds_engine_draws): the
+	 * token of the item's last row is drawn with this on the device (its id
+	 * in ids, its logits row not written). DS_LOGITS_LAST items only. */
+	const ds_draw *draw;
 } ds_step_item;
 
 /* Runs one forward step; appends each item's tokens to its seq. logits gets
@@ -81,6 +85,8 @@ int ds_engine_step(ds_engine *eng, const ds_step_item *items, int n_items,
  * decoding on a GPU then downloads token ids instead of vocabulary rows. */
 int ds_engine_step_ids(ds_engine *eng, const ds_step_item *items, int n_items, float *logits, int32_t *ids,
 		       float *hidden, ds_err *e);
+/* 1 when the backend draws tokens itself (ds_step_item.draw): CUDA. */
+int ds_engine_draws(const ds_engine *eng);
 
 /* One MTP step (layer `depth`, 0-based): item i's tokens are the tokens at
  * positions seq_mtp_len+1 .. +n and hidden_in the main model's hidden states

@@ -19,6 +19,7 @@
 
 #include "kernels/cuda_backend.h"
 #include "model/engine.h"
+#include "model/sampler.h"
 #include "tests/fixture_util.h"
 
 static const char *models_dir;
@@ -576,6 +577,71 @@ static void test_step_ids(void **st)
 	}
 }
 
+/* Device draws through the engine: for 24 uniforms (away from the
+ * boundaries between tokens), the token drawn on the GPU is the one the
+ * host sampler's distribution (model/sampler.c) gives for that uniform,
+ * over the logits the same step returns without a draw. */
+static void test_step_draw(void **st)
+{
+	(void)st;
+	env v;
+	env_open(&v, "v2-bf16");
+	const int V = v.m->cfg.vocab_size;
+	assert_true(ds_engine_draws(v.gpu));
+	int32_t ids[16];
+	prompt(ids, 16, V, 9);
+	ds_sampling sp;
+	ds_sampling_default(&sp);
+	sp.temperature = 1.2f;
+	sp.top_p = 0.95f;
+	sp.top_k = 200;
+	sp.min_p = 0.01f;
+	ds_sampler *smp;
+	assert_int_equal(ds_sampler_new(&sp, V, &smp), 0);
+	float *lg = malloc(sizeof(float) * (size_t)V), *p = malloc(sizeof(float) * (size_t)V);
+	ds_err e = { { 0 } };
+	/* the reference logits of the last position */
+	ds_seq *s;
+	assert_int_equal(ds_seq_new(v.gpu, &s), 0);
+	ds_step_item it = { .seq = s, .tokens = ids, .n = 16, .logits = DS_LOGITS_LAST };
+	if (ds_engine_step(v.gpu, &it, 1, lg, NULL, &e))
+		fail_msg("%s", e.msg);
+	ds_seq_free(s);
+	ds_sampler_probs(smp, lg, p);
+	int checked = 0;
+	for (int k = 0; k < 24; k++) {
+		const float u = (k + 0.37f) / 24;
+		double c = 0, gap = 1;
+		int want = -1;
+		for (int i = 0; i < V; i++) {
+			if (p[i] <= 0)
+				continue;
+			c += p[i];
+			gap = fmin(gap, fabs(c - u));
+			if (want < 0 && u < c)
+				want = i;
+		}
+		if (gap < 1e-4)
+			continue; /* at a boundary rounding decides */
+		ds_draw d = { .temperature = sp.temperature, .top_p = sp.top_p, .min_p = sp.min_p, .u = u, .top_k = sp.top_k };
+		assert_int_equal(ds_seq_new(v.gpu, &s), 0);
+		ds_step_item di = { .seq = s, .tokens = ids, .n = 16, .logits = DS_LOGITS_LAST, .draw = &d };
+		int32_t got = -1;
+		if (ds_engine_step_ids(v.gpu, &di, 1, lg, &got, NULL, &e))
+			fail_msg("%s", e.msg);
+		ds_seq_free(s);
+		if (got != want)
+			fail_msg("u %.4f: the GPU drew %d, the host distribution gives %d", u, got, want);
+		checked++;
+	}
+	print_message("v2-bf16: %d device draws equal the host sampler's token for the same uniform\n", checked);
+	assert_true(checked >= 20);
+	ds_sampler_free(smp);
+	free(lg);
+	free(p);
+	env_close(&v);
+}
+
 static void test_bad_input(void **st)
 {
 	(void)st;
@@ -622,6 +688,7 @@ int main(void)
 		cmocka_unit_test(test_fixtures),
 		cmocka_unit_test(test_expert_load),
 		cmocka_unit_test(test_step_ids),
+		cmocka_unit_test(test_step_draw),
 		cmocka_unit_test(test_bad_input),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);

@@ -21,6 +21,8 @@
 #include "kernels/gemm.h"
 #include "kernels/moe.h"
 #include "kernels/norm.h"
+#include "kernels/sample.h"
+#include "model/sampler.h"
 #include "model/cpu_ops.h"
 
 static unsigned rng = 12345;
@@ -515,6 +517,101 @@ static int bench(void)
 	return 0;
 }
 
+/* Draws on the GPU against the host sampler's distribution (model/sampler.c,
+ * an independent implementation): R copies of one logits row drawn with
+ * stratified u = (r + 0.5) / R must hit each token R * p +- 2 times; rows
+ * with temperature 0 give the argmax; the same u give the same ids. */
+static void test_draw(void **st)
+{
+	(void)st;
+	enum { V = 1000, R = 4000 };
+	float *l = malloc(sizeof(float) * V), *p = malloc(sizeof(float) * V), *rows = malloc(sizeof(float) * (size_t)R * V);
+	int32_t *ids = malloc(sizeof(int32_t) * R), *ids2 = malloc(sizeof(int32_t) * R);
+	dsk_draw *dr = malloc(sizeof(dsk_draw) * R);
+	for (int i = 0; i < V; i++) /* a peaked, model-like row */
+		l[i] = 6.0f * frand() - 3.0f * fabsf(frand()) * 4.0f;
+	int am = 0;
+	for (int i = 1; i < V; i++)
+		am = l[i] > l[am] ? i : am;
+	const struct {
+		float t, top_p, min_p;
+		int top_k;
+	} cases[] = { { 1.0f, 1.0f, 0, 0 }, { 0.7f, 0.9f, 0, 0 }, { 1.3f, 1.0f, 0, 40 },
+		      { 1.0f, 0.8f, 0.02f, 100 }, { 0.5f, 1.0f, 0.1f, 0 } };
+	ds_err e = { { 0 } };
+	for (size_t c = 0; c < sizeof(cases) / sizeof(cases[0]); c++) {
+		ds_sampling sp;
+		ds_sampling_default(&sp);
+		sp.temperature = cases[c].t;
+		sp.top_p = cases[c].top_p;
+		sp.min_p = cases[c].min_p;
+		sp.top_k = cases[c].top_k;
+		ds_sampler *s;
+		assert_int_equal(ds_sampler_new(&sp, V, &s), 0);
+		ds_sampler_probs(s, l, p);
+		ds_sampler_free(s);
+		for (int r = 0; r < R; r++) {
+			memcpy(rows + (size_t)r * V, l, sizeof(float) * V);
+			dr[r] = (dsk_draw){ .temperature = r % 97 == 5 ? 0.0f : sp.temperature, .top_p = sp.top_p,
+					    .min_p = sp.min_p, .u = (float)((r + 0.5) / R), .top_k = sp.top_k };
+		}
+		for (int pass = 0; pass < 2; pass++) {
+			float *drows = dup_up(rows, sizeof(float) * (size_t)R * V);
+			dsk_draw *ddr = dup_up(dr, sizeof(dsk_draw) * R);
+			int32_t *dids = dup_up(NULL, sizeof(int32_t) * R);
+			if (dsk_draw_rows(dids, drows, R, V, V, ddr, NULL, &e))
+				fail_msg("draw: %s", e.msg);
+			down(pass ? ids2 : ids, dids, sizeof(int32_t) * R);
+			cudaFree(drows);
+			cudaFree(ddr);
+			cudaFree(dids);
+		}
+		assert_memory_equal(ids, ids2, sizeof(int32_t) * R);
+		/* What the host's draw gives for each u: the first token whose
+		 * cumulative probability in id order exceeds u. */
+		int *cnt = calloc(V, sizeof(int)), *want = calloc(V, sizeof(int)), n = 0;
+		for (int r = 0; r < R; r++) {
+			if (dr[r].temperature == 0) {
+				assert_int_equal(ids[r], am);
+				continue;
+			}
+			assert_true(ids[r] >= 0 && ids[r] < V);
+			cnt[ids[r]]++;
+			double f = 0;
+			int j = 0, last = 0;
+			for (; j < V; j++) {
+				if (p[j] <= 0)
+					continue;
+				last = j;
+				if ((f += p[j]) > dr[r].u)
+					break;
+			}
+			want[j < V ? j : last]++;
+			n++;
+		}
+		int worst = 0, kept = 0;
+		for (int i = 0; i < V; i++) {
+			const int d = abs(cnt[i] - want[i]);
+			worst = d > worst ? d : worst;
+			kept += p[i] > 0;
+			if (p[i] == 0 && cnt[i])
+				fail_msg("case %zu: token %d drawn %d times, filtered out on the host", c, i, cnt[i]);
+		}
+		print_message("draw T %.1f top_p %.2f min_p %.2f top_k %d: %d tokens kept, %d draws, worst |GPU - host| "
+			      "count %d\n", cases[c].t, cases[c].top_p, cases[c].min_p, cases[c].top_k, kept, n, worst);
+		/* the same u falls on the same token but at rounding boundaries */
+		assert_true(worst <= 2);
+		free(cnt);
+		free(want);
+	}
+	free(l);
+	free(p);
+	free(rows);
+	free(ids);
+	free(ids2);
+	free(dr);
+}
+
 int main(int argc, char **argv)
 {
 	int n = 0;
@@ -531,6 +628,7 @@ int main(int argc, char **argv)
 		cmocka_unit_test(test_rmsnorm_silu),
 		cmocka_unit_test(test_route),
 		cmocka_unit_test(test_attention),
+		cmocka_unit_test(test_draw),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
