@@ -888,6 +888,10 @@ static int moe(ds_backend *b, int li, int T, ds_err *e)
 	TRY(dsk_moe_plan(b->ids, T, K, E, b->cnt, b->off, b->ppos, b->row_tok, b->act,
 			  b->eload ? b->eload + (size_t)li * E : NULL, b->moe_rows, b->s, e));
 	const int max_act = T * K < E ? T * K : E;
+	/* Rows the expert GEMV takes per pass: about twice the mean rows per
+	 * expert (an expert with more takes another pass over its weights). */
+	int mr = (2 * T * K + E - 1) / E;
+	mr = mr > T ? T : mr;
 	if (d->dev_moe && T <= b->dev_moe_max_t) {
 		/* Decode-sized steps: grouped GEMVs read the plan on the device. */
 		const int Pn = T * K + 15 * E, Tp = dsk_gemm_pad(T);
@@ -897,9 +901,9 @@ static int moe(ds_backend *b, int li, int T, ds_err *e)
 			xin = b->qx;
 		}
 		mark(b, 4);
-		TRY(dsk_moe_gemv(b->gp, I, xin, b->qxs, Tp, b->row_tok, b->off, b->cnt, b->act, max_act, (const void *const *)d->ew[0],
+		TRY(dsk_moe_gemv(b->gp, I, xin, b->qxs, Tp, b->row_tok, b->off, b->cnt, b->act, max_act, mr, (const void *const *)d->ew[0],
 				 (const float *const *)d->es[0], d->esld[0], d->moe_fp8, I, H, b->s, e));
-		TRY(dsk_moe_gemv(b->up, I, xin, b->qxs, Tp, b->row_tok, b->off, b->cnt, b->act, max_act, (const void *const *)d->ew[1],
+		TRY(dsk_moe_gemv(b->up, I, xin, b->qxs, Tp, b->row_tok, b->off, b->cnt, b->act, max_act, mr, (const void *const *)d->ew[1],
 				 (const float *const *)d->es[1], d->esld[1], d->moe_fp8, I, H, b->s, e));
 		TRY(dsk_silu_mul_dev(b->hp, b->gp, b->up, b->off + E, Pn, I, b->s, e));
 		const void *hin = b->hp;
@@ -907,7 +911,7 @@ static int moe(ds_backend *b, int li, int T, ds_err *e)
 			TRY(dsk_quant_fp8(b->qx, b->qxs, b->hp, Pn, I, b->s, e));
 			hin = b->qx;
 		}
-		TRY(dsk_moe_gemv(b->yp, H, hin, b->qxs, Pn, NULL, b->off, b->cnt, b->act, max_act, (const void *const *)d->ew[2],
+		TRY(dsk_moe_gemv(b->yp, H, hin, b->qxs, Pn, NULL, b->off, b->cnt, b->act, max_act, mr, (const void *const *)d->ew[2],
 				 (const float *const *)d->es[2], d->esld[2], d->moe_fp8, H, I, b->s, e));
 	} else {
 		TRY(moe_host_planned(b, d, T, e));

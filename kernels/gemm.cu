@@ -476,8 +476,11 @@ extern "C" int dsk_gemm_run_bf16(dsk_gemm *g, dsk_bf16 *out, int ldo, const dsk_
 
 /* Grouped GEMV for the routed experts (see gemm.h): block (row tile, expert)
  * reads its expert's row range from the plan on the device, so no count
- * goes back to the host. Rows are taken 8 at a time. */
-template <bool FP8>
+ * goes back to the host. Rows are taken MR at a time: MR is the most rows
+ * an expert can have in the step (up to 8), as registers bound occupancy
+ * (73 a thread for 8 rows held 3 blocks an SM and half the DRAM bandwidth
+ * at batch 1). */
+template <int MR, bool FP8>
 static __global__ void __launch_bounds__(256) moe_gemv_k(float *out, int ldo, const void *xv, const float *xs, int xs_ld,
 							 const int32_t *row_src, const int32_t *off, const int32_t *cnt,
 							 const int32_t *act, const void *const *wp, const float *const *sp,
@@ -490,15 +493,15 @@ static __global__ void __launch_bounds__(256) moe_gemv_k(float *out, int ldo, co
 	if (n >= N || c == 0)
 		return;
 	const int r0 = off[x];
-	for (int c0 = 0; c0 < c; c0 += 8) {
-		const int m = min(8, c - c0);
-		int src[8];
+	for (int c0 = 0; c0 < c; c0 += MR) {
+		const int m = min(MR, c - c0);
+		int src[MR];
 #pragma unroll
-		for (int i = 0; i < 8; i++)
+		for (int i = 0; i < MR; i++)
 			src[i] = i < m ? (row_src ? row_src[r0 + c0 + i] : r0 + c0 + i) : 0;
-		float acc[8];
+		float acc[MR];
 #pragma unroll
-		for (int i = 0; i < 8; i++)
+		for (int i = 0; i < MR; i++)
 			acc[i] = 0;
 		if (FP8) {
 			const uint8_t *w = (const uint8_t *)wp[x] + (size_t)n * K;
@@ -524,7 +527,7 @@ static __global__ void __launch_bounds__(256) moe_gemv_k(float *out, int ldo, co
 				}
 				const float sw = wsr[k / 128];
 #pragma unroll
-				for (int i = 0; i < 8; i++) {
+				for (int i = 0; i < MR; i++) {
 					if (i < m) {
 						const uint4 xq = *(const uint4 *)(xb + (size_t)src[i] * K + k);
 						const uint8_t *q = (const uint8_t *)&xq;
@@ -559,7 +562,7 @@ static __global__ void __launch_bounds__(256) moe_gemv_k(float *out, int ldo, co
 				for (int j = 0; j < 4; j++)
 					wf[j] = __bfloat1622float2(w2[j]);
 #pragma unroll
-				for (int i = 0; i < 8; i++) {
+				for (int i = 0; i < MR; i++) {
 					if (i < m) {
 						const uint4 xq = *(const uint4 *)(xb + (size_t)src[i] * K + k);
 						const __nv_bfloat162 *x2 = (const __nv_bfloat162 *)&xq;
@@ -574,7 +577,7 @@ static __global__ void __launch_bounds__(256) moe_gemv_k(float *out, int ldo, co
 			}
 		}
 #pragma unroll
-		for (int i = 0; i < 8; i++) {
+		for (int i = 0; i < MR; i++) {
 			float v = acc[i];
 			for (int o = 16; o; o >>= 1)
 				v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -585,15 +588,30 @@ static __global__ void __launch_bounds__(256) moe_gemv_k(float *out, int ldo, co
 }
 
 extern "C" int dsk_moe_gemv(float *out, int ldo, const void *x, const float *xs, int xs_ld, const int32_t *row_src,
-			    const int32_t *off, const int32_t *cnt, const int32_t *act, int max_active, const void *const *wp,
+			    const int32_t *off, const int32_t *cnt, const int32_t *act, int max_active, int max_rows,
+			    const void *const *wp,
 			    const float *const *sp, int sld, int fp8, int N, int K, dsk_stream s, ds_err *e)
 {
 	if (K % (fp8 ? 128 : 8))
 		return ds_errf(e, -EINVAL, "moe_gemv: K=%d", K);
 	dim3 grid((N + 7) / 8, max_active);
-	if (fp8)
-		moe_gemv_k<true><<<grid, 256, 0, s>>>(out, ldo, x, xs, xs_ld, row_src, off, cnt, act, wp, sp, sld, N, K);
+#define MOE_GEMV(mr)                                                                                                \
+	do {                                                                                                        \
+		if (fp8)                                                                                            \
+			moe_gemv_k<mr, true><<<grid, 256, 0, s>>>(out, ldo, x, xs, xs_ld, row_src, off, cnt, act, wp, sp,  \
+								   sld, N, K);                                     \
+		else                                                                                                \
+			moe_gemv_k<mr, false><<<grid, 256, 0, s>>>(out, ldo, x, xs, xs_ld, row_src, off, cnt, act, wp, sp, \
+								    sld, N, K);                                    \
+	} while (0)
+	if (max_rows <= 1)
+		MOE_GEMV(1);
+	else if (max_rows <= 2)
+		MOE_GEMV(2);
+	else if (max_rows <= 4)
+		MOE_GEMV(4);
 	else
-		moe_gemv_k<false><<<grid, 256, 0, s>>>(out, ldo, x, xs, xs_ld, row_src, off, cnt, act, wp, sp, sld, N, K);
+		MOE_GEMV(8);
+#undef MOE_GEMV
 	return dsk_check(e, "moe_gemv");
 }

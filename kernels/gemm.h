@@ -51,9 +51,10 @@ DSK_EXTERN_C void dsk_gemm_set_gemv(dsk_gemm *g, int on);
  * sp[x], row stride sld) all [N][K]. FP8 takes activations quantized by
  * dsk_quant_fp8 (xs[K/128][xs_ld]); bf16 takes bf16 rows. Only the experts
  * listed in act (act[0] of them, ids from act[1]) run; max_active bounds
- * act[0] and sizes the grid. */
+ * act[0] and sizes the grid; max_rows bounds any expert's rows (the step's
+ * tokens), which picks the kernel's rows per pass. */
 DSK_EXTERN_C int dsk_moe_gemv(float *out, int ldo, const void *x, const float *xs, int xs_ld, const int32_t *row_src,
-			      const int32_t *off, const int32_t *cnt, const int32_t *act, int max_active,
+			      const int32_t *off, const int32_t *cnt, const int32_t *act, int max_active, int max_rows,
 			      const void *const *wp, const float *const *sp, int sld, int fp8, int N, int K, dsk_stream s,
 			      ds_err *e);
 /* Bumped whenever scratch buffers the GEMMs launch with are reallocated
