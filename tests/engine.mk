@@ -17,6 +17,13 @@ bench-cpu: $(BUILD)/bench/bench_cpu
 	$(BUILD)/bench/bench_cpu tests/fixtures/v3 tests/fixtures/v2lite tests/fixtures/fp8 $(wildcard models/*/bf16)
 .PHONY: bench-cpu
 
+# the host sampler on V3's vocabulary: selection vs the full sort it replaced
+BENCHES += bench_sampler
+bench_sampler_SRCS := tests/bench_sampler.c
+bench-sampler: $(BUILD)/bench/bench_sampler
+	$(BUILD)/bench/bench_sampler
+.PHONY: bench-sampler
+
 # speculative decoding: MTP off / KV only / drafting at batch 1..64, and the
 # verify-2 over 1-token step ratio (docs/PERFORMANCE.md)
 BENCHES += bench_spec
