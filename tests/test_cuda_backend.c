@@ -4,6 +4,8 @@
  * full prefill (relative error, top-1 agreement where the reference's top-2
  * margin exceeds 0.05), MTP logits, KV-cache decode equal to the full
  * forward, a batch equal to each sequence alone, copy-on-write of a block.
+ * Also graphs vs eager steps, token ids and device draws through the
+ * engine. DS_TEST_FILTER=pattern runs the matching tests only (cmocka).
  * Exits 77 without a GPU or without the models. */
 #include <math.h>
 #include <setjmp.h>
