@@ -15,6 +15,8 @@ struct ds_engine {
 	int *n_new, *pos0, *logits_from;
 	const int32_t **tables;
 	int32_t *tokens;
+	uint8_t *need;  /* per logit row (at most one per token) */
+	ds_draw *draw;
 	int cap_seqs, cap_tokens;
 };
 
@@ -107,6 +109,8 @@ ds_engine *ds_engine_free(ds_engine *eng)
 	free(eng->logits_from);
 	free(eng->tables);
 	free(eng->tokens);
+	free(eng->need);
+	free(eng->draw);
 	free(eng);
 	return NULL;
 }
@@ -283,9 +287,16 @@ static int grow_scratch(ds_engine *eng, int n_seqs, int n_tokens)
 	if (n_tokens > eng->cap_tokens) {
 		int c = n_tokens * 2;
 		int32_t *t = realloc(eng->tokens, sizeof(int32_t) * (size_t)c);
-		if (!t)
+		if (t)
+			eng->tokens = t;
+		uint8_t *nd = realloc(eng->need, (size_t)c);
+		if (nd)
+			eng->need = nd;
+		ds_draw *dr = realloc(eng->draw, sizeof(ds_draw) * (size_t)c);
+		if (dr)
+			eng->draw = dr;
+		if (!t || !nd || !dr)
 			return -ENOMEM;
-		eng->tokens = t;
 		eng->cap_tokens = c;
 	}
 	return 0;
@@ -357,32 +368,20 @@ static int run_step(ds_engine *eng, int mtp, const ds_step_item *items, int n_it
 		.hidden_in = hidden_in,
 	};
 	ds_step_out o = { .logits = logits, .hidden = hidden, .argmax = ids };
-	uint8_t *need = NULL;
-	ds_draw *draw = NULL;
 	if (ids) {
-		int rows = 0, skip = 0, draws = 0;
-		for (int i = 0; i < n_items; i++) {
-			rows += items[i].n - eng->logits_from[i];
-			skip |= (items[i].argmax_only || items[i].draw) && items[i].n > eng->logits_from[i];
-			draws |= items[i].draw != NULL;
-		}
-		if ((skip && !(need = malloc((size_t)rows))) || (draws && !(draw = calloc((size_t)rows, sizeof(*draw))))) {
-			free(need);
-			free(added);
-			return -ENOMEM;
-		}
-		for (int i = 0, r = 0; need && i < n_items; i++)
+		/* Logit rows (at most one per token) in the engine's scratch. */
+		int skip = 0, draws = 0;
+		for (int i = 0, r = 0; i < n_items; i++)
 			for (int j = eng->logits_from[i]; j < items[i].n; j++, r++) {
-				need[r] = !items[i].argmax_only && !items[i].draw;
-				if (items[i].draw)
-					draw[r] = *items[i].draw;
+				eng->need[r] = !items[i].argmax_only && !items[i].draw;
+				eng->draw[r] = items[i].draw ? *items[i].draw : (ds_draw){ .temperature = 0 };
+				skip |= !eng->need[r];
+				draws |= items[i].draw != NULL;
 			}
-		o.need = need;
-		o.draw = draw;
+		o.need = skip ? eng->need : NULL;
+		o.draw = draws ? eng->draw : NULL;
 	}
 	rc = eng->ops->forward(eng->be, &b, &o, e);
-	free(need);
-	free(draw);
 	if (rc) {
 		for (int j = 0; j < n_items; j++)
 			drop_blocks_after(items[j].seq, items[j].seq->n_blocks - added[j]);
