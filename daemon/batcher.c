@@ -490,14 +490,6 @@ static void on_token(ds_batcher *b, ds_req *r, int32_t tok, float lp, const ds_r
 		finish(b, r, why, NULL);
 }
 
-static int32_t argmax(const float *p, int n)
-{
-	int k = 0;
-	for (int i = 1; i < n; i++)
-		if (p[i] > p[k])
-			k = i;
-	return k;
-}
 
 /* Emits tok, with its logprob and the top alternatives under row (the
  * main model's logits at tok's position) when the request asked for them. */
@@ -507,7 +499,7 @@ static void token_out(ds_batcher *b, ds_req *r, const float *row, int32_t tok)
 	ds_ring_top top[DS_RING_MAX_TOP];
 	int n_top = 0;
 	if (r->logprobs) {
-		float mx = row[argmax(row, b->V)];
+		float mx = row[ds_argmax(row, b->V)];
 		double s = 0;
 		for (int i = 0; i < b->V; i++)
 			s += exp((double)row[i] - mx);
@@ -537,7 +529,7 @@ static void token_out(ds_batcher *b, ds_req *r, const float *row, int32_t tok)
 static void sample_row(ds_batcher *b, ds_req *r, const float *row)
 {
 	ds_sampler_probs(r->smp, row, b->probs);
-	int32_t tok = r->sp.temperature == 0 ? argmax(b->probs, b->V) : ds_sampler_draw(r->smp, b->probs);
+	int32_t tok = r->sp.temperature == 0 ? ds_argmax(b->probs, b->V) : ds_sampler_draw(r->smp, b->probs);
 	ds_sampler_accept(r->smp, tok);
 	token_out(b, r, row, tok);
 }
@@ -669,8 +661,7 @@ static int grow(ds_batcher *b, int n, size_t rows, size_t hrows)
 static int device_draw(ds_batcher *b, ds_req *r)
 {
 	const ds_sampling *p = &r->sp;
-	if (!ds_engine_draws(b->eng) || p->temperature == 0 || r->logprobs || p->repetition_penalty != 1.0f ||
-	    p->presence_penalty != 0 || p->frequency_penalty != 0)
+	if (!ds_engine_draws(b->eng) || p->temperature == 0 || r->logprobs || ds_sampling_penalized(p))
 		return 0;
 	if (r->draw_for != r->sr.n_tokens) {
 		r->draw = (ds_draw){ .temperature = p->temperature, .top_p = p->top_p, .min_p = p->min_p,

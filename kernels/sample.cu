@@ -1,4 +1,4 @@
-/* sample.cu — argmax and draws per row (see sample.h): a block per row.
+/* sample.cu — a token per row (see sample.h): a block per row.
  * Argmax: each thread scans a stride in increasing order, then a (value,
  * index) reduction that keeps the smaller index on ties. Draws: the row
  * becomes exp((l - max) / T) in place; top-k and top-p thresholds come from
@@ -60,15 +60,6 @@ static __device__ void row_argmax(const float *row, int V, float *pv, int *pi)
 	*pv = sv[0];
 	*pi = si[0];
 	__syncthreads();
-}
-
-static __global__ void __launch_bounds__(NT) argmax_k(int32_t *ids, const float *logits, int V, int ld)
-{
-	float v;
-	int i;
-	row_argmax(logits + (size_t)blockIdx.x * ld, V, &v, &i);
-	if (threadIdx.x == 0)
-		ids[blockIdx.x] = i;
 }
 
 /* Block-wide sum of a u64 (the same tree every time). */
@@ -214,14 +205,6 @@ static __global__ void __launch_bounds__(NT) draw_k(int32_t *ids, float *logits,
 	__syncthreads();
 	if (tid == 0)
 		ids[blockIdx.x] = s_pick >= 0 ? s_pick : am;
-}
-
-extern "C" int dsk_argmax_rows(int32_t *ids, const float *logits, int rows, int V, int ld, dsk_stream s, ds_err *e)
-{
-	if (rows <= 0 || V <= 0)
-		return 0;
-	argmax_k<<<rows, NT, 0, s>>>(ids, logits, V, ld);
-	return dsk_check(e, "argmax");
 }
 
 extern "C" int dsk_draw_rows(int32_t *ids, float *logits, int rows, int V, int ld, const dsk_draw *draws,

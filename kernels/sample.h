@@ -22,10 +22,9 @@ typedef struct dsk_draw {
 	int pad_;
 } dsk_draw;
 
-/* ids[r] = argmax over logits[r][0..V) for r < rows (row stride ld). */
-DSK_EXTERN_C int dsk_argmax_rows(int32_t *ids, const float *logits, int rows, int V, int ld, dsk_stream s, ds_err *e);
-/* ids[r] drawn with draws[r] (device array). Rows with temperature > 0 are
- * overwritten with their unnormalized probabilities. */
+/* ids[r] for the rows r < rows of logits (row stride ld): the argmax where
+ * draws[r] (device array) has temperature 0, else drawn with it; rows with
+ * temperature > 0 are overwritten with their unnormalized probabilities. */
 DSK_EXTERN_C int dsk_draw_rows(int32_t *ids, float *logits, int rows, int V, int ld, const dsk_draw *draws,
 			       dsk_stream s, ds_err *e);
 

@@ -10,6 +10,7 @@
 
 #include "model/backend.h"
 #include "model/cpu_ops.h"
+#include "model/sampler.h"
 
 /* q_a_layernorm and kv_a_layernorm are built with the RMSNorm default eps in
  * DeepSeek's and transformers' code, whatever rms_norm_eps says. */
@@ -438,14 +439,8 @@ static int forward(ds_backend *b, const ds_batch *bt, ds_step_out *out, ds_err *
 	}
 	if (rows > 0 && out->logits)
 		ds_cpu_matmul(out->logits, sel, rows, head);
-	for (int r = 0; out->argmax && out->logits && r < rows; r++) {
-		const float *l = out->logits + (size_t)r * V;
-		int k = 0;
-		for (int i = 1; i < V; i++)
-			if (l[i] > l[k])
-				k = i;
-		out->argmax[r] = k;
-	}
+	for (int r = 0; out->argmax && out->logits && r < rows; r++)
+		out->argmax[r] = ds_argmax(out->logits + (size_t)r * V, V);
 	return 0;
 }
 

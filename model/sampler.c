@@ -23,11 +23,12 @@ void ds_sampling_default(ds_sampling *s)
 	s->repetition_penalty = 1.0f;
 }
 
-int ds_sampling_plain_greedy(const ds_sampling *s)
+int ds_sampling_penalized(const ds_sampling *s)
 {
-	return s->temperature == 0 && s->repetition_penalty == 1.0f && s->presence_penalty == 0 &&
-	       s->frequency_penalty == 0;
+	return s->repetition_penalty != 1.0f || s->presence_penalty != 0 || s->frequency_penalty != 0;
 }
+
+int ds_sampling_plain_greedy(const ds_sampling *s) { return s->temperature == 0 && !ds_sampling_penalized(s); }
 
 int ds_sampling_validate(const ds_sampling *s, const char **why)
 {
@@ -130,7 +131,7 @@ void ds_sampler_accept(ds_sampler *s, int32_t tok)
 static void penalize(ds_sampler *s, float *l)
 {
 	const ds_sampling *p = &s->p;
-	if (p->repetition_penalty == 1 && p->presence_penalty == 0 && p->frequency_penalty == 0)
+	if (!ds_sampling_penalized(p))
 		return;
 	for (int i = 0; i < s->vocab; i++) {
 		if (s->seen[i] && p->repetition_penalty != 1)
@@ -140,9 +141,9 @@ static void penalize(ds_sampler *s, float *l)
 	}
 }
 
-static int argmax(const float *l, int n)
+int32_t ds_argmax(const float *l, int n)
 {
-	int b = 0;
+	int32_t b = 0;
 	for (int i = 1; i < n; i++)
 		if (l[i] > l[b])
 			b = i;
@@ -264,10 +265,10 @@ static void distribution(ds_sampler *s, const float *l, float *probs)
 	const int V = s->vocab;
 	if (p->temperature == 0) {
 		memset(probs, 0, sizeof(float) * (size_t)V);
-		probs[argmax(l, V)] = 1;
+		probs[ds_argmax(l, V)] = 1;
 		return;
 	}
-	float m = l[argmax(l, V)];
+	float m = l[ds_argmax(l, V)];
 	double sum = 0;
 	for (int i = 0; i < V; i++) {
 		probs[i] = expf((l[i] - m) / p->temperature);
@@ -281,7 +282,7 @@ static void distribution(ds_sampler *s, const float *l, float *probs)
 			probs[s->order[i]] = 0;
 	}
 	if (p->min_p > 0) {
-		float pmax = probs[argmax(probs, V)];
+		float pmax = probs[ds_argmax(probs, V)];
 		for (int i = 0; i < V; i++)
 			if (probs[i] < p->min_p * pmax)
 				probs[i] = 0;
@@ -320,7 +321,7 @@ int32_t ds_sampler_sample(ds_sampler *s, float *logits)
 	penalize(s, logits);
 	int32_t tok;
 	if (s->p.temperature == 0) {
-		tok = argmax(logits, s->vocab);
+		tok = ds_argmax(logits, s->vocab);
 	} else {
 		distribution(s, logits, s->probs);
 		tok = ds_sampler_draw(s, s->probs);

@@ -18,9 +18,14 @@ typedef struct ds_sampling {
 } ds_sampling;
 
 void ds_sampling_default(ds_sampling *s);
+/* 1 when any penalty is set (they need the host's token counts). */
+int ds_sampling_penalized(const ds_sampling *s);
 /* 1 when the token is the logits' argmax, unchanged by any setting
  * (temperature 0, no penalties). */
 int ds_sampling_plain_greedy(const ds_sampling *s);
+/* The first index of the largest of p[0..n): the tie rule of every greedy
+ * choice in dsd (kernels/sample.cu follows it on the GPU). */
+int32_t ds_argmax(const float *p, int n);
 /* -EINVAL with a message in *why when a value is out of range. */
 int ds_sampling_validate(const ds_sampling *s, const char **why);
 

@@ -29,19 +29,11 @@ void ds_spec_req_clear(ds_spec_req *r)
 	r->q = NULL;
 }
 
-static int32_t argmax(const float *p, int n)
-{
-	int b = 0;
-	for (int i = 1; i < n; i++)
-		if (p[i] > p[b])
-			b = i;
-	return b;
-}
 
 /* Draws from p (or takes its argmax when greedy) with the request's RNG. */
 static int32_t pick(ds_spec_req *r, const float *p, int V)
 {
-	return r->greedy ? argmax(p, V) : ds_sampler_draw(r->smp, p);
+	return r->greedy ? ds_argmax(p, V) : ds_sampler_draw(r->smp, p);
 }
 
 /* Step buffers, grown as needed; ds_spec_ws keeps one across calls. */
@@ -251,7 +243,7 @@ int ds_spec_verify(ds_spec_req *r, const float *logits, int V, float *probs)
 		const float *q = r->q + (size_t)j * V;
 		int ok;
 		if (r->greedy) {
-			x = argmax(probs, V);
+			x = ds_argmax(probs, V);
 			ok = x == d;
 		} else {
 			/* accept d with probability min(1, p(d)/q(d)); otherwise draw from

@@ -10,6 +10,7 @@
 
 #include "model/engine.h"
 #include "model/npy.h"
+#include "model/sampler.h"
 
 const char *fx_srcdir(void)
 {
@@ -188,11 +189,7 @@ int fx_check_step_ids(ds_engine *eng, const int32_t *ids, int n, char *why, size
 	if (!rc)
 		rc = step_ids_run(eng, ids, 1, lg, got, why, whylen);
 	for (int r = 0; !rc && r < rows; r++) {
-		const float *l = ref + (size_t)r * V;
-		int k = 0;
-		for (int i = 1; i < V; i++)
-			if (l[i] > l[k])
-				k = i;
+		const int k = ds_argmax(ref + (size_t)r * V, V);
 		if (got[r] != k) {
 			snprintf(why, whylen, "row %d: argmax %d, the logits say %d", r, got[r], k);
 			rc = -1;

@@ -32,14 +32,22 @@ typedef struct {
 	int fp8;
 } env;
 
-static void env_open(env *v, const char *name)
+static ds_model *open_model(const char *name)
 {
 	char dir[1024];
 	snprintf(dir, sizeof(dir), "%s/%s", models_dir, name);
+	ds_model *m;
+	ds_err e = { { 0 } };
+	if (ds_model_open(dir, 0, &m, &e))
+		fail_msg("%s", e.msg);
+	return m;
+}
+
+static void env_open(env *v, const char *name)
+{
 	memset(v, 0, sizeof(*v));
 	ds_err e = { { 0 } };
-	if (ds_model_open(dir, 0, &v->m, &e))
-		fail_msg("%s", e.msg);
+	v->m = open_model(name);
 	v->fp8 = v->m->cfg.fp8;
 	ds_engine_config c;
 	ds_engine_config_default(&c);
@@ -308,12 +316,8 @@ static void test_paths(void **st)
 	(void)st;
 	const char *names[] = { "v3-bf16", "v2-bf16", "v3-fp8" };
 	for (int k = 0; k < 3; k++) {
-		char dir[1024];
-		snprintf(dir, sizeof(dir), "%s/%s", models_dir, names[k]);
-		ds_model *m;
+		ds_model *m = open_model(names[k]);
 		ds_err e = { { 0 } };
-		if (ds_model_open(dir, 0, &m, &e))
-			fail_msg("%s", e.msg);
 		ds_backend_config bc = { .block_tokens = 16, .kv_blocks = 16 };
 		ds_backend *b;
 		if (ds_cuda_backend.create(m, &bc, &b, &e))
@@ -423,12 +427,8 @@ static void test_graphs(void **st)
 	(void)st;
 	const char *names[] = { "v3-bf16", "v2-bf16", "v3-fp8" };
 	for (int k = 0; k < 3; k++) {
-		char dir[1024];
-		snprintf(dir, sizeof(dir), "%s/%s", models_dir, names[k]);
-		ds_model *m;
+		ds_model *m = open_model(names[k]);
 		ds_err e = { { 0 } };
-		if (ds_model_open(dir, 0, &m, &e))
-			fail_msg("%s", e.msg);
 		fbuf got[2] = { { 0 } };
 		long rep[2], cap[2], eag[2];
 		for (int eager = 0; eager < 2; eager++) {
