@@ -2,9 +2,11 @@
 #include <cuda_runtime.h>
 
 #include "kernels/act.h"
+#include "kernels/launch.cuh"
 
 static __global__ void silu_mul_k(dsk_bf16 *h, const float *g, const float *u, size_t n, const int32_t *rows, int dim)
 {
+	dsk_pdl_enter();
 	if (rows)
 		n = (size_t)*rows * dim;
 	for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
@@ -18,7 +20,7 @@ extern "C" int dsk_silu_mul(dsk_bf16 *h, const float *g, const float *u, int row
 	size_t total = (size_t)rows * n;
 	if (!total)
 		return 0;
-	silu_mul_k<<<(unsigned)((total + 255) / 256), 256, 0, s>>>(h, g, u, total, NULL, n);
+	dsk_launch(silu_mul_k, (unsigned)((total + 255) / 256), 256, 0, s, h, g, u, total, (const int32_t *)NULL, n);
 	return dsk_check(e, "silu_mul");
 }
 
@@ -32,6 +34,6 @@ extern "C" int dsk_silu_mul_dev(dsk_bf16 *h, const float *g, const float *u, con
 	unsigned blocks = (unsigned)((total + 255) / 256);
 	if (blocks > 1024)
 		blocks = 1024;
-	silu_mul_k<<<blocks, 256, 0, s>>>(h, g, u, total, rows, n);
+	dsk_launch(silu_mul_k, blocks, 256, 0, s, h, g, u, total, rows, n);
 	return dsk_check(e, "silu_mul");
 }

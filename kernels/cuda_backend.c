@@ -15,6 +15,7 @@
 #include "kernels/attn.h"
 #include "kernels/cuda_backend.h"
 #include "kernels/gemm.h"
+#include "kernels/gemv.h"
 #include "kernels/graph.h"
 #include "kernels/moe.h"
 #include "kernels/norm.h"
@@ -53,6 +54,11 @@ struct ds_backend {
 	cudaStream_t s;
 	cublasHandle_t blas;
 	dsk_gemm *gemm;
+	/* The shared experts run beside the routed ones, on s2 with their own
+	 * GEMM scratch; fork/join by events (captured into graphs alike). */
+	cudaStream_t s2;
+	dsk_gemm *gemm2;
+	cudaEvent_t ev_fork, ev_join;
 	void **allocs;
 	int n_allocs, cap_allocs;
 	size_t weight_bytes;
@@ -154,6 +160,12 @@ int ds_cuda_backend_set_graphs(ds_backend *b, int on)
 		return 0;
 	}
 	return b->graphs ? 0 : dsk_graphs_new(GRAPHS_KEPT, &b->graphs);
+}
+
+void ds_cuda_backend_set_pdl(ds_backend *b, int on)
+{
+	dsk_set_pdl(on);
+	dsk_graphs_clear(b->graphs);
 }
 
 void ds_cuda_backend_graph_stats(const ds_backend *b, long *replays, long *captures, long *eager)
@@ -381,6 +393,13 @@ static void destroy(ds_backend *b)
 	}
 	free(b->L);
 	dsk_gemm_free(b->gemm);
+	dsk_gemm_free(b->gemm2);
+	if (b->ev_fork)
+		cudaEventDestroy(b->ev_fork);
+	if (b->ev_join)
+		cudaEventDestroy(b->ev_join);
+	if (b->s2)
+		cudaStreamDestroy(b->s2);
 	if (b->blas)
 		cublasDestroy(b->blas);
 	if (b->s)
@@ -488,6 +507,16 @@ static int create(const ds_model *m, ds_backend_config *cfg, ds_backend **out, d
 	}
 	cublasSetStream(b->blas, b->s);
 	if ((rc = dsk_gemm_create(b->s, &b->gemm, e))) {
+		destroy(b);
+		return rc;
+	}
+	if ((err = cudaStreamCreateWithFlags(&b->s2, cudaStreamNonBlocking)) != cudaSuccess ||
+	    (err = cudaEventCreateWithFlags(&b->ev_fork, cudaEventDisableTiming)) != cudaSuccess ||
+	    (err = cudaEventCreateWithFlags(&b->ev_join, cudaEventDisableTiming)) != cudaSuccess) {
+		destroy(b);
+		return cerr(e, err, "side stream");
+	}
+	if ((rc = dsk_gemm_create(b->s2, &b->gemm2, e))) {
 		destroy(b);
 		return rc;
 	}
@@ -754,15 +783,20 @@ static int gemm(ds_backend *b, float *out, int ldo, const dsk_bf16 *x, int M, co
 	return dsk_gemm_run(b->gemm, out, ldo, x, M, W, e);
 }
 
-static int mlp(ds_backend *b, const dsk_weight *g, const dsk_weight *u, const dsk_weight *d, const dsk_bf16 *x,
-	       int M, float *gb, float *ub, dsk_bf16 *hb, float *out, ds_err *e)
+/* A dense MLP on the GEMM handle gm (and its stream s): gate, up and SiLU in
+ * one GEMV launch where it takes the shapes. */
+static int mlp(dsk_gemm *gm, cudaStream_t s, const dsk_weight *g, const dsk_weight *u, const dsk_weight *d,
+	       const dsk_bf16 *x, int M, float *gb, float *ub, dsk_bf16 *hb, float *out, ds_err *e)
 {
-	int rc;
 	const int I = g->rows;
-	TRY(gemm(b, gb, I, x, M, g, e));
-	TRY(gemm(b, ub, I, x, M, u, e));
-	TRY(dsk_silu_mul(hb, gb, ub, dsk_gemm_pad(M), I, b->s, e));
-	return gemm(b, out, d->rows, hb, M, d, e);
+	int rc = dsk_gemm_glu(gm, hb, I, x, M, g, u, e);
+	if (rc == -ENOTSUP) {
+		TRY(dsk_gemm_run(gm, gb, I, x, M, g, e));
+		TRY(dsk_gemm_run(gm, ub, I, x, M, u, e));
+		rc = dsk_silu_mul(hb, gb, ub, dsk_gemm_pad(M), I, s, e);
+	}
+	TRY(rc);
+	return dsk_gemm_run(gm, out, d->rows, hb, M, d, e);
 }
 
 static int blas_err(ds_err *e, cublasStatus_t st, const char *what)
@@ -828,24 +862,30 @@ static int attention(ds_backend *b, int li, int T, int max_len, const dsk_kv_geo
 	const int nh = c->num_attention_heads, nope = c->qk_nope_head_dim, rope = c->qk_rope_head_dim;
 	const int qk = nope + rope, vd = c->v_head_dim, kvl = c->kv_lora_rank, kvd = kvl + rope;
 	int rc;
+	/* The projections of xn share one GEMV launch at decode sizes. */
 	if (c->q_lora_rank > 0) {
-		TRY(gemm(b, b->qa, c->q_lora_rank, b->xn, T, &d->q_a, e));
+		TRY(dsk_gemm_run2(b->gemm, b->qa, c->q_lora_rank, &d->q_a, b->kvx, kvd, &d->kv_a, b->xn, T, e));
 		TRY(dsk_add_rmsnorm(b->qa, NULL, d->q_a_norm, T, c->q_lora_rank, c->rms_norm_eps, b->qan, c->q_lora_rank,
 				    NULL, b->s, e));
 		TRY(gemm(b, b->q, nh * qk, b->qan, T, &d->q_b, e));
 	} else {
-		TRY(gemm(b, b->q, nh * qk, b->xn, T, &d->q_proj, e));
+		TRY(dsk_gemm_run2(b->gemm, b->q, nh * qk, &d->q_proj, b->kvx, kvd, &d->kv_a, b->xn, T, e));
 	}
-	TRY(gemm(b, b->kvx, kvd, b->xn, T, &d->kv_a, e));
+	/* Few tokens: the W_UK absorption rides in the prep launch (its weights
+	 * read once for all tokens); more: one batched GEMM per step. */
+	const int fused = T <= DSK_ABSORB_MAX_T && dsk_mla_absorb_ok(nope, kvl);
 	TRY(dsk_mla_prep(geo, li, b->kvx, d->kv_a_norm, c->rms_norm_eps, b->q, b->qb, nh, nope, rope, kvl, b->inv_freq,
-			 b->attn_factor, b->seq, b->pos, T, b->s, e));
-	/* qabs[t][h] = W_UK_h^T q_nope[t][h]: per head, (kvl x nope) * (nope x T). */
+			 b->attn_factor, b->seq, b->pos, T, fused ? d->kvb : NULL, vd, b->qabs, b->s, e));
 	const float one = 1.0f, zero = 0.0f;
-	cublasStatus_t st = cublasGemmStridedBatchedEx(
-		b->blas, CUBLAS_OP_N, CUBLAS_OP_N, kvl, T, nope, &one, d->kvb, CUDA_R_16BF, kvl,
-		(long long)(nope + vd) * kvl, b->qb, CUDA_R_16BF, nh * qk, qk, &zero, b->qabs, CUDA_R_32F, nh * kvl, kvl, nh,
-		CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
-	TRY(blas_err(e, st, "W_UK absorption"));
+	cublasStatus_t st;
+	if (!fused) {
+		/* qabs[t][h] = W_UK_h^T q_nope[t][h]: per head, (kvl x nope) * (nope x T). */
+		st = cublasGemmStridedBatchedEx(b->blas, CUBLAS_OP_N, CUBLAS_OP_N, kvl, T, nope, &one, d->kvb,
+						CUDA_R_16BF, kvl, (long long)(nope + vd) * kvl, b->qb, CUDA_R_16BF,
+						nh * qk, qk, &zero, b->qabs, CUDA_R_32F, nh * kvl, kvl, nh,
+						CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+		TRY(blas_err(e, st, "W_UK absorption"));
+	}
 	mark(b, 1);
 	for (int k = 0; k < b->n_pf; k++)
 		TRY(prefill_attention(b, li, &b->pf[k], geo, e));
@@ -880,6 +920,20 @@ static int moe(ds_backend *b, int li, int T, ds_err *e)
 	const int H = c->hidden_size, E = c->n_routed_experts, K = c->num_experts_per_tok;
 	const int I = c->moe_intermediate_size;
 	int rc;
+	/* The shared experts need only xn: they run on the side stream while
+	 * the router, the plan and the routed experts run here. */
+	const float *shared = NULL;
+	if (c->n_shared_experts > 0) {
+		cudaError_t err = cudaEventRecord(b->ev_fork, b->s);
+		if (err == cudaSuccess)
+			err = cudaStreamWaitEvent(b->s2, b->ev_fork, 0);
+		if (err != cudaSuccess)
+			return cerr(e, err, "fork");
+		TRY(mlp(b->gemm2, b->s2, &d->sh_gate, &d->sh_up, &d->sh_down, b->xn, T, b->g, b->u, b->h, b->ysh, e));
+		if ((err = cudaEventRecord(b->ev_join, b->s2)) != cudaSuccess)
+			return cerr(e, err, "join");
+		shared = b->ysh;
+	}
 	TRY(gemm(b, b->logits_r, E, b->xn, T, &d->router, e));
 	dsk_route_cfg rcfg = { .E = E, .K = K, .n_group = c->n_group, .topk_group = c->topk_group,
 			       .sigmoid = c->scoring_func == DS_SCORE_SIGMOID, .method = (int)c->topk_method,
@@ -895,32 +949,43 @@ static int moe(ds_backend *b, int li, int T, ds_err *e)
 	if (d->dev_moe && T <= b->dev_moe_max_t) {
 		/* Decode-sized steps: grouped GEMVs read the plan on the device. */
 		const int Pn = T * K + 15 * E, Tp = dsk_gemm_pad(T);
-		const void *xin = b->xn;
+		dsk_moe_gemv_args g = { .out = b->hp, .ldo = I, .x = b->xn, .xs = b->qxs, .xs_ld = Tp,
+					.row_src = b->row_tok, .off = b->off, .cnt = b->cnt, .act = b->act,
+					.max_active = max_act, .max_rows = mr,
+					.wp = { (const void *const *)d->ew[0], (const void *const *)d->ew[1] },
+					.sp = { (const float *const *)d->es[0], (const float *const *)d->es[1] },
+					.sld = d->esld[0], .fp8 = d->moe_fp8, .glu = 1, .N = I, .K = H };
 		if (d->moe_fp8) {
 			TRY(dsk_quant_fp8(b->qx, b->qxs, b->xn, Tp, H, b->s, e));
-			xin = b->qx;
+			g.x = b->qx;
 		}
 		mark(b, 4);
-		TRY(dsk_moe_gemv(b->gp, I, xin, b->qxs, Tp, b->row_tok, b->off, b->cnt, b->act, max_act, mr, (const void *const *)d->ew[0],
-				 (const float *const *)d->es[0], d->esld[0], d->moe_fp8, I, H, b->s, e));
-		TRY(dsk_moe_gemv(b->up, I, xin, b->qxs, Tp, b->row_tok, b->off, b->cnt, b->act, max_act, mr, (const void *const *)d->ew[1],
-				 (const float *const *)d->es[1], d->esld[1], d->moe_fp8, I, H, b->s, e));
-		TRY(dsk_silu_mul_dev(b->hp, b->gp, b->up, b->off + E, Pn, I, b->s, e));
-		const void *hin = b->hp;
+		TRY(dsk_moe_gemv(&g, b->s, e));
+		g.out = b->yp;
+		g.ldo = H;
+		g.x = b->hp;
+		g.xs_ld = Pn;
+		g.row_src = NULL;
+		g.wp[0] = (const void *const *)d->ew[2];
+		g.sp[0] = (const float *const *)d->es[2];
+		g.sld = d->esld[2];
+		g.glu = 0;
+		g.N = H;
+		g.K = I;
 		if (d->moe_fp8) {
-			TRY(dsk_quant_fp8(b->qx, b->qxs, b->hp, Pn, I, b->s, e));
-			hin = b->qx;
+			/* Only the plan's rows (b->off[E] of at most Pn). */
+			TRY(dsk_quant_fp8_dev(b->qx, b->qxs, b->hp, b->off + E, Pn, I, b->s, e));
+			g.x = b->qx;
 		}
-		TRY(dsk_moe_gemv(b->yp, H, hin, b->qxs, Pn, NULL, b->off, b->cnt, b->act, max_act, mr, (const void *const *)d->ew[2],
-				 (const float *const *)d->es[2], d->esld[2], d->moe_fp8, H, I, b->s, e));
+		TRY(dsk_moe_gemv(&g, b->s, e));
 	} else {
 		TRY(moe_host_planned(b, d, T, e));
 	}
 	mark(b, 5);
-	const float *shared = NULL;
-	if (c->n_shared_experts > 0) {
-		TRY(mlp(b, &d->sh_gate, &d->sh_up, &d->sh_down, b->xn, T, b->g, b->u, b->h, b->ysh, e));
-		shared = b->ysh;
+	if (shared) {
+		cudaError_t err = cudaStreamWaitEvent(b->s, b->ev_join, 0);
+		if (err != cudaSuccess)
+			return cerr(e, err, "join");
 	}
 	rc = dsk_moe_combine(b->y, shared, b->yp, b->ppos, b->moe_w, T, K, H, b->s, e);
 	mark(b, 6);
@@ -968,7 +1033,7 @@ static int block(ds_backend *b, int li, int T, int max_len, const dsk_kv_geom *g
 	TRY(dsk_add_rmsnorm(b->x, b->y, d->post_norm, T, H, c->rms_norm_eps, b->xn, H, NULL, b->s, e));
 	if (b->m->layers[li].is_moe)
 		return moe(b, li, T, e);
-	rc = mlp(b, &d->gate, &d->up, &d->down, b->xn, T, b->g, b->u, b->h, b->y, e);
+	rc = mlp(b->gemm, b->s, &d->gate, &d->up, &d->down, b->xn, T, b->g, b->u, b->h, b->y, e);
 	mark(b, 6);
 	return rc;
 }
@@ -1046,7 +1111,7 @@ static int graphable(const ds_backend *b, int T, int first, int last)
 /* Buffers graphs hold pointers to were reallocated: forget the graphs. */
 static void graphs_check(ds_backend *b)
 {
-	unsigned gen = dsk_gemm_generation(b->gemm);
+	unsigned gen = dsk_gemm_generation(b->gemm) * 31u + dsk_gemm_generation(b->gemm2);
 	if (gen != b->gemm_gen) {
 		dsk_graphs_clear(b->graphs);
 		b->gemm_gen = gen;

@@ -21,6 +21,9 @@ void ds_cuda_backend_set_gemv(ds_backend *b, int on);
 /* Decode-sized steps replayed as CUDA graphs (default on unless the backend
  * was created eager); off drops the captured graphs. */
 int ds_cuda_backend_set_graphs(ds_backend *b, int on);
+/* Kernels launched with programmatic dependent launch (kernels/launch.cuh;
+ * default on) or plainly; process-wide; drops the captured graphs. */
+void ds_cuda_backend_set_pdl(ds_backend *b, int on);
 /* Steps replayed from a graph, graphs captured, steps launched kernel by
  * kernel while graphs were on (first use of a shape, or not capturable). */
 void ds_cuda_backend_graph_stats(const ds_backend *b, long *replays, long *captures, long *eager);

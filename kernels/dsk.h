@@ -27,6 +27,10 @@ typedef uint16_t dsk_bf16; /* bit pattern of a bfloat16 */
 
 typedef struct CUstream_st *dsk_stream;
 
+/* Kernels launch with programmatic dependent launch (kernels/launch.cuh)
+ * unless this turned it off; process-wide, set before launching. */
+DSK_EXTERN_C void dsk_set_pdl(int on);
+
 /* Turns the last launch error into -EIO with its text in e. */
 DSK_EXTERN_C int dsk_check(ds_err *e, const char *what);
 

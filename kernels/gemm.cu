@@ -10,6 +10,8 @@
 #include <string.h>
 
 #include "kernels/gemm.h"
+#include "kernels/gemv.h"
+#include "kernels/launch.cuh"
 
 #define WS_BYTES (32u << 20)
 #define CACHE 512
@@ -91,12 +93,13 @@ extern "C" void dsk_gemm_stats(const dsk_gemm *g, long *b, long *f)
 }
 
 /* One warp per 1x128 group: amax, scale = amax/448, e4m3 with saturation. */
-static __global__ void quant_k(uint8_t *q, float *sc, const dsk_bf16 *x, int M, int K)
+static __global__ void quant_k(uint8_t *q, float *sc, const dsk_bf16 *x, int M, int K, const int32_t *rows)
 {
+	dsk_pdl_enter();
 	const int groups = K / 128;
 	const long gid = (long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
 	const int lane = threadIdx.x & 31;
-	if (gid >= (long)M * groups)
+	if (gid >= (long)(rows ? *rows : M) * groups)
 		return;
 	const int m = (int)(gid / groups), kb = (int)(gid % groups);
 	const dsk_bf16 *src = x + (size_t)m * K + kb * 128 + lane * 4;
@@ -127,12 +130,25 @@ extern "C" int dsk_quant_fp8(uint8_t *q, float *sc, const dsk_bf16 *x, int M, in
 	long groups = (long)M * (K / 128);
 	if (groups == 0)
 		return 0;
-	quant_k<<<(unsigned)((groups + 7) / 8), 256, 0, s>>>(q, sc, x, M, K);
+	dsk_launch(quant_k, (unsigned)((groups + 7) / 8), 256, 0, s, q, sc, x, M, K, (const int32_t *)NULL);
+	return dsk_check(e, "quant_fp8");
+}
+
+extern "C" int dsk_quant_fp8_dev(uint8_t *q, float *sc, const dsk_bf16 *x, const int32_t *rows, int max_rows, int K,
+				 dsk_stream s, ds_err *e)
+{
+	if (K % 128)
+		return ds_errf(e, -EINVAL, "fp8 quantization: K=%d is not a multiple of 128", K);
+	long groups = (long)max_rows * (K / 128);
+	if (groups == 0)
+		return 0;
+	dsk_launch(quant_k, (unsigned)((groups + 7) / 8), 256, 0, s, q, sc, x, max_rows, K, rows);
 	return dsk_check(e, "quant_fp8");
 }
 
 static __global__ void dequant_k(dsk_bf16 *out, const uint8_t *w, const float *sc, int rows, int cols, int sld)
 {
+	dsk_pdl_enter();
 	size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
 	if (i >= (size_t)rows * cols)
 		return;
@@ -147,8 +163,8 @@ extern "C" int dsk_dequant_fp8(dsk_bf16 *out, const dsk_weight *W, dsk_stream s,
 	size_t n = (size_t)W->rows * W->cols;
 	if (n == 0)
 		return 0;
-	dequant_k<<<(unsigned)((n + 255) / 256), 256, 0, s>>>(out, (const uint8_t *)W->w, W->scale, W->rows,
-							    W->cols, W->sld);
+	dsk_launch(dequant_k, (unsigned)((n + 255) / 256), 256, 0, s, out, (const uint8_t *)W->w, W->scale, W->rows,
+		   W->cols, W->sld);
 	return dsk_check(e, "dequant_fp8");
 }
 
@@ -186,6 +202,7 @@ static algo_slot *lookup(dsk_gemm *g, int type, int outbf, int m, int n, int k, 
 
 static __global__ void widen_k(float *out, int ldo, const dsk_bf16 *in, int M, int N)
 {
+	dsk_pdl_enter();
 	size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
 	if (i < (size_t)M * N)
 		out[(i / N) * ldo + i % N] = __bfloat162float(in[i]);
@@ -292,7 +309,8 @@ static int matmul(dsk_gemm *g, void *out, int ldo, int outbf, const void *B, int
 		int rc = matmul(g, g->tmp, N, 1, B, Mp, W, e);
 		if (rc)
 			return rc;
-		widen_k<<<(unsigned)(((size_t)Mp * N + 255) / 256), 256, 0, g->s>>>((float *)out, ldo, g->tmp, Mp, N);
+		dsk_launch(widen_k, (unsigned)(((size_t)Mp * N + 255) / 256), 256, 0, g->s, (float *)out, ldo,
+			   (const dsk_bf16 *)g->tmp, Mp, N);
 		return dsk_check(e, "widen");
 	}
 	if (!a->ok)
@@ -312,155 +330,51 @@ static int matmul(dsk_gemm *g, void *out, int ldo, int outbf, const void *B, int
 }
 
 
-/* Small-M path (decode): one warp per output row streams its weight row with
- * 16-byte loads; the M activation rows come through L1. FP8 uses the same
- * quantized activations and scales as the block-scaled GEMM, so both paths
- * compute the same function. */
-/* cuBLASLt is faster from M = 8 on (docs/PERFORMANCE.md); the kernel itself
- * handles up to 8 rows. */
+/* Small M (decode) goes through the weight-streaming GEMV (kernels/gemv.h)
+ * up to this many rows: cuBLASLt is faster from M = 8 on
+ * (docs/PERFORMANCE.md). FP8 takes the same quantized activations as the
+ * block-scaled GEMM, so both paths compute the same function. */
 #define GEMV_MAX_M 2
-template <int M, bool FP8>
-static __global__ void __launch_bounds__(256) gemv_k(float *out, int ldo, const void *xv, const float *xs, int Mp,
-						     const void *wv, const float *ws, int sld, int N, int K)
+
+static int gemv_ok(const dsk_gemm *g, const dsk_weight *W, int M)
 {
-	const int n = blockIdx.x * 8 + threadIdx.x / 32, lane = threadIdx.x & 31;
-	if (n >= N)
-		return;
-	float acc[M];
-#pragma unroll
-	for (int m = 0; m < M; m++)
-		acc[m] = 0;
-	if (FP8) {
-		/* 16 fp8 a lane; 8 lanes cover one 128-wide scale block. */
-		const uint8_t *w = (const uint8_t *)wv + (size_t)n * K;
-		const uint8_t *x = (const uint8_t *)xv;
-		const float *wsr = ws + (size_t)(n / 128) * sld;
-		for (int k0 = lane * 16; k0 < K; k0 += 4 * 512) {
-		uint4 wv[4];
-#pragma unroll
-		for (int u = 0; u < 4; u++)
-			wv[u] = k0 + u * 512 < K ? *(const uint4 *)(w + k0 + u * 512) : make_uint4(0, 0, 0, 0);
-#pragma unroll
-		for (int u = 0; u < 4; u++) {
-			const int k = k0 + u * 512;
-			if (k >= K)
-				break;
-			float wf[16];
-			const uint8_t *wb = (const uint8_t *)&wv[u];
-#pragma unroll
-			for (int i = 0; i < 16; i++) {
-				__nv_fp8_e4m3 f;
-				f.__x = wb[i];
-				wf[i] = (float)f;
-			}
-			const float sw = wsr[k / 128];
-#pragma unroll
-			for (int m = 0; m < M; m++) {
-				const uint4 xq = *(const uint4 *)(x + (size_t)m * K + k);
-				const uint8_t *xb = (const uint8_t *)&xq;
-				float d = 0;
-#pragma unroll
-				for (int i = 0; i < 16; i++) {
-					__nv_fp8_e4m3 f;
-					f.__x = xb[i];
-					d += wf[i] * (float)f;
-				}
-				acc[m] += d * sw * xs[(size_t)(k / 128) * Mp + m];
-			}
-		}
-		}
-	} else {
-		const dsk_bf16 *w = (const dsk_bf16 *)wv + (size_t)n * K;
-		const dsk_bf16 *x = (const dsk_bf16 *)xv;
-		for (int k0 = lane * 8; k0 < K; k0 += 4 * 256) {
-		uint4 wv[4];
-#pragma unroll
-		for (int u = 0; u < 4; u++)
-			wv[u] = k0 + u * 256 < K ? *(const uint4 *)(w + k0 + u * 256) : make_uint4(0, 0, 0, 0);
-#pragma unroll
-		for (int u = 0; u < 4; u++) {
-			const int k = k0 + u * 256;
-			if (k >= K)
-				break;
-			const __nv_bfloat162 *w2 = (const __nv_bfloat162 *)&wv[u];
-			float2 wf[4];
-#pragma unroll
-			for (int i = 0; i < 4; i++)
-				wf[i] = __bfloat1622float2(w2[i]);
-#pragma unroll
-			for (int m = 0; m < M; m++) {
-				const uint4 xq = *(const uint4 *)(x + (size_t)m * K + k);
-				const __nv_bfloat162 *x2 = (const __nv_bfloat162 *)&xq;
-#pragma unroll
-				for (int i = 0; i < 4; i++) {
-					const float2 xf = __bfloat1622float2(x2[i]);
-					acc[m] += wf[i].x * xf.x + wf[i].y * xf.y;
-				}
-			}
-		}
-		}
-	}
-#pragma unroll
-	for (int m = 0; m < M; m++) {
-		float v = acc[m];
-		for (int o = 16; o; o >>= 1)
-			v += __shfl_xor_sync(0xffffffffu, v, o);
-		if (lane == 0)
-			out[(size_t)m * ldo + n] = v;
-	}
+	return !g->no_gemv && M <= GEMV_MAX_M && W->cols % (W->type == DSK_W_FP8 ? 128 : 8) == 0;
 }
 
-template <bool FP8>
-static void gemv_launch(int M, float *out, int ldo, const void *x, const float *xs, int Mp, const dsk_weight *W,
-			cudaStream_t s)
+static dsk_gemv_job job(void *out, int ldo, const dsk_weight *W)
 {
-	dim3 grid((W->rows + 7) / 8);
-#define GEMV_CASE(m)                                                                                        \
-	case m:                                                                                             \
-		gemv_k<m, FP8><<<grid, 256, 0, s>>>(out, ldo, x, xs, Mp, W->w, W->scale, W->sld, W->rows, W->cols); \
-		break;
-	switch (M) {
-		GEMV_CASE(1)
-		GEMV_CASE(2)
-		GEMV_CASE(3)
-		GEMV_CASE(4)
-		GEMV_CASE(5)
-		GEMV_CASE(6)
-		GEMV_CASE(7)
-		GEMV_CASE(8)
-	}
-#undef GEMV_CASE
+	dsk_gemv_job j = { W->w, W->scale, W->sld, W->rows, out, ldo };
+	return j;
 }
 
-/* The GEMV path takes rows whose length is a multiple of 16-byte vectors. */
-static int gemv_ok(const dsk_weight *W, int M) { return M <= GEMV_MAX_M && W->cols % (W->type == DSK_W_FP8 ? 128 : 8) == 0; }
+/* x's FP8 copy in g->q / g->qs. */
+static int quantize(dsk_gemm *g, const dsk_bf16 *x, int M, int K, ds_err *e)
+{
+	const int Mp = dsk_gemm_pad(M);
+	int rc = grow_q(g, (size_t)Mp * K, Mp, K, e);
+	if (rc == 0)
+		rc = dsk_quant_fp8(g->q, g->qs, x, Mp, K, g->s, e);
+	g->n_fp8 += rc == 0;
+	return rc;
+}
 
 static int run(dsk_gemm *g, void *out, int ldo, int outbf, const dsk_bf16 *x, int M, const dsk_weight *W, ds_err *e)
 {
 	const int N = W->rows, K = W->cols, Mp = dsk_gemm_pad(M);
 	if (M <= 0)
 		return 0;
-	if (W->type == DSK_W_FP8) {
-		if (!dsk_gemm_fp8_ok(N, K))
-			return ds_errf(e, -EINVAL, "fp8 gemm: shape %dx%d needs the dequantized path", N, K);
-		int rc = grow_q(g, (size_t)Mp * K, Mp, K, e);
-		if (rc)
-			return rc;
-		if ((rc = dsk_quant_fp8(g->q, g->qs, x, Mp, K, g->s, e)))
-			return rc;
-		g->n_fp8++;
-		if (!outbf && !g->no_gemv && gemv_ok(W, M)) {
-			gemv_launch<true>(M, (float *)out, ldo, g->q, g->qs, Mp, W, g->s);
-			return dsk_check(e, "gemv_fp8");
-		}
-		return matmul(g, out, ldo, outbf, g->q, Mp, W, e);
+	const int fp8 = W->type == DSK_W_FP8;
+	int rc;
+	if (fp8 && !dsk_gemm_fp8_ok(N, K))
+		return ds_errf(e, -EINVAL, "fp8 gemm: shape %dx%d needs the dequantized path", N, K);
+	if (fp8 && (rc = quantize(g, x, M, K, e)))
+		return rc;
+	g->n_bf16 += !fp8;
+	if (!outbf && gemv_ok(g, W, M)) {
+		dsk_gemv_job j = job(out, ldo, W);
+		return dsk_gemv(&j, 1, 0, fp8 ? (const void *)g->q : x, g->qs, M, Mp, K, fp8, g->s, e);
 	}
-	g->n_bf16++;
-	if (!outbf && !g->no_gemv && gemv_ok(W, M)) {
-		gemv_launch<false>(M, (float *)out, ldo, x, NULL, Mp, W, g->s);
-		return dsk_check(e, "gemv_bf16");
-	}
-	return matmul(g, out, ldo, outbf, x, Mp, W, e);
+	return matmul(g, out, ldo, outbf, fp8 ? (const void *)g->q : x, Mp, W, e);
 }
 
 extern "C" int dsk_gemm_run(dsk_gemm *g, float *out, int ldo, const dsk_bf16 *x, int M, const dsk_weight *W, ds_err *e)
@@ -474,144 +388,40 @@ extern "C" int dsk_gemm_run_bf16(dsk_gemm *g, dsk_bf16 *out, int ldo, const dsk_
 	return run(g, out, ldo, 1, x, M, W, e);
 }
 
-/* Grouped GEMV for the routed experts (see gemm.h): block (row tile, expert)
- * reads its expert's row range from the plan on the device, so no count
- * goes back to the host. Rows are taken MR at a time: MR is the most rows
- * an expert can have in the step (up to 8), as registers bound occupancy
- * (73 a thread for 8 rows held 3 blocks an SM and half the DRAM bandwidth
- * at batch 1). */
-template <int MR, bool FP8>
-static __global__ void __launch_bounds__(256) moe_gemv_k(float *out, int ldo, const void *xv, const float *xs, int xs_ld,
-							 const int32_t *row_src, const int32_t *off, const int32_t *cnt,
-							 const int32_t *act, const void *const *wp, const float *const *sp,
-							 int sld, int N, int K)
+extern "C" int dsk_gemm_run2(dsk_gemm *g, float *out0, int ldo0, const dsk_weight *W0, float *out1, int ldo1,
+			     const dsk_weight *W1, const dsk_bf16 *x, int M, ds_err *e)
 {
-	if ((int)blockIdx.y >= act[0])
-		return;
-	const int x = act[1 + blockIdx.y], n = blockIdx.x * 8 + threadIdx.x / 32, lane = threadIdx.x & 31;
-	const int c = cnt[x];
-	if (n >= N || c == 0)
-		return;
-	const int r0 = off[x];
-	for (int c0 = 0; c0 < c; c0 += MR) {
-		const int m = min(MR, c - c0);
-		int src[MR];
-#pragma unroll
-		for (int i = 0; i < MR; i++)
-			src[i] = i < m ? (row_src ? row_src[r0 + c0 + i] : r0 + c0 + i) : 0;
-		float acc[MR];
-#pragma unroll
-		for (int i = 0; i < MR; i++)
-			acc[i] = 0;
-		if (FP8) {
-			const uint8_t *w = (const uint8_t *)wp[x] + (size_t)n * K;
-			const float *wsr = sp[x] + (size_t)(n / 128) * sld;
-			const uint8_t *xb = (const uint8_t *)xv;
-			for (int k0 = lane * 16; k0 < K; k0 += 2 * 512) {
-			uint4 wv[2];
-#pragma unroll
-			for (int u = 0; u < 2; u++)
-				wv[u] = k0 + u * 512 < K ? *(const uint4 *)(w + k0 + u * 512) : make_uint4(0, 0, 0, 0);
-#pragma unroll
-			for (int u = 0; u < 2; u++) {
-				const int k = k0 + u * 512;
-				if (k >= K)
-					break;
-				const uint8_t *wb = (const uint8_t *)&wv[u];
-				float wf[16];
-#pragma unroll
-				for (int i = 0; i < 16; i++) {
-					__nv_fp8_e4m3 f;
-					f.__x = wb[i];
-					wf[i] = (float)f;
-				}
-				const float sw = wsr[k / 128];
-#pragma unroll
-				for (int i = 0; i < MR; i++) {
-					if (i < m) {
-						const uint4 xq = *(const uint4 *)(xb + (size_t)src[i] * K + k);
-						const uint8_t *q = (const uint8_t *)&xq;
-						float d = 0;
-#pragma unroll
-						for (int j = 0; j < 16; j++) {
-							__nv_fp8_e4m3 f;
-							f.__x = q[j];
-							d += wf[j] * (float)f;
-						}
-						acc[i] += d * sw * xs[(size_t)(k / 128) * xs_ld + src[i]];
-					}
-				}
-			}
-			}
-		} else {
-			const dsk_bf16 *w = (const dsk_bf16 *)wp[x] + (size_t)n * K;
-			const dsk_bf16 *xb = (const dsk_bf16 *)xv;
-			for (int k0 = lane * 8; k0 < K; k0 += 2 * 256) {
-			uint4 wv[2];
-#pragma unroll
-			for (int u = 0; u < 2; u++)
-				wv[u] = k0 + u * 256 < K ? *(const uint4 *)(w + k0 + u * 256) : make_uint4(0, 0, 0, 0);
-#pragma unroll
-			for (int u = 0; u < 2; u++) {
-				const int k = k0 + u * 256;
-				if (k >= K)
-					break;
-				const __nv_bfloat162 *w2 = (const __nv_bfloat162 *)&wv[u];
-				float2 wf[4];
-#pragma unroll
-				for (int j = 0; j < 4; j++)
-					wf[j] = __bfloat1622float2(w2[j]);
-#pragma unroll
-				for (int i = 0; i < MR; i++) {
-					if (i < m) {
-						const uint4 xq = *(const uint4 *)(xb + (size_t)src[i] * K + k);
-						const __nv_bfloat162 *x2 = (const __nv_bfloat162 *)&xq;
-#pragma unroll
-						for (int j = 0; j < 4; j++) {
-							const float2 xf = __bfloat1622float2(x2[j]);
-							acc[i] += wf[j].x * xf.x + wf[j].y * xf.y;
-						}
-					}
-				}
-			}
-			}
-		}
-#pragma unroll
-		for (int i = 0; i < MR; i++) {
-			float v = acc[i];
-			for (int o = 16; o; o >>= 1)
-				v += __shfl_xor_sync(0xffffffffu, v, o);
-			if (lane == 0 && i < m)
-				out[(size_t)(r0 + c0 + i) * ldo + n] = v;
-		}
+	const int fp8 = W0->type == DSK_W_FP8, K = W0->cols;
+	if (M <= 0)
+		return 0;
+	if (W1->type != W0->type || W1->cols != K || !gemv_ok(g, W0, M) || !gemv_ok(g, W1, M) ||
+	    (fp8 && (!dsk_gemm_fp8_ok(W0->rows, K) || !dsk_gemm_fp8_ok(W1->rows, K)))) {
+		int rc = run(g, out0, ldo0, 0, x, M, W0, e);
+		return rc ? rc : run(g, out1, ldo1, 0, x, M, W1, e);
 	}
+	int rc;
+	if (fp8 && (rc = quantize(g, x, M, K, e)))
+		return rc;
+	g->n_bf16 += fp8 ? 0 : 2;
+	g->n_fp8 += fp8;
+	dsk_gemv_job j[2] = { job(out0, ldo0, W0), job(out1, ldo1, W1) };
+	return dsk_gemv(j, 2, 0, fp8 ? (const void *)g->q : x, g->qs, M, dsk_gemm_pad(M), K, fp8, g->s, e);
 }
 
-extern "C" int dsk_moe_gemv(float *out, int ldo, const void *x, const float *xs, int xs_ld, const int32_t *row_src,
-			    const int32_t *off, const int32_t *cnt, const int32_t *act, int max_active, int max_rows,
-			    const void *const *wp,
-			    const float *const *sp, int sld, int fp8, int N, int K, dsk_stream s, ds_err *e)
+extern "C" int dsk_gemm_glu(dsk_gemm *g, dsk_bf16 *h, int ldh, const dsk_bf16 *x, int M, const dsk_weight *Wg,
+			    const dsk_weight *Wu, ds_err *e)
 {
-	if (K % (fp8 ? 128 : 8))
-		return ds_errf(e, -EINVAL, "moe_gemv: K=%d", K);
-	dim3 grid((N + 7) / 8, max_active);
-#define MOE_GEMV(mr)                                                                                                \
-	do {                                                                                                        \
-		if (fp8)                                                                                            \
-			moe_gemv_k<mr, true><<<grid, 256, 0, s>>>(out, ldo, x, xs, xs_ld, row_src, off, cnt, act, wp, sp,  \
-								   sld, N, K);                                     \
-		else                                                                                                \
-			moe_gemv_k<mr, false><<<grid, 256, 0, s>>>(out, ldo, x, xs, xs_ld, row_src, off, cnt, act, wp, sp, \
-								    sld, N, K);                                    \
-	} while (0)
-	if (max_rows <= 1)
-		MOE_GEMV(1);
-	else if (max_rows <= 2)
-		MOE_GEMV(2);
-	else if (max_rows <= 4)
-		MOE_GEMV(4);
-	else
-		MOE_GEMV(8);
-#undef MOE_GEMV
-	return dsk_check(e, "moe_gemv");
+	const int fp8 = Wg->type == DSK_W_FP8, K = Wg->cols;
+	if (Wu->type != Wg->type || Wu->cols != K || Wu->rows != Wg->rows || !gemv_ok(g, Wg, M) ||
+	    (fp8 && !dsk_gemm_fp8_ok(Wg->rows, K)))
+		return -ENOTSUP;
+	if (M <= 0)
+		return 0;
+	int rc;
+	if (fp8 && (rc = quantize(g, x, M, K, e)))
+		return rc;
+	g->n_bf16 += fp8 ? 0 : 2;
+	g->n_fp8 += fp8;
+	dsk_gemv_job j[2] = { job(h, ldh, Wg), job(NULL, 0, Wu) };
+	return dsk_gemv(j, 2, 1, fp8 ? (const void *)g->q : x, g->qs, M, dsk_gemm_pad(M), K, fp8, g->s, e);
 }

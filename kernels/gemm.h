@@ -38,25 +38,25 @@ DSK_EXTERN_C int dsk_gemm_run(dsk_gemm *g, float *out, int ldo, const dsk_bf16 *
 /* The same with a bf16 result. */
 DSK_EXTERN_C int dsk_gemm_run_bf16(dsk_gemm *g, dsk_bf16 *out, int ldo, const dsk_bf16 *x, int M,
 				   const dsk_weight *W, ds_err *e);
+/* Two weights of the same type and K applied to the same rows: one GEMV
+ * launch (one quantization) where the GEMV path takes both, else two GEMMs. */
+DSK_EXTERN_C int dsk_gemm_run2(dsk_gemm *g, float *out0, int ldo0, const dsk_weight *W0, float *out1, int ldo1,
+			       const dsk_weight *W1, const dsk_bf16 *x, int M, ds_err *e);
+/* h[M][ldh] = bf16(silu(x Wg^T) * (x Wu^T)) in one GEMV launch; -ENOTSUP
+ * (e untouched) where the GEMV path does not take the shapes: the caller
+ * runs two GEMMs and dsk_silu_mul, which compute the same function. */
+DSK_EXTERN_C int dsk_gemm_glu(dsk_gemm *g, dsk_bf16 *h, int ldh, const dsk_bf16 *x, int M, const dsk_weight *Wg,
+			      const dsk_weight *Wu, ds_err *e);
 /* Quantizes x [M][K] bf16 into q [M][K] e4m3 and scales sc[K/128][M]
  * (token-contiguous, as VEC128 wants): sc = amax/448 per 1x128 group. */
 DSK_EXTERN_C int dsk_quant_fp8(uint8_t *q, float *sc, const dsk_bf16 *x, int M, int K, dsk_stream s, ds_err *e);
+/* The same for *rows rows (device memory; scales still [K/128][max_rows]). */
+DSK_EXTERN_C int dsk_quant_fp8_dev(uint8_t *q, float *sc, const dsk_bf16 *x, const int32_t *rows, int max_rows,
+				   int K, dsk_stream s, ds_err *e);
 /* Dequantizes an FP8 weight into bf16 [rows][cols] (the fallback path). */
 DSK_EXTERN_C int dsk_dequant_fp8(dsk_bf16 *out, const dsk_weight *W, dsk_stream s, ds_err *e);
-/* Rows up to 2 go through a weight-streaming GEMV kernel unless off. */
+/* Rows up to 2 go through the weight-streaming GEMV (kernels/gemv.h) unless off. */
 DSK_EXTERN_C void dsk_gemm_set_gemv(dsk_gemm *g, int on);
-/* Routed experts without a host round trip: for each expert x with cnt[x]
- * rows from off[x], out[r][N] = x_row(src(r)) @ W_x^T, src(r) = row_src[r]
- * (or r when row_src is NULL). Weights wp[x] (bf16, or fp8 with scales
- * sp[x], row stride sld) all [N][K]. FP8 takes activations quantized by
- * dsk_quant_fp8 (xs[K/128][xs_ld]); bf16 takes bf16 rows. Only the experts
- * listed in act (act[0] of them, ids from act[1]) run; max_active bounds
- * act[0] and sizes the grid; max_rows bounds any expert's rows (the step's
- * tokens), which picks the kernel's rows per pass. */
-DSK_EXTERN_C int dsk_moe_gemv(float *out, int ldo, const void *x, const float *xs, int xs_ld, const int32_t *row_src,
-			      const int32_t *off, const int32_t *cnt, const int32_t *act, int max_active, int max_rows,
-			      const void *const *wp, const float *const *sp, int sld, int fp8, int N, int K, dsk_stream s,
-			      ds_err *e);
 /* Bumped whenever scratch buffers the GEMMs launch with are reallocated
  * (graphs that captured them are stale then). */
 DSK_EXTERN_C unsigned dsk_gemm_generation(const dsk_gemm *g);

@@ -2,6 +2,7 @@
 #include <cuda_runtime.h>
 
 #include "kernels/moe.h"
+#include "kernels/launch.cuh"
 
 #define MAX_E 1024
 
@@ -31,6 +32,7 @@ static __device__ int warp_argmax(const float *v, const unsigned char *taken, in
 static __global__ void route_k(dsk_route_cfg c, const float *logits, const float *bias, int T, int32_t *ids, float *w)
 {
 	extern __shared__ float sm[];
+	dsk_pdl_enter();
 	const int wib = threadIdx.x / 32, lane = threadIdx.x & 31;
 	const int t = blockIdx.x * (blockDim.x / 32) + wib;
 	const int E = c.E;
@@ -131,7 +133,7 @@ extern "C" int dsk_moe_route(const dsk_route_cfg *c, const float *logits, const 
 		return 0;
 	const int wpb = 4;
 	size_t smem = (size_t)wpb * (sizeof(float) * (2 * c->E + 64) + (c->E + 64));
-	route_k<<<(T + wpb - 1) / wpb, 32 * wpb, smem, s>>>(*c, logits, bias, T, ids, w);
+	dsk_launch(route_k, (T + wpb - 1) / wpb, 32 * wpb, smem, s, *c, logits, bias, T, ids, w);
 	return dsk_check(e, "moe_route");
 }
 
@@ -156,6 +158,7 @@ static __global__ void __launch_bounds__(1024) plan_k(const int32_t *ids, int n,
 {
 	__shared__ int c[MAX_E], cur[MAX_E + 1], wrow[32], wact[32];
 	const int x = threadIdx.x, lane = x & 31, wid = x >> 5;
+	dsk_pdl_enter();
 	if (x < E)
 		c[x] = 0;
 	__syncthreads();
@@ -211,12 +214,13 @@ extern "C" int dsk_moe_plan(const int32_t *ids, int T, int K, int E, int32_t *cn
 {
 	if (E > MAX_E || max_rows < T * K + 15 * E)
 		return ds_errf(e, -EINVAL, "moe_plan: %d rows cannot hold %d pairs over %d experts", max_rows, T * K, E);
-	plan_k<<<1, 1024, 0, s>>>(ids, T * K, E, cnt, off, pos, row_tok, K, act, load);
+	dsk_launch(plan_k, 1, 1024, 0, s, ids, T * K, E, cnt, off, pos, row_tok, K, act, load);
 	return dsk_check(e, "moe_plan");
 }
 
 static __global__ void moe_gather_k(dsk_bf16 *xp, const dsk_bf16 *x, const int32_t *row_tok, int dim)
 {
+	dsk_pdl_enter();
 	const int r = blockIdx.x, t = row_tok[r];
 	for (int c = threadIdx.x; c < dim; c += blockDim.x)
 		xp[(size_t)r * dim + c] = t >= 0 ? x[(size_t)t * dim + c] : __float2bfloat16(0.0f);
@@ -227,13 +231,14 @@ extern "C" int dsk_moe_gather(dsk_bf16 *xp, const dsk_bf16 *x, const int32_t *ro
 {
 	if (P <= 0)
 		return 0;
-	moe_gather_k<<<P, 256, 0, s>>>(xp, x, row_tok, dim);
+	dsk_launch(moe_gather_k, P, 256, 0, s, xp, x, row_tok, dim);
 	return dsk_check(e, "moe_gather");
 }
 
 static __global__ void combine_k(float *out, const float *shared, const float *yp, const int32_t *pos, const float *w,
 				 int K, int dim)
 {
+	dsk_pdl_enter();
 	const int t = blockIdx.x;
 	for (int c = blockIdx.y * blockDim.x + threadIdx.x; c < dim; c += gridDim.y * blockDim.x) {
 		float acc = shared ? shared[(size_t)t * dim + c] : 0.0f;
@@ -248,6 +253,6 @@ extern "C" int dsk_moe_combine(float *out, const float *shared, const float *yp,
 {
 	if (T <= 0)
 		return 0;
-	combine_k<<<dim3(T, (dim + 255) / 256), 256, 0, s>>>(out, shared, yp, pos, w, K, dim);
+	dsk_launch(combine_k, dim3(T, (dim + 255) / 256), 256, 0, s, out, shared, yp, pos, w, K, dim);
 	return dsk_check(e, "moe_combine");
 }

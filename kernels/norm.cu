@@ -3,9 +3,11 @@
 #include <errno.h>
 
 #include "kernels/norm.h"
+#include "kernels/launch.cuh"
 
 static __global__ void embed_k(float *x, const dsk_bf16 *emb, const int32_t *tok, int dim)
 {
+	dsk_pdl_enter();
 	const int t = blockIdx.x;
 	const dsk_bf16 *src = emb + (size_t)tok[t] * dim;
 	for (int i = threadIdx.x; i < dim; i += blockDim.x)
@@ -16,7 +18,7 @@ extern "C" int dsk_embed(float *x, const dsk_bf16 *emb, const int32_t *tok, int 
 {
 	if (T <= 0)
 		return 0;
-	embed_k<<<T, 256, 0, s>>>(x, emb, tok, dim);
+	dsk_launch(embed_k, T, 256, 0, s, x, emb, tok, dim);
 	return dsk_check(e, "embed");
 }
 
@@ -39,6 +41,7 @@ static __global__ void add_rmsnorm_k(float *x, const float *y, const float *w, i
 				     int ldo, float *of)
 {
 	__shared__ float red[32];
+	dsk_pdl_enter();
 	const int t = blockIdx.x;
 	float *xr = x + (size_t)t * dim;
 	float ss = 0;
@@ -65,12 +68,13 @@ extern "C" int dsk_add_rmsnorm(float *x, const float *y, const float *w, int T, 
 {
 	if (T <= 0)
 		return 0;
-	add_rmsnorm_k<<<T, dim >= 1024 ? 1024 : 256, 0, s>>>(x, y, w, dim, eps, ob, ldo, of);
+	dsk_launch(add_rmsnorm_k, T, dim >= 1024 ? 1024 : 256, 0, s, x, y, w, dim, eps, ob, ldo, of);
 	return dsk_check(e, "add_rmsnorm");
 }
 
 static __global__ void gather_k(dsk_bf16 *out, const dsk_bf16 *in, const int32_t *idx, int dim)
 {
+	dsk_pdl_enter();
 	const int i = blockIdx.x;
 	const dsk_bf16 *src = in + (size_t)idx[i] * dim;
 	for (int c = threadIdx.x; c < dim; c += blockDim.x)
@@ -82,6 +86,6 @@ extern "C" int dsk_gather_rows(dsk_bf16 *out, const dsk_bf16 *in, const int32_t 
 {
 	if (n <= 0)
 		return 0;
-	gather_k<<<n, 256, 0, s>>>(out, in, idx, dim);
+	dsk_launch(gather_k, n, 256, 0, s, out, in, idx, dim);
 	return dsk_check(e, "gather_rows");
 }

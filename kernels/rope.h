@@ -17,10 +17,18 @@ typedef struct dsk_kv_geom {
 	int max_blocks;
 } dsk_kv_geom;
 
+/* Decode-sized steps (T <= DSK_ABSORB_MAX_T) can have the W_UK absorption
+ * done in the same launch. */
+#define DSK_ABSORB_MAX_T 8
+static inline int dsk_mla_absorb_ok(int nope, int kvl) { return kvl % 2 == 0 && nope <= 512; }
+
 /* kv[T][kvl+rope] float, q[T][nh*(nope+rope)] float; per token its sequence
- * seq[t] and position pos[t]; qb gets bf16 q. */
+ * seq[t] and position pos[t]; qb gets bf16 q. With kvb (kv_b_proj, bf16
+ * [nh*(nope+vd)][kvl]) also qabs[t][h][kvl] = W_UK_h^T q_nope[t][h] (float,
+ * from float q; the GEMM path absorbs from bf16 qb). */
 DSK_EXTERN_C int dsk_mla_prep(const dsk_kv_geom *g, int layer, const float *kv, const float *norm_w, float eps,
 			      float *q, dsk_bf16 *qb, int nh, int nope, int rope, int kvl, const float *inv_freq,
-			      float attn_factor, const int32_t *seq, const int32_t *pos, int T, dsk_stream s, ds_err *e);
+			      float attn_factor, const int32_t *seq, const int32_t *pos, int T, const dsk_bf16 *kvb,
+			      int vd, float *qabs, dsk_stream s, ds_err *e);
 
 #endif

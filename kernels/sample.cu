@@ -9,6 +9,7 @@
 #include <math.h>
 
 #include "kernels/sample.h"
+#include "kernels/launch.cuh"
 
 #define NT 1024
 #define FIX 1099511627776.0 /* 2^40: e in (0, 1] as an integer mass */
@@ -133,6 +134,7 @@ static __global__ void __launch_bounds__(NT) draw_k(int32_t *ids, float *logits,
 {
 	__shared__ u64 wsum[32];
 	__shared__ int s_pick;
+	dsk_pdl_enter();
 	float *row = logits + (size_t)blockIdx.x * ld;
 	const dsk_draw d = draws[blockIdx.x];
 	const int tid = threadIdx.x, lane = tid & 31, w = tid / 32;
@@ -212,6 +214,6 @@ extern "C" int dsk_draw_rows(int32_t *ids, float *logits, int rows, int V, int l
 {
 	if (rows <= 0 || V <= 0)
 		return 0;
-	draw_k<<<rows, NT, 0, s>>>(ids, logits, V, ld, draws);
+	dsk_launch(draw_k, rows, NT, 0, s, ids, logits, V, ld, draws);
 	return dsk_check(e, "draw");
 }

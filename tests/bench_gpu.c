@@ -157,8 +157,8 @@ int main(int argc, char **argv)
 	if (getenv("DS_BENCH_NCU"))
 		return ncu_step(b, m, getenv("DS_BENCH_NCU"), bt, blocks);
 	const int batches[] = { 1, 8, 64, 256 }, ctxs[] = { 1024, 8192 };
-	printf("%-14s %6s %6s %10s %10s %10s %10s %9s %10s %8s %9s\n", "model", "batch", "ctx", "step ms", "eager ms",
-	       "ids ms", "tok/s", "GB/step", "GB/s", "% roof", "TFLOP/s");
+	printf("%-14s %6s %6s %10s %10s %10s %10s %10s %9s %10s %8s %9s\n", "model", "batch", "ctx", "step ms", "eager ms",
+	       "ids ms", "no-pdl ms", "tok/s", "GB/step", "GB/s", "% roof", "TFLOP/s");
 	int32_t *amax = malloc(sizeof(int32_t) * 256);
 	uint8_t *none = calloc(256, 1);
 	float *logits = malloc(sizeof(float) * (size_t)256 * V);
@@ -189,12 +189,13 @@ int main(int argc, char **argv)
 			 * by kernel, and with graphs downloading token ids only (the
 			 * argmax of each row: greedy decoding), one after the other. */
 			double *t = malloc(sizeof(double) * (steps + 2)), *te = malloc(sizeof(double) * (steps + 2));
-			double *ti = malloc(sizeof(double) * (steps + 2));
+			double *ti = malloc(sizeof(double) * (steps + 2)), *tp = malloc(sizeof(double) * (steps + 2));
 			ds_step_out ids_out = { .logits = logits, .argmax = amax, .need = none };
 			int rc = 0;
-			for (int pass = 0; pass < 3 && !rc; pass++) {
-				double *tt = pass == 0 ? t : pass == 1 ? te : ti;
+			for (int pass = 0; pass < 4 && !rc; pass++) {
+				double *tt = pass == 0 ? t : pass == 1 ? te : pass == 2 ? ti : tp;
 				rc = ds_cuda_backend_set_graphs(b, pass != 1);
+				ds_cuda_backend_set_pdl(b, pass != 3);
 				for (int i = 0; i < steps + 2 && !rc; i++) {
 					double a = now();
 					rc = ds_cuda_backend.forward(b, &batch, pass == 2 ? &ids_out : &out, &e);
@@ -204,19 +205,22 @@ int main(int argc, char **argv)
 				}
 			}
 			ds_cuda_backend_set_graphs(b, 1);
+			ds_cuda_backend_set_pdl(b, 1);
 			if (rc) {
 				printf("%-14s %6d %6d  failed: %s\n", label, B, C, e.msg);
 			} else {
 				qsort(t + 2, steps, sizeof(double), cmpd);
 				qsort(te + 2, steps, sizeof(double), cmpd);
 				qsort(ti + 2, steps, sizeof(double), cmpd);
+				qsort(tp + 2, steps, sizeof(double), cmpd);
 				const double med = t[2 + steps / 2], emed = te[2 + steps / 2], imed = ti[2 + steps / 2];
+				const double pmed = tp[2 + steps / 2];
 				const double hit = n_moe ? c->n_routed_experts * (1 - pow(1 - (double)c->num_experts_per_tok / c->n_routed_experts, B)) : 0;
 				const double bytes = dense + hit * n_moe * expert + (double)B * C * L * kvd * 2;
 				const double flops = 2 * active_params * B +
 						     (double)B * L * c->num_attention_heads * C * 2.0 * (2 * c->kv_lora_rank + c->qk_rope_head_dim);
-				printf("%-14s %6d %6d %10.3f %10.3f %10.3f %10.1f %9.3f %10.1f %8.1f %9.1f\n", label, B, C,
-				       med * 1e3, emed * 1e3, imed * 1e3, B / med,
+				printf("%-14s %6d %6d %10.3f %10.3f %10.3f %10.3f %10.1f %9.3f %10.1f %8.1f %9.1f\n", label, B,
+				       C, med * 1e3, emed * 1e3, imed * 1e3, pmed * 1e3, B / med,
 				       bytes / 1e9, bytes / med / 1e9, 100 * bytes / med / bw, flops / med / 1e12);
 			}
 			fflush(stdout);
@@ -230,6 +234,7 @@ int main(int argc, char **argv)
 			free(t);
 			free(te);
 			free(ti);
+			free(tp);
 		}
 	/* Where a step's time goes (synchronizing after each phase): batch 1
 	 * at 1024 and the 4096-token prefill. */

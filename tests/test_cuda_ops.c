@@ -2,7 +2,9 @@
  * here) on fresh random inputs: GEMM bf16 and block-scaled FP8 (also against
  * the CPU with the activations quantized the same way, which pins the scale
  * layouts), RMSNorm with the residual, SiLU*mul, MoE routing (V3 and V2),
- * the permutation + combine, and split-KV MLA attention over a paged cache.
+ * the permutation + combine, and split-KV MLA attention over a paged cache;
+ * the fused launches (two projections, gate+up+SiLU, MLA prep with the W_UK
+ * absorption) against the separate ones they replace.
  * `test_cuda_ops --bench` times the GEMMs at DeepSeek-V3 shapes.
  * Exits 77 without a GPU. */
 #include <math.h>
@@ -21,6 +23,7 @@
 #include "kernels/gemm.h"
 #include "kernels/moe.h"
 #include "kernels/norm.h"
+#include "kernels/rope.h"
 #include "kernels/sample.h"
 #include "model/sampler.h"
 #include "model/cpu_ops.h"
@@ -446,6 +449,210 @@ static void test_attention(void **st)
 	check_attention(12, 128, 32, 16, 3);
 }
 
+/* A random device weight [N][K] (FP8 with block scales: bytes that are not
+ * NaN, scales ~1/(448 sqrt K)). */
+static dsk_weight rand_weight(int fp8, int N, int K)
+{
+	const int sr = (N + 127) / 128, sld = ((K + 127) / 128 + 3) & ~3;
+	const size_t nb = (size_t)N * K * (fp8 ? 1 : 2);
+	uint8_t *wh = malloc(nb);
+	float *sh = calloc((size_t)sr * sld, 4);
+	for (size_t i = 0; i < (size_t)N * K; i++) {
+		if (fp8) {
+			uint8_t v;
+			do {
+				rng = rng * 1664525u + 1013904223u;
+				v = (uint8_t)(rng >> 24);
+			} while ((v & 0x7f) == 0x7f);
+			wh[i] = v;
+		} else {
+			((uint16_t *)wh)[i] = ds_f32_to_bf16(frand() / sqrtf((float)K));
+		}
+	}
+	for (int i = 0; i < sr * sld; i++)
+		sh[i] = (0.5f + (frand() + 1)) / 448.0f / sqrtf((float)K);
+	dsk_weight w = { .type = fp8 ? DSK_W_FP8 : DSK_W_BF16, .rows = N, .cols = K, .w = dup_up(wh, nb),
+			 .scale = fp8 ? dup_up(sh, 4 * (size_t)sr * sld) : NULL, .sld = sld };
+	free(wh);
+	free(sh);
+	return w;
+}
+
+static void free_weight(dsk_weight *w)
+{
+	cudaFree((void *)w->w);
+	cudaFree((void *)w->scale);
+}
+
+/* Two projections in one launch and gate+up+SiLU in one launch compute the
+ * bits of the separate GEMVs (and dsk_silu_mul) they replace. */
+static void test_gemv_fused(void **st)
+{
+	(void)st;
+	ds_err e = { { 0 } };
+	dsk_gemm *g;
+	assert_int_equal(dsk_gemm_create(NULL, &g, &e), 0);
+	for (int fp8 = 0; fp8 <= 1; fp8++)
+		for (int M = 1; M <= 2; M++) {
+			const int K = 1024, N0 = 576, N1 = 208, I = 384, Mp = dsk_gemm_pad(M);
+			uint16_t *xh = calloc((size_t)Mp * K, 2);
+			for (int i = 0; i < M * K; i++)
+				xh[i] = ds_f32_to_bf16(frand());
+			dsk_bf16 *dx = dup_up(xh, 2 * (size_t)Mp * K);
+			dsk_weight w0 = rand_weight(fp8, N0, K), w1 = rand_weight(fp8, N1, K);
+			dsk_weight wg = rand_weight(fp8, I, K), wu = rand_weight(fp8, I, K);
+			float *o0 = dup_up(NULL, 4 * (size_t)Mp * N0), *o1 = dup_up(NULL, 4 * (size_t)Mp * N1);
+			float *r0 = dup_up(NULL, 4 * (size_t)Mp * N0), *r1 = dup_up(NULL, 4 * (size_t)Mp * N1);
+			float *gb = dup_up(NULL, 4 * (size_t)Mp * I), *ub = dup_up(NULL, 4 * (size_t)Mp * I);
+			dsk_bf16 *h = dup_up(NULL, 2 * (size_t)Mp * I), *hr = dup_up(NULL, 2 * (size_t)Mp * I);
+			assert_int_equal(dsk_gemm_run2(g, o0, N0, &w0, o1, N1, &w1, dx, M, &e), 0);
+			assert_int_equal(dsk_gemm_run(g, r0, N0, dx, M, &w0, &e), 0);
+			assert_int_equal(dsk_gemm_run(g, r1, N1, dx, M, &w1, &e), 0);
+			assert_int_equal(dsk_gemm_glu(g, h, I, dx, M, &wg, &wu, &e), 0);
+			assert_int_equal(dsk_gemm_run(g, gb, I, dx, M, &wg, &e), 0);
+			assert_int_equal(dsk_gemm_run(g, ub, I, dx, M, &wu, &e), 0);
+			assert_int_equal(dsk_silu_mul(hr, gb, ub, M, I, NULL, &e), 0);
+			assert_int_equal(cudaDeviceSynchronize(), cudaSuccess);
+			float *a = malloc(4 * (size_t)M * N0), *b = malloc(4 * (size_t)M * N0);
+			down(a, o0, 4 * (size_t)M * N0);
+			down(b, r0, 4 * (size_t)M * N0);
+			assert_memory_equal(a, b, 4 * (size_t)M * N0);
+			down(a, o1, 4 * (size_t)M * N1);
+			down(b, r1, 4 * (size_t)M * N1);
+			assert_memory_equal(a, b, 4 * (size_t)M * N1);
+			down(a, h, 2 * (size_t)M * I);
+			down(b, hr, 2 * (size_t)M * I);
+			assert_memory_equal(a, b, 2 * (size_t)M * I);
+			/* and the fused launch is not a copy of zeros */
+			down(a, gb, 4 * (size_t)M * I);
+			double ss = 0;
+			for (int i = 0; i < M * I; i++)
+				ss += (double)a[i] * a[i];
+			assert_true(ss > 0);
+			print_message("gemv %s M=%d: two projections and gate+up+SiLU in one launch: bit-identical\n",
+				      fp8 ? "fp8" : "bf16", M);
+			/* more rows than the GEMV takes: the caller's fallback */
+			assert_int_equal(dsk_gemm_glu(g, h, I, dx, 3, &wg, &wu, &e), -ENOTSUP);
+			free(a);
+			free(b);
+			free_weight(&w0);
+			free_weight(&w1);
+			free_weight(&wg);
+			free_weight(&wu);
+			cudaFree(dx);
+			cudaFree(o0);
+			cudaFree(o1);
+			cudaFree(r0);
+			cudaFree(r1);
+			cudaFree(gb);
+			cudaFree(ub);
+			cudaFree(h);
+			cudaFree(hr);
+			free(xh);
+		}
+	dsk_gemm_free(g);
+}
+
+/* MLA prep with the W_UK absorption in the launch: the cache, q and its bf16
+ * copy equal the plain launch's bits; qabs matches a float64 loop. */
+static void check_prep(int T, int nh, int nope, int rope, int kvl, int vd)
+{
+	ds_err e = { { 0 } };
+	const int kvd = kvl + rope, qk = nope + rope, bt = 16, nblk = 8, mb = 4;
+	float *kv = malloc(4 * (size_t)T * kvd), *q = malloc(4 * (size_t)T * nh * qk), *nw = malloc(4 * (size_t)kvl);
+	float *invf = malloc(4 * (size_t)(rope / 2));
+	uint16_t *kvb = malloc(2 * (size_t)nh * (nope + vd) * kvl);
+	int32_t tables[2 * 4] = { 3, 1, 6, 0, 2, 7, 5, 4 }, seq[8], pos[8];
+	for (int i = 0; i < T * kvd; i++)
+		kv[i] = frand();
+	for (int i = 0; i < T * nh * qk; i++)
+		q[i] = frand();
+	for (int i = 0; i < kvl; i++)
+		nw[i] = 1 + 0.1f * frand();
+	for (int i = 0; i < rope / 2; i++)
+		invf[i] = powf(10000.0f, -2.0f * i / rope);
+	for (size_t i = 0; i < (size_t)nh * (nope + vd) * kvl; i++)
+		kvb[i] = ds_f32_to_bf16(frand() / sqrtf((float)nope));
+	for (int t = 0; t < T; t++) {
+		seq[t] = t % 2;
+		pos[t] = 5 + 7 * t;
+	}
+	const size_t pool_n = (size_t)nblk * bt * kvd;
+	dsk_bf16 *pool = dup_up(NULL, 2 * pool_n);
+	int32_t *dt = dup_up(tables, sizeof(tables)), *ds = dup_up(seq, 4 * (size_t)T), *dp = dup_up(pos, 4 * (size_t)T);
+	float *dkv = dup_up(kv, 4 * (size_t)T * kvd), *dnw = dup_up(nw, 4 * (size_t)kvl), *dinv = dup_up(invf, 2 * (size_t)rope);
+	dsk_bf16 *dkvb = dup_up(kvb, 2 * (size_t)nh * (nope + vd) * kvl);
+	float *dq = dup_up(q, 4 * (size_t)T * nh * qk), *dqabs = dup_up(NULL, 4 * (size_t)T * nh * kvl);
+	dsk_bf16 *dqb = dup_up(NULL, 2 * (size_t)T * nh * qk);
+	dsk_kv_geom geo = { .pool = pool, .block_stride = (long)bt * kvd, .layer_stride = (long)bt * kvd,
+			    .block_tokens = bt, .tables = dt, .max_blocks = mb };
+	const size_t nq = (size_t)T * nh * qk;
+	uint16_t *pool1 = malloc(2 * pool_n), *pool2 = malloc(2 * pool_n), *qb1 = malloc(2 * nq), *qb2 = malloc(2 * nq);
+	float *q1 = malloc(4 * nq), *q2 = malloc(4 * nq), *qabs = malloc(4 * (size_t)T * nh * kvl);
+	cudaMemset(pool, 0, 2 * pool_n);
+	assert_int_equal(dsk_mla_prep(&geo, 0, dkv, dnw, 1e-6f, dq, dqb, nh, nope, rope, kvl, dinv, 0.9f, ds, dp, T, NULL,
+				      vd, NULL, NULL, &e), 0);
+	assert_int_equal(cudaDeviceSynchronize(), cudaSuccess);
+	down(pool1, pool, 2 * pool_n);
+	down(q1, dq, 4 * nq);
+	down(qb1, dqb, 2 * nq);
+	cudaMemcpy(dq, q, 4 * nq, cudaMemcpyHostToDevice);
+	cudaMemset(pool, 0, 2 * pool_n);
+	cudaMemset(dqb, 0, 2 * nq);
+	assert_int_equal(dsk_mla_prep(&geo, 0, dkv, dnw, 1e-6f, dq, dqb, nh, nope, rope, kvl, dinv, 0.9f, ds, dp, T, dkvb,
+				      vd, dqabs, NULL, &e), 0);
+	assert_int_equal(cudaDeviceSynchronize(), cudaSuccess);
+	down(pool2, pool, 2 * pool_n);
+	down(q2, dq, 4 * nq);
+	down(qb2, dqb, 2 * nq);
+	down(qabs, dqabs, 4 * (size_t)T * nh * kvl);
+	assert_memory_equal(pool1, pool2, 2 * pool_n);
+	assert_memory_equal(q1, q2, 4 * nq);
+	assert_memory_equal(qb1, qb2, 2 * nq);
+	double num = 0, den = 0;
+	for (int t = 0; t < T; t++)
+		for (int h = 0; h < nh; h++)
+			for (int c = 0; c < kvl; c++) {
+				double r = 0;
+				for (int d = 0; d < nope; d++)
+					r += (double)ds_bf16_to_f32(kvb[((size_t)h * (nope + vd) + d) * kvl + c]) *
+					     q[((size_t)t * nh + h) * qk + d];
+				const double dd = qabs[((size_t)t * nh + h) * kvl + c] - r;
+				num += dd * dd;
+				den += r * r;
+			}
+	const double rel = sqrt(num / den);
+	print_message("mla prep + absorption T=%d nh=%d nope=%d kvl=%d: cache and q bit-identical, qabs rel err %.3g\n", T,
+		      nh, nope, kvl, rel);
+	assert_true(rel < 1e-5);
+	/* more tokens than the fused launch takes */
+	assert_int_equal(dsk_mla_prep(&geo, 0, dkv, dnw, 1e-6f, dq, dqb, nh, nope, rope, kvl, dinv, 0.9f, ds, dp,
+				      DSK_ABSORB_MAX_T + 1, dkvb, vd, dqabs, NULL, &e), -EINVAL);
+	void *dev[] = { pool, dt, ds, dp, dkv, dnw, dinv, dkvb, dq, dqabs, dqb };
+	for (size_t i = 0; i < sizeof(dev) / sizeof(dev[0]); i++)
+		cudaFree(dev[i]);
+	free(kv);
+	free(q);
+	free(nw);
+	free(invf);
+	free(kvb);
+	free(pool1);
+	free(pool2);
+	free(qb1);
+	free(qb2);
+	free(q1);
+	free(q2);
+	free(qabs);
+}
+
+static void test_mla_prep(void **st)
+{
+	(void)st;
+	check_prep(1, 16, 128, 64, 512, 128);
+	check_prep(8, 5, 128, 64, 512, 128);
+	check_prep(3, 4, 32, 16, 64, 32);
+}
+
 /* --bench: GEMM throughput at DeepSeek-V3 shapes (median of 20 after warm-up). */
 static int bench(void)
 {
@@ -629,6 +836,8 @@ int main(int argc, char **argv)
 		cmocka_unit_test(test_route),
 		cmocka_unit_test(test_attention),
 		cmocka_unit_test(test_draw),
+		cmocka_unit_test(test_gemv_fused),
+		cmocka_unit_test(test_mla_prep),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -1,0 +1,296 @@
+/* gemv.cu — weight-streaming GEMVs (see gemv.h). Each warp's lanes cover
+ * its weight row in 16-byte vectors, U of them in flight (a whole bf16 row
+ * of 2048 at once for one or two activation rows: the kernels are short and
+ * the latency of each round of loads is what they wait on); the activation
+ * rows come through L1. Hinting the weight rows into L2 before waiting for
+ * the previous kernel (kernels/launch.cuh) measured no gain (4-layer
+ * V2-Lite, batch 1: 0.70 ms either way) and was dropped. */
+#include <cuda_fp8.h>
+#include <cuda_runtime.h>
+
+#include "kernels/gemv.h"
+#include "kernels/launch.cuh"
+
+#define DENSE_MAX_M 2 /* beyond, cuBLASLt is faster (docs/PERFORMANCE.md) */
+
+static __device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+
+/* acc[r][i] += W_r row . x row src[i], for r < NR weight rows (a gate and
+ * an up row share the activation loads) and i < m <= MR. */
+template <int MR, int U, bool FP8, int NR>
+static __device__ __forceinline__ void dot_rows(float (*acc)[MR], const char *const *wrow, const float *const *wsr,
+						const void *xv, const float *xs, int xs_ld, const int *src, int m, int K,
+						int lane)
+{
+	if (FP8) {
+		/* 16 fp8 a lane; 8 lanes cover one 128-wide scale block. */
+		const uint8_t *xb = (const uint8_t *)xv;
+		for (int k0 = lane * 16; k0 < K; k0 += U * 512) {
+			uint4 wv[NR][U];
+#pragma unroll
+			for (int r = 0; r < NR; r++)
+#pragma unroll
+				for (int u = 0; u < U; u++)
+					wv[r][u] = k0 + u * 512 < K ? *(const uint4 *)(wrow[r] + k0 + u * 512)
+								    : make_uint4(0, 0, 0, 0);
+#pragma unroll
+			for (int u = 0; u < U; u++) {
+				const int k = k0 + u * 512;
+				if (k >= K)
+					break;
+				float wf[NR][16], sw[NR];
+#pragma unroll
+				for (int r = 0; r < NR; r++) {
+					const uint8_t *wb = (const uint8_t *)&wv[r][u];
+#pragma unroll
+					for (int j = 0; j < 16; j++) {
+						__nv_fp8_e4m3 f;
+						f.__x = wb[j];
+						wf[r][j] = (float)f;
+					}
+					sw[r] = wsr[r][k / 128];
+				}
+#pragma unroll
+				for (int i = 0; i < MR; i++) {
+					if (i < m) {
+						const uint4 xq = *(const uint4 *)(xb + (size_t)src[i] * K + k);
+						const uint8_t *q = (const uint8_t *)&xq;
+						float xf[16];
+#pragma unroll
+						for (int j = 0; j < 16; j++) {
+							__nv_fp8_e4m3 f;
+							f.__x = q[j];
+							xf[j] = (float)f;
+						}
+						const float xsc = xs[(size_t)(k / 128) * xs_ld + src[i]];
+#pragma unroll
+						for (int r = 0; r < NR; r++) {
+							float d = 0;
+#pragma unroll
+							for (int j = 0; j < 16; j++)
+								d += wf[r][j] * xf[j];
+							acc[r][i] += d * sw[r] * xsc;
+						}
+					}
+				}
+			}
+		}
+	} else {
+		const dsk_bf16 *xb = (const dsk_bf16 *)xv;
+		for (int k0 = lane * 8; k0 < K; k0 += U * 256) {
+			uint4 wv[NR][U];
+#pragma unroll
+			for (int r = 0; r < NR; r++)
+#pragma unroll
+				for (int u = 0; u < U; u++)
+					wv[r][u] = k0 + u * 256 < K ? *(const uint4 *)(wrow[r] + 2 * (k0 + u * 256))
+								    : make_uint4(0, 0, 0, 0);
+#pragma unroll
+			for (int u = 0; u < U; u++) {
+				const int k = k0 + u * 256;
+				if (k >= K)
+					break;
+				float2 wf[NR][4];
+#pragma unroll
+				for (int r = 0; r < NR; r++)
+#pragma unroll
+					for (int j = 0; j < 4; j++)
+						wf[r][j] = __bfloat1622float2(((const __nv_bfloat162 *)&wv[r][u])[j]);
+#pragma unroll
+				for (int i = 0; i < MR; i++) {
+					if (i < m) {
+						const uint4 xq = *(const uint4 *)(xb + (size_t)src[i] * K + k);
+						const __nv_bfloat162 *x2 = (const __nv_bfloat162 *)&xq;
+#pragma unroll
+						for (int j = 0; j < 4; j++) {
+							const float2 xf = __bfloat1622float2(x2[j]);
+#pragma unroll
+							for (int r = 0; r < NR; r++)
+								acc[r][i] += wf[r][j].x * xf.x + wf[r][j].y * xf.y;
+						}
+					}
+				}
+			}
+		}
+	}
+}
+
+template <int MR>
+static __device__ __forceinline__ void warp_sum(float *acc)
+{
+#pragma unroll
+	for (int i = 0; i < MR; i++)
+		for (int o = 16; o; o >>= 1)
+			acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], o);
+}
+
+typedef struct {
+	dsk_gemv_job j[2];
+	int nb0; /* blocks of job 0 (the rest are job 1's) */
+	const void *x;
+	const float *xs;
+	int Mp, K;
+} dense_args;
+
+/* 16-byte loads a lane keeps in flight: a row in one or two rounds where
+ * registers allow (bf16 rows of 2048 are 8 loads a lane). */
+template <int MR, bool FP8>
+struct unroll {
+	enum { U = MR > 2 ? 2 : FP8 ? 4 : 8 };
+};
+
+template <int M, bool FP8, bool GLU>
+static __global__ void __launch_bounds__(256) gemv_k(dense_args a)
+{
+	const int lane = threadIdx.x & 31, wb = FP8 ? 1 : 2;
+	/* Fields picked by value: indexing the parameter array by a runtime
+	 * value would copy it to local memory in every thread. */
+	const bool second = !GLU && (int)blockIdx.x >= a.nb0;
+	const int N = second ? a.j[1].N : a.j[0].N, sld = second ? a.j[1].sld : a.j[0].sld;
+	const char *w = (const char *)(second ? a.j[1].w : a.j[0].w);
+	const float *ws = second ? a.j[1].ws : a.j[0].ws;
+	const int n = ((int)blockIdx.x - (second ? a.nb0 : 0)) * 8 + threadIdx.x / 32;
+	if (n >= N)
+		return;
+	const size_t row = (size_t)n * a.K * wb;
+	const char *rows[2] = { w + row, GLU ? (const char *)a.j[1].w + row : NULL };
+	dsk_pdl_enter();
+	int src[M];
+#pragma unroll
+	for (int i = 0; i < M; i++)
+		src[i] = i;
+	float acc[2][M];
+#pragma unroll
+	for (int i = 0; i < M; i++)
+		acc[0][i] = acc[1][i] = 0;
+	const float *sr[2] = { FP8 ? ws + (size_t)(n / 128) * sld : NULL,
+			       FP8 && GLU ? a.j[1].ws + (size_t)(n / 128) * a.j[1].sld : NULL };
+	dot_rows<M, unroll<M, FP8>::U, FP8, GLU ? 2 : 1>(acc, rows, sr, a.x, a.xs, a.Mp, src, M, a.K, lane);
+	warp_sum<M>(acc[0]);
+	if (GLU)
+		warp_sum<M>(acc[1]);
+	if (lane == 0) {
+		if (GLU) {
+#pragma unroll
+			for (int i = 0; i < M; i++)
+				((dsk_bf16 *)a.j[0].out)[(size_t)i * a.j[0].ldo + n] =
+					__float2bfloat16(silu_mul(acc[0][i], acc[1][i]));
+		} else {
+			float *out = (float *)(second ? a.j[1].out : a.j[0].out);
+			const int ldo = second ? a.j[1].ldo : a.j[0].ldo;
+#pragma unroll
+			for (int i = 0; i < M; i++)
+				out[(size_t)i * ldo + n] = acc[0][i];
+		}
+	}
+}
+
+template <bool FP8, bool GLU>
+static void dense_launch(int M, const dense_args &a, int blocks, cudaStream_t s)
+{
+#define GEMV_CASE(m)                                                   \
+	case m:                                                        \
+		dsk_launch(gemv_k<m, FP8, GLU>, blocks, 256, 0, s, a); \
+		break;
+	switch (M) {
+		GEMV_CASE(1)
+		GEMV_CASE(2)
+	}
+#undef GEMV_CASE
+}
+
+extern "C" int dsk_gemv(const dsk_gemv_job *jobs, int njobs, int glu, const void *x, const float *xs, int M, int Mp,
+			int K, int fp8, dsk_stream s, ds_err *e)
+{
+	if (M < 1 || M > DENSE_MAX_M || njobs < 1 || njobs > 2 || (glu && (njobs != 2 || jobs[0].N != jobs[1].N)) ||
+	    K % (fp8 ? 128 : 8))
+		return ds_errf(e, -EINVAL, "gemv: %d rows, %d weights, K=%d unsupported", M, njobs, K);
+	dense_args a = {};
+	a.j[0] = jobs[0];
+	a.j[1] = njobs > 1 ? jobs[1] : jobs[0];
+	a.nb0 = (jobs[0].N + 7) / 8;
+	a.x = x;
+	a.xs = xs;
+	a.Mp = Mp;
+	a.K = K;
+	const int blocks = glu ? a.nb0 : a.nb0 + (njobs > 1 ? (jobs[1].N + 7) / 8 : 0);
+	if (fp8)
+		glu ? dense_launch<true, true>(M, a, blocks, s) : dense_launch<true, false>(M, a, blocks, s);
+	else
+		glu ? dense_launch<false, true>(M, a, blocks, s) : dense_launch<false, false>(M, a, blocks, s);
+	return dsk_check(e, "gemv");
+}
+
+/* Block (row tile, active expert): MR rows a pass, about twice the mean
+ * rows per expert (registers bound occupancy: 73 a thread for 8 rows held
+ * 3 blocks an SM and half the DRAM bandwidth at batch 1); an expert with
+ * more rows takes more passes over its weights. */
+template <int MR, bool FP8, bool GLU>
+static __global__ void __launch_bounds__(256) moe_gemv_k(dsk_moe_gemv_args a)
+{
+	dsk_pdl_enter();
+	if ((int)blockIdx.y >= a.act[0])
+		return;
+	const int x = a.act[1 + blockIdx.y], n = blockIdx.x * 8 + threadIdx.x / 32, lane = threadIdx.x & 31;
+	const int c = a.cnt[x], wb = FP8 ? 1 : 2;
+	if (n >= a.N || c == 0)
+		return;
+	const int r0 = a.off[x];
+	const size_t row = (size_t)n * a.K * wb;
+	const char *rows[2] = { (const char *)a.wp[0][x] + row, GLU ? (const char *)a.wp[1][x] + row : NULL };
+	const float *sr[2] = { FP8 ? a.sp[0][x] + (size_t)(n / 128) * a.sld : NULL,
+			       FP8 && GLU ? a.sp[1][x] + (size_t)(n / 128) * a.sld : NULL };
+	for (int c0 = 0; c0 < c; c0 += MR) {
+		const int m = min(MR, c - c0);
+		int src[MR];
+#pragma unroll
+		for (int i = 0; i < MR; i++)
+			src[i] = i < m ? (a.row_src ? a.row_src[r0 + c0 + i] : r0 + c0 + i) : 0;
+		float acc[2][MR];
+#pragma unroll
+		for (int i = 0; i < MR; i++)
+			acc[0][i] = acc[1][i] = 0;
+		dot_rows<MR, unroll<MR, FP8>::U, FP8, GLU ? 2 : 1>(acc, rows, sr, a.x, a.xs, a.xs_ld, src, m, a.K, lane);
+		warp_sum<MR>(acc[0]);
+		if (GLU)
+			warp_sum<MR>(acc[1]);
+#pragma unroll
+		for (int i = 0; i < MR; i++)
+			if (lane == 0 && i < m) {
+				if (GLU)
+					((dsk_bf16 *)a.out)[(size_t)(r0 + c0 + i) * a.ldo + n] =
+						__float2bfloat16(silu_mul(acc[0][i], acc[1][i]));
+				else
+					((float *)a.out)[(size_t)(r0 + c0 + i) * a.ldo + n] = acc[0][i];
+			}
+	}
+}
+
+template <int MR>
+static void moe_launch(const dsk_moe_gemv_args *a, dim3 grid, cudaStream_t s)
+{
+	if (a->fp8)
+		a->glu ? dsk_launch(moe_gemv_k<MR, true, true>, grid, 256, 0, s, *a)
+		       : dsk_launch(moe_gemv_k<MR, true, false>, grid, 256, 0, s, *a);
+	else
+		a->glu ? dsk_launch(moe_gemv_k<MR, false, true>, grid, 256, 0, s, *a)
+		       : dsk_launch(moe_gemv_k<MR, false, false>, grid, 256, 0, s, *a);
+}
+
+extern "C" int dsk_moe_gemv(const dsk_moe_gemv_args *a, dsk_stream s, ds_err *e)
+{
+	if (a->K % (a->fp8 ? 128 : 8))
+		return ds_errf(e, -EINVAL, "moe_gemv: K=%d", a->K);
+	if (a->max_active <= 0)
+		return 0;
+	dim3 grid((a->N + 7) / 8, a->max_active);
+	if (a->max_rows <= 1)
+		moe_launch<1>(a, grid, s);
+	else if (a->max_rows <= 2)
+		moe_launch<2>(a, grid, s);
+	else if (a->max_rows <= 4)
+		moe_launch<4>(a, grid, s);
+	else
+		moe_launch<8>(a, grid, s);
+	return dsk_check(e, "moe_gemv");
+}

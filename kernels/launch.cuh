@@ -1,0 +1,44 @@
+/* launch.cuh — how kernels/ launches its kernels: programmatic dependent
+ * launch (Hopper). A kernel launched with dsk_launch may start while the one
+ * before it on the stream is still running: its blocks become resident and
+ * can read the model's weights (which no kernel writes), then call
+ * dsk_pdl_enter(), which waits until the previous kernel has finished and its
+ * writes are visible, and lets the next kernel start in turn. So every
+ * kernel launched this way calls dsk_pdl_enter() before it reads anything a
+ * kernel wrote or writes anything; at most two kernels are in flight. At
+ * batch 1 a decode step is some 500 short kernels, and the launch and
+ * ramp-up of each then overlaps the tail of the one before.
+ * dsk_set_pdl(0) launches plainly (the waits become no-ops). */
+#ifndef DSK_LAUNCH_CUH
+#define DSK_LAUNCH_CUH
+
+#include <cuda_runtime.h>
+#include <utility>
+
+extern int dsk_pdl_on;
+
+static __device__ __forceinline__ void dsk_pdl_enter(void)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+	asm volatile("griddepcontrol.wait;\n" ::: "memory");
+	asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+template <typename... P, typename... A>
+static inline void dsk_launch(void (*k)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, A &&...args)
+{
+	cudaLaunchConfig_t c = {};
+	cudaLaunchAttribute at[1];
+	at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+	at[0].val.programmaticStreamSerializationAllowed = 1;
+	c.gridDim = grid;
+	c.blockDim = block;
+	c.dynamicSmemBytes = smem;
+	c.stream = s;
+	c.attrs = at;
+	c.numAttrs = dsk_pdl_on ? 1 : 0;
+	cudaLaunchKernelEx(&c, k, std::forward<A>(args)...);
+}
+
+#endif
