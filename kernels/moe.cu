@@ -28,21 +28,21 @@ static __device__ int warp_argmax(const float *v, const unsigned char *taken, in
 	return bi;
 }
 
-/* One warp per token; scores, choice values and flags in shared memory. */
-static __global__ void route_k(dsk_route_cfg c, const float *logits, const float *bias, int T, int32_t *ids, float *w)
+/* Shared memory a routing warp uses: scores, choice values, 64 group
+ * scores, then (after all warps' floats) taken flags for experts and groups. */
+static size_t route_smem(int E, int warps) { return (size_t)warps * (sizeof(float) * (2 * E + 64) + (E + 64)); }
+
+/* Token t's choice by warp wib of the block (scratch in sm). */
+static __device__ void route_token(const dsk_route_cfg &c, const float *logits, const float *bias, int t, int32_t *ids,
+				   float *w, float *sm, int wib)
 {
-	extern __shared__ float sm[];
-	dsk_pdl_enter();
-	const int wib = threadIdx.x / 32, lane = threadIdx.x & 31;
-	const int t = blockIdx.x * (blockDim.x / 32) + wib;
+	const int lane = threadIdx.x & 31;
 	const int E = c.E;
 	float *s = sm + (size_t)wib * (2 * E + 64);
 	float *ch = s + E;
 	float *gs = ch + E; /* 64 group scores */
 	unsigned char *taken = (unsigned char *)(sm + (size_t)(blockDim.x / 32) * (2 * E + 64)) + (size_t)wib * (E + 64);
 	unsigned char *gtaken = taken + E;
-	if (t >= T)
-		return;
 	const float *lg = logits + (size_t)t * E;
 	if (c.sigmoid) {
 		for (int i = lane; i < E; i += 32)
@@ -124,6 +124,16 @@ static __global__ void route_k(dsk_route_cfg c, const float *logits, const float
 	}
 }
 
+/* One warp per token. */
+static __global__ void route_k(dsk_route_cfg c, const float *logits, const float *bias, int T, int32_t *ids, float *w)
+{
+	extern __shared__ float sm[];
+	dsk_pdl_enter();
+	const int wib = threadIdx.x / 32, t = blockIdx.x * (blockDim.x / 32) + wib;
+	if (t < T)
+		route_token(c, logits, bias, t, ids, w, sm, wib);
+}
+
 extern "C" int dsk_moe_route(const dsk_route_cfg *c, const float *logits, const float *bias, int T, int32_t *ids,
 			     float *w, dsk_stream s, ds_err *e)
 {
@@ -132,7 +142,7 @@ extern "C" int dsk_moe_route(const dsk_route_cfg *c, const float *logits, const 
 	if (T <= 0)
 		return 0;
 	const int wpb = 4;
-	size_t smem = (size_t)wpb * (sizeof(float) * (2 * c->E + 64) + (c->E + 64));
+	const size_t smem = route_smem(c->E, wpb);
 	dsk_launch(route_k, (T + wpb - 1) / wpb, 32 * wpb, smem, s, *c, logits, bias, T, ids, w);
 	return dsk_check(e, "moe_route");
 }
@@ -152,13 +162,15 @@ static __device__ void warp_scan2(int *a, int *b, int lane)
 	}
 }
 
-static __global__ void __launch_bounds__(1024) plan_k(const int32_t *ids, int n, int E, int32_t *cnt, int32_t *off,
-						      int32_t *pos, int32_t *row_tok, int K, int32_t *act,
-						      unsigned long long *load)
+typedef struct {
+	int c[MAX_E], cur[MAX_E + 1], wrow[32], wact[32];
+} plan_smem;
+
+static __device__ void plan_body(const int32_t *ids, int n, int E, int32_t *cnt, int32_t *off, int32_t *pos,
+				 int32_t *row_tok, int K, int32_t *act, unsigned long long *load, plan_smem &p)
 {
-	__shared__ int c[MAX_E], cur[MAX_E + 1], wrow[32], wact[32];
+	int *c = p.c, *cur = p.cur, *wrow = p.wrow, *wact = p.wact;
 	const int x = threadIdx.x, lane = x & 31, wid = x >> 5;
-	dsk_pdl_enter();
 	if (x < E)
 		c[x] = 0;
 	__syncthreads();
@@ -208,6 +220,33 @@ static __global__ void __launch_bounds__(1024) plan_k(const int32_t *ids, int n,
 	}
 }
 
+static __global__ void __launch_bounds__(1024) plan_k(const int32_t *ids, int n, int E, int32_t *cnt, int32_t *off,
+						      int32_t *pos, int32_t *row_tok, int K, int32_t *act,
+						      unsigned long long *load)
+{
+	__shared__ plan_smem p;
+	dsk_pdl_enter();
+	plan_body(ids, n, E, cnt, off, pos, row_tok, K, act, load, p);
+}
+
+/* Decode-sized steps: routing (a warp per token) and the plan in one block,
+ * one launch instead of two. The block's own global writes of ids are
+ * visible to it after the barrier. */
+static __global__ void __launch_bounds__(1024) route_plan_k(dsk_route_cfg rc, const float *logits, const float *bias,
+							    int T, int32_t *ids, float *w, int32_t *cnt, int32_t *off,
+							    int32_t *pos, int32_t *row_tok, int32_t *act,
+							    unsigned long long *load)
+{
+	extern __shared__ float sm[];
+	__shared__ plan_smem p;
+	dsk_pdl_enter();
+	const int wib = threadIdx.x / 32;
+	if (wib < T)
+		route_token(rc, logits, bias, wib, ids, w, sm, wib);
+	__syncthreads();
+	plan_body(ids, T * rc.K, rc.E, cnt, off, pos, row_tok, rc.K, act, load, p);
+}
+
 extern "C" int dsk_moe_plan(const int32_t *ids, int T, int K, int E, int32_t *cnt, int32_t *off, int32_t *pos,
 			    int32_t *row_tok, int32_t *act, unsigned long long *load, int max_rows, dsk_stream s,
 			    ds_err *e)
@@ -255,4 +294,29 @@ extern "C" int dsk_moe_combine(float *out, const float *shared, const float *yp,
 		return 0;
 	dsk_launch(combine_k, dim3(T, (dim + 255) / 256), 256, 0, s, out, shared, yp, pos, w, K, dim);
 	return dsk_check(e, "moe_combine");
+}
+
+extern "C" int dsk_moe_route_plan(const dsk_route_cfg *c, const float *logits, const float *bias, int T, int32_t *ids,
+				  float *w, int32_t *cnt, int32_t *off, int32_t *pos, int32_t *row_tok, int32_t *act,
+				  unsigned long long *load, int max_rows, dsk_stream s, ds_err *e)
+{
+	const size_t smem = route_smem(c->E, 32);
+	if (T > 32 || smem > 160 * 1024) {
+		int rc = dsk_moe_route(c, logits, bias, T, ids, w, s, e);
+		return rc ? rc : dsk_moe_plan(ids, T, c->K, c->E, cnt, off, pos, row_tok, act, load, max_rows, s, e);
+	}
+	if (c->E > MAX_E || c->n_group > 64 || c->K > c->E || (c->n_group > 1 && c->E % c->n_group))
+		return ds_errf(e, -EINVAL, "moe_route: %d experts in %d groups unsupported", c->E, c->n_group);
+	if (max_rows < T * c->K + 15 * c->E)
+		return ds_errf(e, -EINVAL, "moe_plan: %d rows cannot hold %d pairs over %d experts", max_rows, T * c->K,
+			       c->E);
+	if (T <= 0)
+		return 0;
+	static size_t raised;
+	if (smem > 48 * 1024 && smem > raised) {
+		cudaFuncSetAttribute(route_plan_k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+		raised = smem;
+	}
+	dsk_launch(route_plan_k, 1, 1024, smem, s, *c, logits, bias, T, ids, w, cnt, off, pos, row_tok, act, load);
+	return dsk_check(e, "moe_route_plan");
 }

@@ -29,6 +29,10 @@ DSK_EXTERN_C int dsk_moe_route(const dsk_route_cfg *c, const float *logits, cons
 DSK_EXTERN_C int dsk_moe_plan(const int32_t *ids, int T, int K, int E, int32_t *cnt, int32_t *off, int32_t *pos,
 			      int32_t *row_tok, int32_t *act, unsigned long long *load, int max_rows, dsk_stream s,
 			      ds_err *e);
+/* dsk_moe_route then dsk_moe_plan, in one launch for up to 32 tokens. */
+DSK_EXTERN_C int dsk_moe_route_plan(const dsk_route_cfg *c, const float *logits, const float *bias, int T,
+				    int32_t *ids, float *w, int32_t *cnt, int32_t *off, int32_t *pos, int32_t *row_tok,
+				    int32_t *act, unsigned long long *load, int max_rows, dsk_stream s, ds_err *e);
 /* xp[r] = x[row_tok[r]] (zeros for padding), bf16 rows of dim. */
 DSK_EXTERN_C int dsk_moe_gather(dsk_bf16 *xp, const dsk_bf16 *x, const int32_t *row_tok, int P, int dim,
 				dsk_stream s, ds_err *e);

@@ -63,6 +63,46 @@ static __global__ void add_rmsnorm_k(float *x, const float *y, const float *w, i
 	}
 }
 
+/* add_rmsnorm_k with y computed in place as the MoE combine: the same float
+ * operations in the same order as dsk_moe_combine then dsk_add_rmsnorm. */
+static __global__ void combine_norm_k(float *x, const float *shared, const float *yp, const int32_t *pos,
+				      const float *wk, int K, const float *w, int dim, float eps, dsk_bf16 *ob, int ldo,
+				      float *of)
+{
+	__shared__ float red[32];
+	dsk_pdl_enter();
+	const int t = blockIdx.x;
+	float *xr = x + (size_t)t * dim;
+	float ss = 0;
+	for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+		float acc = shared ? shared[(size_t)t * dim + i] : 0.0f;
+		for (int k = 0; k < K; k++)
+			acc += wk[(size_t)t * K + k] * yp[(size_t)pos[(size_t)t * K + k] * dim + i];
+		const float v = xr[i] + acc;
+		xr[i] = v;
+		ss += v * v;
+	}
+	ss = block_sum(ss, red);
+	const float inv = (float)(1.0 / sqrt((double)ss / dim + eps));
+	for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+		float o = w[i] * (xr[i] * inv);
+		ob[(size_t)t * ldo + i] = __float2bfloat16(o);
+		if (of)
+			of[(size_t)t * dim + i] = o;
+	}
+}
+
+extern "C" int dsk_combine_add_rmsnorm(float *x, const float *shared, const float *yp, const int32_t *pos,
+				       const float *wk, int K, const float *w, int T, int dim, float eps, dsk_bf16 *ob,
+				       int ldo, float *of, dsk_stream s, ds_err *e)
+{
+	if (T <= 0)
+		return 0;
+	dsk_launch(combine_norm_k, T, dim >= 1024 ? 1024 : 256, 0, s, x, shared, yp, pos, wk, K, w, dim, eps, ob, ldo,
+		   of);
+	return dsk_check(e, "combine_add_rmsnorm");
+}
+
 extern "C" int dsk_add_rmsnorm(float *x, const float *y, const float *w, int T, int dim, float eps, dsk_bf16 *ob,
 			       int ldo, float *of, dsk_stream s, ds_err *e)
 {

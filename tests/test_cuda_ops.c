@@ -245,7 +245,7 @@ static void test_rmsnorm_silu(void **st)
 	free(gb);
 }
 
-static void check_route(ds_config *c, int T)
+static void check_route(ds_config *c, int T, int fused)
 {
 	ds_err e = { { 0 } };
 	const int E = c->n_routed_experts, K = c->num_experts_per_tok;
@@ -260,7 +260,18 @@ static void check_route(ds_config *c, int T)
 			     .sigmoid = c->scoring_func == DS_SCORE_SIGMOID, .method = (int)c->topk_method,
 			     .norm_topk = c->norm_topk_prob, .scale = c->routed_scaling_factor };
 	const int has_bias = c->topk_method == DS_TOPK_NOAUX_TC;
-	assert_int_equal(dsk_moe_route(&rc, dl, has_bias ? db : NULL, T, di, dw, NULL, &e), 0);
+	const int D = 64, P = T * K + 15 * E;
+	int32_t *dcnt = dup_up(NULL, 4 * (size_t)E), *doff = dup_up(NULL, 4 * (size_t)(E + 1)), *dpos = dup_up(NULL, 4 * (size_t)T * K);
+	int32_t *drt = dup_up(NULL, 4 * (size_t)P);
+	int32_t *dact = dup_up(NULL, 4 * (size_t)(E + 1));
+	if (fused) {
+		/* routing and plan in one launch (up to 32 tokens) */
+		assert_int_equal(dsk_moe_route_plan(&rc, dl, has_bias ? db : NULL, T, di, dw, dcnt, doff, dpos, drt, dact,
+						    NULL, P, NULL, &e), 0);
+	} else {
+		assert_int_equal(dsk_moe_route(&rc, dl, has_bias ? db : NULL, T, di, dw, NULL, &e), 0);
+		assert_int_equal(dsk_moe_plan(di, T, K, E, dcnt, doff, dpos, drt, dact, NULL, P, NULL, &e), 0);
+	}
 	int32_t *ids = malloc(4 * (size_t)T * K), rid[64];
 	float *w = malloc(4 * (size_t)T * K), rw[64];
 	down(ids, di, 4 * (size_t)T * K);
@@ -277,11 +288,6 @@ static void check_route(ds_config *c, int T)
 	}
 
 	/* Permutation and combine: out[t] = sum_k w * yp[pos] with yp[r] = r-th row. */
-	const int D = 64, P = T * K + 15 * E;
-	int32_t *dcnt = dup_up(NULL, 4 * (size_t)E), *doff = dup_up(NULL, 4 * (size_t)(E + 1)), *dpos = dup_up(NULL, 4 * (size_t)T * K);
-	int32_t *drt = dup_up(NULL, 4 * (size_t)P);
-	int32_t *dact = dup_up(NULL, 4 * (size_t)(E + 1));
-	assert_int_equal(dsk_moe_plan(di, T, K, E, dcnt, doff, dpos, drt, dact, NULL, P, NULL, &e), 0);
 	int32_t *act = malloc(4 * (size_t)(E + 1)), *cnt = malloc(4 * (size_t)E);
 	down(act, dact, 4 * (size_t)(E + 1));
 	down(cnt, dcnt, 4 * (size_t)E);
@@ -313,8 +319,43 @@ static void check_route(ds_config *c, int T)
 	assert_int_equal(dsk_moe_combine(dout, NULL, dyp, dpos, dw, T, K, D, NULL, &e), 0);
 	down(got, dout, 4 * (size_t)T * D);
 	double r = rel_err(got, ref, (size_t)T * D);
-	print_message("moe route (E=%d K=%d groups %d/%d): %d tokens identical; combine rel err %.3g\n", E, K, c->n_group,
-		      c->topk_group, T, r);
+	{
+		/* combine, residual add and norm in one launch: the bits of the two */
+		float *x0 = malloc(4 * (size_t)T * D), *nw = malloc(4 * (size_t)D), *sh = malloc(4 * (size_t)T * D);
+		for (int i = 0; i < T * D; i++) {
+			x0[i] = frand();
+			sh[i] = frand();
+		}
+		for (int i = 0; i < D; i++)
+			nw[i] = 1 + 0.1f * frand();
+		float *dx1 = dup_up(x0, 4 * (size_t)T * D), *dx2 = dup_up(x0, 4 * (size_t)T * D), *dnw = dup_up(nw, 4 * (size_t)D);
+		float *dsh = dup_up(sh, 4 * (size_t)T * D), *dy = dup_up(NULL, 4 * (size_t)T * D);
+		float *of1 = dup_up(NULL, 4 * (size_t)T * D), *of2 = dup_up(NULL, 4 * (size_t)T * D);
+		dsk_bf16 *ob1 = dup_up(NULL, 2 * (size_t)T * D), *ob2 = dup_up(NULL, 2 * (size_t)T * D);
+		assert_int_equal(dsk_moe_combine(dy, dsh, dyp, dpos, dw, T, K, D, NULL, &e), 0);
+		assert_int_equal(dsk_add_rmsnorm(dx1, dy, dnw, T, D, 1e-6f, ob1, D, of1, NULL, &e), 0);
+		assert_int_equal(dsk_combine_add_rmsnorm(dx2, dsh, dyp, dpos, dw, K, dnw, T, D, 1e-6f, ob2, D, of2, NULL, &e), 0);
+		float *a = malloc(4 * (size_t)T * D), *b = malloc(4 * (size_t)T * D);
+		down(a, dx1, 4 * (size_t)T * D);
+		down(b, dx2, 4 * (size_t)T * D);
+		assert_memory_equal(a, b, 4 * (size_t)T * D);
+		down(a, of1, 4 * (size_t)T * D);
+		down(b, of2, 4 * (size_t)T * D);
+		assert_memory_equal(a, b, 4 * (size_t)T * D);
+		down(a, ob1, 2 * (size_t)T * D);
+		down(b, ob2, 2 * (size_t)T * D);
+		assert_memory_equal(a, b, 2 * (size_t)T * D);
+		void *dev[] = { dx1, dx2, dnw, dsh, dy, of1, of2, ob1, ob2 };
+		for (size_t i = 0; i < sizeof(dev) / sizeof(dev[0]); i++)
+			cudaFree(dev[i]);
+		free(x0);
+		free(nw);
+		free(sh);
+		free(a);
+		free(b);
+	}
+	print_message("moe route%s (E=%d K=%d groups %d/%d): %d tokens identical; combine rel err %.3g (fused with the norm: bit-identical)\n",
+		      fused ? "+plan in one launch" : "", E, K, c->n_group, c->topk_group, T, r);
 	assert_true(r < 1e-6);
 	cudaFree(dl);
 	cudaFree(db);
@@ -345,16 +386,20 @@ static void test_route(void **st)
 	ds_config v3 = { .n_routed_experts = 256, .num_experts_per_tok = 8, .n_group = 8, .topk_group = 4,
 			 .scoring_func = DS_SCORE_SIGMOID, .topk_method = DS_TOPK_NOAUX_TC, .norm_topk_prob = 1,
 			 .routed_scaling_factor = 2.5f };
-	check_route(&v3, 200);
+	check_route(&v3, 200, 0);
+	check_route(&v3, 1, 1);
+	check_route(&v3, 32, 1);
 	ds_config v2 = { .n_routed_experts = 64, .num_experts_per_tok = 6, .n_group = 1, .topk_group = 1,
 			 .scoring_func = DS_SCORE_SOFTMAX, .topk_method = DS_TOPK_GREEDY, .norm_topk_prob = 0,
 			 .routed_scaling_factor = 1.0f };
-	check_route(&v2, 77);
+	check_route(&v2, 77, 0);
+	check_route(&v2, 8, 1);
 	ds_config v25 = v2;
 	v25.n_group = 8;
 	v25.topk_group = 3;
 	v25.topk_method = DS_TOPK_GROUP_LIMITED;
-	check_route(&v25, 50);
+	check_route(&v25, 50, 0);
+	check_route(&v25, 3, 1);
 }
 
 /* Paged cache of two sequences; queries at assorted positions. */
