@@ -231,15 +231,19 @@ static __global__ void __launch_bounds__(256) moe_gemv_k(dsk_moe_gemv_args a)
 	dsk_pdl_enter();
 	if ((int)blockIdx.y >= a.act[0])
 		return;
-	const int x = a.act[1 + blockIdx.y], n = blockIdx.x * 8 + threadIdx.x / 32, lane = threadIdx.x & 31;
-	const int c = a.cnt[x], wb = FP8 ? 1 : 2;
+	/* A warp streams two weight rows at once: the gate and up rows of its
+	 * output, or (plain) two adjacent outputs. */
+	const int x = a.act[1 + blockIdx.y], wr = blockIdx.x * 8 + threadIdx.x / 32, lane = threadIdx.x & 31;
+	const int n = GLU ? wr : 2 * wr, c = a.cnt[x], wb = FP8 ? 1 : 2;
 	if (n >= a.N || c == 0)
 		return;
+	const bool two = !GLU && n + 1 < a.N;
+	const int n2 = two ? n + 1 : n;
 	const int r0 = a.off[x];
-	const size_t row = (size_t)n * a.K * wb;
-	const char *rows[2] = { (const char *)a.wp[0][x] + row, GLU ? (const char *)a.wp[1][x] + row : NULL };
+	const char *rows[2] = { (const char *)a.wp[0][x] + (size_t)n * a.K * wb,
+				(const char *)a.wp[GLU ? 1 : 0][x] + (size_t)n2 * a.K * wb };
 	const float *sr[2] = { FP8 ? a.sp[0][x] + (size_t)(n / 128) * a.sld : NULL,
-			       FP8 && GLU ? a.sp[1][x] + (size_t)(n / 128) * a.sld : NULL };
+			       FP8 ? a.sp[GLU ? 1 : 0][x] + (size_t)(n2 / 128) * a.sld : NULL };
 	for (int c0 = 0; c0 < c; c0 += MR) {
 		const int m = min(MR, c - c0);
 		int src[MR];
@@ -250,18 +254,20 @@ static __global__ void __launch_bounds__(256) moe_gemv_k(dsk_moe_gemv_args a)
 #pragma unroll
 		for (int i = 0; i < MR; i++)
 			acc[0][i] = acc[1][i] = 0;
-		dot_rows<MR, unroll<MR, FP8>::U, FP8, GLU ? 2 : 1>(acc, rows, sr, a.x, a.xs, a.xs_ld, src, m, a.K, lane);
+		dot_rows<MR, unroll<MR, FP8>::U, FP8, 2>(acc, rows, sr, a.x, a.xs, a.xs_ld, src, m, a.K, lane);
 		warp_sum<MR>(acc[0]);
-		if (GLU)
-			warp_sum<MR>(acc[1]);
+		warp_sum<MR>(acc[1]);
 #pragma unroll
 		for (int i = 0; i < MR; i++)
 			if (lane == 0 && i < m) {
-				if (GLU)
+				if (GLU) {
 					((dsk_bf16 *)a.out)[(size_t)(r0 + c0 + i) * a.ldo + n] =
 						__float2bfloat16(silu_mul(acc[0][i], acc[1][i]));
-				else
+				} else {
 					((float *)a.out)[(size_t)(r0 + c0 + i) * a.ldo + n] = acc[0][i];
+					if (two)
+						((float *)a.out)[(size_t)(r0 + c0 + i) * a.ldo + n + 1] = acc[1][i];
+				}
 			}
 	}
 }
@@ -283,7 +289,7 @@ extern "C" int dsk_moe_gemv(const dsk_moe_gemv_args *a, dsk_stream s, ds_err *e)
 		return ds_errf(e, -EINVAL, "moe_gemv: K=%d", a->K);
 	if (a->max_active <= 0)
 		return 0;
-	dim3 grid((a->N + 7) / 8, a->max_active);
+	dim3 grid(a->glu ? (a->N + 7) / 8 : (a->N + 15) / 16, a->max_active);
 	if (a->max_rows <= 1)
 		moe_launch<1>(a, grid, s);
 	else if (a->max_rows <= 2)
