@@ -226,61 +226,78 @@ extern "C" int dsk_gemv(const dsk_gemv_job *jobs, int njobs, int glu, const void
  * 3 blocks an SM and half the DRAM bandwidth at batch 1); an expert with
  * more rows takes more passes over its weights. */
 template <int MR, bool FP8, bool GLU>
-static __global__ void __launch_bounds__(256) moe_gemv_k(dsk_moe_gemv_args a)
+static __global__ void __launch_bounds__(256) moe_gemv_k(dsk_moe_gemv_args a, int R)
 {
 	dsk_pdl_enter();
 	if ((int)blockIdx.y >= a.act[0])
 		return;
-	/* A warp streams two weight rows at once: the gate and up rows of its
-	 * output, or (plain) two adjacent outputs. */
-	const int x = a.act[1 + blockIdx.y], wr = blockIdx.x * 8 + threadIdx.x / 32, lane = threadIdx.x & 31;
-	const int n = GLU ? wr : 2 * wr, c = a.cnt[x], wb = FP8 ? 1 : 2;
-	if (n >= a.N || c == 0)
+	const int x = a.act[1 + blockIdx.y], lane = threadIdx.x & 31, c = a.cnt[x], wb = FP8 ? 1 : 2;
+	if (c == 0)
 		return;
-	const bool two = !GLU && n + 1 < a.N;
-	const int n2 = two ? n + 1 : n;
 	const int r0 = a.off[x];
-	const char *rows[2] = { (const char *)a.wp[0][x] + (size_t)n * a.K * wb,
-				(const char *)a.wp[GLU ? 1 : 0][x] + (size_t)n2 * a.K * wb };
-	const float *sr[2] = { FP8 ? a.sp[0][x] + (size_t)(n / 128) * a.sld : NULL,
-			       FP8 ? a.sp[GLU ? 1 : 0][x] + (size_t)(n2 / 128) * a.sld : NULL };
-	for (int c0 = 0; c0 < c; c0 += MR) {
-		const int m = min(MR, c - c0);
-		int src[MR];
+	const char *w0 = (const char *)a.wp[0][x], *w1 = (const char *)a.wp[GLU ? 1 : 0][x];
+	const float *s0 = FP8 ? a.sp[0][x] : NULL, *s1 = FP8 ? a.sp[GLU ? 1 : 0][x] : NULL;
+	/* A warp streams two weight rows at once (the gate and up rows of its
+	 * output, or two adjacent outputs), R times: the expert's plan and
+	 * pointers are read once, not once a row tile. */
+	for (int rr = 0; rr < R; rr++) {
+		const int wr = (blockIdx.x * 8 + threadIdx.x / 32) * R + rr, n = GLU ? wr : 2 * wr;
+		if (n >= a.N)
+			return;
+		const bool two = !GLU && n + 1 < a.N;
+		const int n2 = two ? n + 1 : n;
+		const char *rows[2] = { w0 + (size_t)n * a.K * wb, w1 + (size_t)n2 * a.K * wb };
+		const float *sr[2] = { FP8 ? s0 + (size_t)(n / 128) * a.sld : NULL,
+				       FP8 ? s1 + (size_t)(n2 / 128) * a.sld : NULL };
+		for (int c0 = 0; c0 < c; c0 += MR) {
+			const int m = min(MR, c - c0);
+			int src[MR];
 #pragma unroll
-		for (int i = 0; i < MR; i++)
-			src[i] = i < m ? (a.row_src ? a.row_src[r0 + c0 + i] : r0 + c0 + i) : 0;
-		float acc[2][MR];
+			for (int i = 0; i < MR; i++)
+				src[i] = i < m ? (a.row_src ? a.row_src[r0 + c0 + i] : r0 + c0 + i) : 0;
+			float acc[2][MR];
 #pragma unroll
-		for (int i = 0; i < MR; i++)
-			acc[0][i] = acc[1][i] = 0;
-		dot_rows<MR, unroll<MR, FP8>::U, FP8, 2>(acc, rows, sr, a.x, a.xs, a.xs_ld, src, m, a.K, lane);
-		warp_sum<MR>(acc[0]);
-		warp_sum<MR>(acc[1]);
+			for (int i = 0; i < MR; i++)
+				acc[0][i] = acc[1][i] = 0;
+			dot_rows<MR, unroll<MR, FP8>::U, FP8, 2>(acc, rows, sr, a.x, a.xs, a.xs_ld, src, m, a.K, lane);
+			warp_sum<MR>(acc[0]);
+			warp_sum<MR>(acc[1]);
 #pragma unroll
-		for (int i = 0; i < MR; i++)
-			if (lane == 0 && i < m) {
-				if (GLU) {
-					((dsk_bf16 *)a.out)[(size_t)(r0 + c0 + i) * a.ldo + n] =
-						__float2bfloat16(silu_mul(acc[0][i], acc[1][i]));
-				} else {
-					((float *)a.out)[(size_t)(r0 + c0 + i) * a.ldo + n] = acc[0][i];
-					if (two)
-						((float *)a.out)[(size_t)(r0 + c0 + i) * a.ldo + n + 1] = acc[1][i];
+			for (int i = 0; i < MR; i++)
+				if (lane == 0 && i < m) {
+					if (GLU) {
+						((dsk_bf16 *)a.out)[(size_t)(r0 + c0 + i) * a.ldo + n] =
+							__float2bfloat16(silu_mul(acc[0][i], acc[1][i]));
+					} else {
+						((float *)a.out)[(size_t)(r0 + c0 + i) * a.ldo + n] = acc[0][i];
+						if (two)
+							((float *)a.out)[(size_t)(r0 + c0 + i) * a.ldo + n + 1] = acc[1][i];
+					}
 				}
-			}
+		}
 	}
 }
 
 template <int MR>
-static void moe_launch(const dsk_moe_gemv_args *a, dim3 grid, cudaStream_t s)
+static void moe_launch(const dsk_moe_gemv_args *a, dim3 grid, int R, cudaStream_t s)
 {
 	if (a->fp8)
-		a->glu ? dsk_launch(moe_gemv_k<MR, true, true>, grid, 256, 0, s, *a)
-		       : dsk_launch(moe_gemv_k<MR, true, false>, grid, 256, 0, s, *a);
+		a->glu ? dsk_launch(moe_gemv_k<MR, true, true>, grid, 256, 0, s, *a, R)
+		       : dsk_launch(moe_gemv_k<MR, true, false>, grid, 256, 0, s, *a, R);
 	else
-		a->glu ? dsk_launch(moe_gemv_k<MR, false, true>, grid, 256, 0, s, *a)
-		       : dsk_launch(moe_gemv_k<MR, false, false>, grid, 256, 0, s, *a);
+		a->glu ? dsk_launch(moe_gemv_k<MR, false, true>, grid, 256, 0, s, *a, R)
+		       : dsk_launch(moe_gemv_k<MR, false, false>, grid, 256, 0, s, *a, R);
+}
+
+static int sm_count(void)
+{
+	static int n;
+	if (!n) {
+		int d = 0;
+		if (cudaGetDevice(&d) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, d) != cudaSuccess)
+			n = 132;
+	}
+	return n;
 }
 
 extern "C" int dsk_moe_gemv(const dsk_moe_gemv_args *a, dsk_stream s, ds_err *e)
@@ -289,14 +306,20 @@ extern "C" int dsk_moe_gemv(const dsk_moe_gemv_args *a, dsk_stream s, ds_err *e)
 		return ds_errf(e, -EINVAL, "moe_gemv: K=%d", a->K);
 	if (a->max_active <= 0)
 		return 0;
-	dim3 grid(a->glu ? (a->N + 7) / 8 : (a->N + 15) / 16, a->max_active);
+	/* Warp rows (1 or 2 outputs each) a warp takes in turn: up to 4, as far
+	 * as the grid stays above about two blocks an SM (what the registers of
+	 * these kernels let reside) — each block reads its expert's plan once. */
+	const int wrows = a->glu ? a->N : (a->N + 1) / 2, tiles = (wrows + 7) / 8;
+	int R = (int)((long)tiles * a->max_active / (2 * sm_count()));
+	R = R < 1 ? 1 : R > 4 ? 4 : R;
+	dim3 grid((tiles + R - 1) / R, a->max_active);
 	if (a->max_rows <= 1)
-		moe_launch<1>(a, grid, s);
+		moe_launch<1>(a, grid, R, s);
 	else if (a->max_rows <= 2)
-		moe_launch<2>(a, grid, s);
+		moe_launch<2>(a, grid, R, s);
 	else if (a->max_rows <= 4)
-		moe_launch<4>(a, grid, s);
+		moe_launch<4>(a, grid, R, s);
 	else
-		moe_launch<8>(a, grid, s);
+		moe_launch<8>(a, grid, R, s);
 	return dsk_check(e, "moe_gemv");
 }
