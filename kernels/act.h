@@ -6,9 +6,5 @@
 #include "kernels/dsk.h"
 
 DSK_EXTERN_C int dsk_silu_mul(dsk_bf16 *h, const float *g, const float *u, int rows, int n, dsk_stream s, ds_err *e);
-/* The same for *rows (device memory, at most max_rows) rows: the MoE plan's
- * row count, unknown to the host. */
-DSK_EXTERN_C int dsk_silu_mul_dev(dsk_bf16 *h, const float *g, const float *u, const int32_t *rows, int max_rows, int n,
-				  dsk_stream s, ds_err *e);
 
 #endif

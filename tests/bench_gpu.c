@@ -5,6 +5,8 @@
  * its values). Bytes per step: the weights a step reads (dense ones, plus the
  * routed experts expected to be hit by B tokens under uniform routing) and
  * the KV of B x C positions; over the device-to-device copy bandwidth.
+ * Each shape runs four ways in one run: CUDA graphs, eager launches, graphs
+ * downloading token ids only, graphs without programmatic dependent launch.
  * Usage: bench_gpu MODEL_DIR [label]   (env DS_BENCH_STEPS, default 10) */
 #include <cuda_profiler_api.h>
 #include <cuda_runtime_api.h>
