@@ -722,8 +722,10 @@ static int build_items(ds_batcher *b, const ds_sched_plan *plan, int verify, siz
 		if (verify && r->spec.n_draft > 0 && is_decode(r)) {
 			r->vin[0] = r->tokens[s->n_cached];
 			memcpy(r->vin + 1, r->spec.draft, sizeof(int32_t) * (size_t)r->spec.n_draft);
+			/* plain greedy without logprobs checks the drafts by ids */
 			b->items[n] = (ds_step_item){ .seq = r->seq, .tokens = r->vin, .n = 1 + r->spec.n_draft,
-						      .logits = DS_LOGITS_ALL };
+						      .logits = DS_LOGITS_ALL,
+						      .argmax_only = ds_sampling_plain_greedy(&r->sp) && !r->logprobs };
 		} else {
 			drop_drafts(r);
 			/* Greedy without penalties or logprobs needs the argmax only,
@@ -843,7 +845,8 @@ static int step(ds_batcher *b)
 		if (it->tokens == r->vin) {
 			const int nd = r->spec.n_draft;
 			r->spec.seq = r->seq;
-			if (ds_spec_verify(&r->spec, b->logits + (size_t)row * b->V, b->V, b->probs)) {
+			if (it->argmax_only ? ds_spec_verify_ids(&r->spec, b->ids + row)
+					    : ds_spec_verify(&r->spec, b->logits + (size_t)row * b->V, b->V, b->probs)) {
 				finish(b, r, DS_FINISH_ERROR, "cannot roll back rejected drafts");
 				row += it->n;
 				hoff += it->n;

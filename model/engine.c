@@ -427,3 +427,16 @@ int ds_engine_mtp_step(ds_engine *eng, int depth, const ds_step_item *items, int
 		return ds_errf(e, -EINVAL, "an MTP step needs the main model's hidden states");
 	return run_step(eng, depth + 1, items, n_items, hidden_in, logits, NULL, hidden_out, e);
 }
+
+int ds_engine_mtp_step_ids(ds_engine *eng, int depth, const ds_step_item *items, int n_items, const float *hidden_in,
+			   float *logits, int32_t *ids, float *hidden_out, ds_err *e)
+{
+	if (depth < 0 || depth >= eng->m->n_mtp)
+		return ds_errf(e, -EINVAL, "the model has %d MTP layers; depth %d asked", eng->m->n_mtp, depth);
+	if (!hidden_in || !ids || !logits)
+		return ds_errf(e, -EINVAL, "an MTP step with ids needs hidden states, logits and ids");
+	for (int i = 0; i < n_items; i++)
+		if (items[i].draw)
+			return ds_errf(e, -EINVAL, "step item %d: MTP steps do not draw on the device", i);
+	return run_step(eng, depth + 1, items, n_items, hidden_in, logits, ids, hidden_out, e);
+}

@@ -94,6 +94,10 @@ int ds_engine_draws(const ds_engine *eng);
  * hidden_out (optional) is the MTP output for chaining. */
 int ds_engine_mtp_step(ds_engine *eng, int depth, const ds_step_item *items, int n_items,
 		       const float *hidden_in, float *logits, float *hidden_out, ds_err *e);
+/* The same with ids[row] = the argmax of each logit row, as
+ * ds_engine_step_ids (argmax_only items' rows need not be written). */
+int ds_engine_mtp_step_ids(ds_engine *eng, int depth, const ds_step_item *items, int n_items,
+			   const float *hidden_in, float *logits, int32_t *ids, float *hidden_out, ds_err *e);
 /* Forget MTP KV beyond position n. */
 int ds_seq_mtp_truncate(ds_seq *s, int n);
 

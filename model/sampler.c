@@ -30,6 +30,8 @@ int ds_sampling_penalized(const ds_sampling *s)
 
 int ds_sampling_plain_greedy(const ds_sampling *s) { return s->temperature == 0 && !ds_sampling_penalized(s); }
 
+const ds_sampling *ds_sampler_params(const ds_sampler *s) { return &s->p; }
+
 int ds_sampling_validate(const ds_sampling *s, const char **why)
 {
 	const char *w = NULL;

@@ -33,6 +33,8 @@ typedef struct ds_sampler ds_sampler;
 
 int ds_sampler_new(const ds_sampling *p, int vocab, ds_sampler **out);
 ds_sampler *ds_sampler_free(ds_sampler *s);
+/* The settings the sampler was made with. */
+const ds_sampling *ds_sampler_params(const ds_sampler *s);
 /* Tokens that count for the repetition penalty (the prompt). */
 void ds_sampler_add_prompt(ds_sampler *s, const int32_t *ids, int n);
 /* Modifies logits in place (penalties, temperature) and returns a token id;

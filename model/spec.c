@@ -36,11 +36,15 @@ static int32_t pick(ds_spec_req *r, const float *p, int V)
 	return r->greedy ? ds_argmax(p, V) : ds_sampler_draw(r->smp, p);
 }
 
+/* Greedy without penalties: every choice is a logit row's argmax, which the
+ * engine returns as an id (on a GPU the rows then stay there). */
+static int plain(const ds_spec_req *r) { return ds_sampling_plain_greedy(ds_sampler_params(r->smp)); }
+
 /* Step buffers, grown as needed; ds_spec_ws keeps one across calls. */
 typedef struct {
 	ds_step_item *items;
 	float *logits, *hidden, *hidden2, *probs;
-	int32_t *toks;
+	int32_t *toks, *ids;
 	int *idx, *nt;
 	const int32_t **tk;
 	const float **hp;
@@ -55,6 +59,7 @@ static void scratch_free(scratch *s)
 {
 	free(s->items);
 	free(s->logits);
+	free(s->ids);
 	free(s->hidden);
 	free(s->hidden2);
 	free(s->probs);
@@ -84,7 +89,7 @@ static int draft(ds_engine *eng, ds_spec_req **reqs, int n, const int32_t *const
 		/* drafts must fit the context: positions up to len + depth */
 		int d = r->want && ds_seq_len(r->seq) + 1 + r->depth <= m->cfg.max_position_embeddings;
 		s->items[k] = (ds_step_item){ .seq = r->seq, .tokens = toks[i], .n = ntok[i],
-					      .logits = d ? DS_LOGITS_LAST : DS_LOGITS_NONE };
+					      .logits = d ? DS_LOGITS_LAST : DS_LOGITS_NONE, .argmax_only = plain(r) };
 		memcpy(s->hidden2 + (size_t)rows * H, hid[i], sizeof(float) * (size_t)H * ntok[i]);
 		rows += ntok[i];
 		idx[k++] = i;
@@ -93,7 +98,8 @@ static int draft(ds_engine *eng, ds_spec_req **reqs, int n, const int32_t *const
 	if (!k)
 		return 0;
 	float *hout = s->hidden;
-	int rc = ds_engine_mtp_step(eng, 0, s->items, k, s->hidden2, nd ? s->logits : NULL, hout, e);
+	int rc = nd ? ds_engine_mtp_step_ids(eng, 0, s->items, k, s->hidden2, s->logits, s->ids, hout, e)
+		    : ds_engine_mtp_step(eng, 0, s->items, k, s->hidden2, NULL, hout, e);
 	if (rc || !nd)
 		return rc;
 	/* keep the drafting items only; the last hidden row of each is the
@@ -111,9 +117,13 @@ static int draft(ds_engine *eng, ds_spec_req **reqs, int n, const int32_t *const
 	for (int d = 0;; d++) {
 		for (int j = 0; j < k; j++) {
 			ds_spec_req *r = reqs[idx[j]];
-			float *q = r->q + (size_t)d * V;
-			ds_sampler_probs(r->smp, s->logits + (size_t)j * V, q);
-			r->draft[d] = pick(r, q, V);
+			if (plain(r)) { /* q is for rejection sampling only */
+				r->draft[d] = s->ids[j];
+			} else {
+				float *q = r->q + (size_t)d * V;
+				ds_sampler_probs(r->smp, s->logits + (size_t)j * V, q);
+				r->draft[d] = pick(r, q, V);
+			}
 			r->n_draft = d + 1;
 			r->drafted++;
 		}
@@ -123,7 +133,8 @@ static int draft(ds_engine *eng, ds_spec_req **reqs, int n, const int32_t *const
 			ds_spec_req *r = reqs[idx[j]];
 			if (r->depth <= d + 1)
 				continue;
-			s->items[k2] = (ds_step_item){ .seq = r->seq, .tokens = &r->draft[d], .n = 1, .logits = DS_LOGITS_LAST };
+			s->items[k2] = (ds_step_item){ .seq = r->seq, .tokens = &r->draft[d], .n = 1, .logits = DS_LOGITS_LAST,
+						       .argmax_only = plain(r) };
 			if (d > 0) /* chain input: the previous MTP output, row j */
 				memcpy(s->hidden2 + (size_t)k2 * H, hout + (size_t)j * H, sizeof(float) * (size_t)H);
 			else
@@ -133,7 +144,7 @@ static int draft(ds_engine *eng, ds_spec_req **reqs, int n, const int32_t *const
 		if (!k2)
 			break;
 		k = k2;
-		if ((rc = ds_engine_mtp_step(eng, 0, s->items, k, s->hidden2, s->logits, hout, e)))
+		if ((rc = ds_engine_mtp_step_ids(eng, 0, s->items, k, s->hidden2, s->logits, s->ids, hout, e)))
 			return rc;
 	}
 	return 0;
@@ -169,7 +180,7 @@ static int scratch_reserve(scratch *s, const ds_model *m, int n, int rows, int l
 		s->cap_rows = rows;
 	}
 	if (lrows > s->cap_lrows) {
-		if (grow_buf(&s->logits, sizeof(float) * (size_t)V, lrows))
+		if (grow_buf(&s->logits, sizeof(float) * (size_t)V, lrows) || grow_buf(&s->ids, sizeof(int32_t), lrows))
 			return -ENOMEM;
 		s->cap_lrows = lrows;
 	}
@@ -230,6 +241,22 @@ out:
 	return rc;
 }
 
+/* Drafts [0, j) were accepted (in out, sampler updated); x follows them.
+ * Keeps `last` and the accepted drafts in the cache, drops the rest. */
+static int settle(ds_spec_req *r, int L, int j, int32_t x)
+{
+	ds_sampler_accept(r->smp, x);
+	r->out[j] = x;
+	r->n_out = j + 1;
+	r->steps++;
+	r->n_draft = 0;
+	r->last = x;
+	int rc = ds_seq_truncate(r->seq, L + 1 + j);
+	if (!rc)
+		rc = ds_seq_mtp_truncate(r->seq, L < ds_seq_mtp_len(r->seq) ? L : ds_seq_mtp_len(r->seq));
+	return rc;
+}
+
 int ds_spec_verify(ds_spec_req *r, const float *logits, int V, float *probs)
 {
 	const int L = ds_seq_len(r->seq) - 1 - r->n_draft; /* position of `last` */
@@ -276,17 +303,21 @@ int ds_spec_verify(ds_spec_req *r, const float *logits, int V, float *probs)
 		ds_sampler_probs(r->smp, logits + (size_t)j * V, probs);
 		x = pick(r, probs, V);
 	}
-	ds_sampler_accept(r->smp, x);
-	r->out[j] = x;
-	r->n_out = j + 1;
-	r->steps++;
-	r->n_draft = 0;
-	r->last = x;
-	/* keep `last` and the accepted drafts in the cache, drop the rest */
-	int rc = ds_seq_truncate(r->seq, L + 1 + j);
-	if (!rc)
-		rc = ds_seq_mtp_truncate(r->seq, L < ds_seq_mtp_len(r->seq) ? L : ds_seq_mtp_len(r->seq));
-	return rc;
+	return settle(r, L, j, x);
+}
+
+int ds_spec_verify_ids(ds_spec_req *r, const int32_t *ids)
+{
+	const int L = ds_seq_len(r->seq) - 1 - r->n_draft;
+	if (L < 0 || !plain(r))
+		return -EINVAL;
+	int j = 0;
+	for (; j < r->n_draft && ids[j] == r->draft[j]; j++) {
+		r->out[j] = r->draft[j];
+		ds_sampler_accept(r->smp, r->draft[j]);
+		r->accepted++;
+	}
+	return settle(r, L, j, ids[j]);
 }
 
 int ds_spec_extend(ds_engine *eng, ds_spec_ws **ws, ds_spec_req **reqs, int n, const int32_t *const *toks,
@@ -332,10 +363,11 @@ int ds_spec_step(ds_engine *eng, ds_spec_req **reqs, int n, ds_err *e)
 		ds_spec_req *r = reqs[i];
 		in[off] = r->last;
 		memcpy(in + off + 1, r->draft, sizeof(int32_t) * (size_t)r->n_draft);
-		s.items[i] = (ds_step_item){ .seq = r->seq, .tokens = in + off, .n = 1 + r->n_draft, .logits = DS_LOGITS_ALL };
+		s.items[i] = (ds_step_item){ .seq = r->seq, .tokens = in + off, .n = 1 + r->n_draft, .logits = DS_LOGITS_ALL,
+					     .argmax_only = plain(r) };
 		off += 1 + r->n_draft;
 	}
-	if ((rc = ds_engine_step(eng, s.items, n, s.logits, hid, e)))
+	if ((rc = ds_engine_step_ids(eng, s.items, n, s.logits, s.ids, hid, e)))
 		goto out;
 	const int32_t **tk = s.tk;
 	int *nt = s.nt;
@@ -343,7 +375,8 @@ int ds_spec_step(ds_engine *eng, ds_spec_req **reqs, int n, ds_err *e)
 	for (int i = 0, off = 0; i < n; i++) {
 		ds_spec_req *r = reqs[i];
 		const int rows_i = s.items[i].n;
-		if ((rc = ds_spec_verify(r, s.logits + (size_t)off * V, V, s.probs)))
+		rc = plain(r) ? ds_spec_verify_ids(r, s.ids + off) : ds_spec_verify(r, s.logits + (size_t)off * V, V, s.probs);
+		if (rc)
 			goto out;
 		/* MTP positions L .. L+j take the tokens after them: drafts 1..j, x */
 		memcpy(s.toks + off, r->out, sizeof(int32_t) * (size_t)r->n_out);

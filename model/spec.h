@@ -63,6 +63,10 @@ int ds_spec_step(ds_engine *eng, ds_spec_req **reqs, int n, ds_err *e);
  * or not a request drafts lets the caller switch drafting per step and keeps
  * shared prefix blocks valid for the MTP layer. */
 int ds_spec_verify(ds_spec_req *r, const float *logits, int vocab, float *probs);
+/* The same for greedy requests without penalties (ds_sampling_plain_greedy)
+ * from ids[j] = the argmax of row j (the engine's ids; the rows themselves
+ * are not needed): the same result. -EINVAL for other requests. */
+int ds_spec_verify_ids(ds_spec_req *r, const int32_t *ids);
 /* ds_spec_extend's buffers, kept across calls (created on first use). */
 typedef struct ds_spec_ws ds_spec_ws;
 int ds_spec_extend(ds_engine *eng, ds_spec_ws **ws, ds_spec_req **reqs, int n, const int32_t *const *toks,

@@ -1,5 +1,7 @@
 /* Speculative decoding with the MTP module: greedy output identical to plain
- * decoding across batch compositions and depths; sampling keeps the main
+ * decoding across batch compositions and depths (plain greedy checks drafts
+ * by token ids, penalized greedy by logit rows; on the random fixtures and
+ * on the trained default model, where drafts are accepted); sampling keeps the main
  * model's distribution (two-sample chi-square, alpha = 0.001); rollback
  * leaves the KV cache as a plain run would. Fixtures: tests/fixtures/v3, fp8. */
 #include <math.h>
@@ -105,6 +107,37 @@ static void run_together(env *v, gen *gs, int n, const int32_t *prompt, int plen
 	}
 }
 
+/* Greedy with sp (temperature 0): alone at depth 1 and 2, then three
+ * together at depths 0, 1, 2, each equal to plain decoding. Plain greedy
+ * checks drafts by token ids, penalized greedy by logit rows. */
+static void greedy_run(env *v, const ds_sampling *sp, const int32_t *prompt, int plen, int want, uint64_t *drafted,
+		       uint64_t *accepted)
+{
+	gen plain;
+	gen_init(v, &plain, sp, 0);
+	run_together(v, &plain, 1, prompt, plen, want);
+	for (int depth = 1; depth <= 2; depth++) {
+		gen g;
+		gen_init(v, &g, sp, depth);
+		run_together(v, &g, 1, prompt, plen, want);
+		assert_memory_equal(g.out, plain.out, sizeof(int32_t) * want);
+		/* rollback: the cache holds exactly prompt + emitted - 1 positions */
+		assert_true(ds_seq_len(g.seq) >= plen + want - 1);
+		*drafted += g.r.drafted;
+		*accepted += g.r.accepted;
+		gen_free(&g);
+	}
+	gen trio[3];
+	for (int i = 0; i < 3; i++)
+		gen_init(v, &trio[i], sp, i);
+	run_together(v, trio, 3, prompt, plen, want);
+	for (int i = 0; i < 3; i++) {
+		assert_memory_equal(trio[i].out, plain.out, sizeof(int32_t) * want);
+		gen_free(&trio[i]);
+	}
+	gen_free(&plain);
+}
+
 static void greedy_identical(const char *name)
 {
 	env v;
@@ -114,40 +147,59 @@ static void greedy_identical(const char *name)
 	sp.temperature = 0;
 	const int want = 40;
 	uint64_t drafted = 0, accepted = 0;
-	for (int s = 0; s < v.ref.n_seqs; s++) {
-		const fx_seq *q = &v.ref.seqs[s];
-		if (q->n < 7)
-			continue;
-		gen plain;
-		gen_init(&v, &plain, &sp, 0);
-		run_together(&v, &plain, 1, q->ids, 6, want);
-		/* alone at depth 1 and 2, then three together with depths 0, 1, 2 */
-		for (int depth = 1; depth <= 2; depth++) {
-			gen g;
-			gen_init(&v, &g, &sp, depth);
-			run_together(&v, &g, 1, q->ids, 6, want);
-			assert_memory_equal(g.out, plain.out, sizeof(int32_t) * want);
-			/* rollback: the cache holds exactly prompt + emitted - 1 positions */
-			assert_true(ds_seq_len(g.seq) >= 6 + want - 1);
-			drafted += g.r.drafted;
-			accepted += g.r.accepted;
-			gen_free(&g);
+	for (int pen = 0; pen <= 1; pen++) {
+		sp.repetition_penalty = pen ? 1.3f : 1.0f;
+		for (int s = 0; s < v.ref.n_seqs; s++) {
+			const fx_seq *q = &v.ref.seqs[s];
+			if (q->n >= 7)
+				greedy_run(&v, &sp, q->ids, 6, want, &drafted, &accepted);
 		}
-		gen trio[3];
-		for (int i = 0; i < 3; i++)
-			gen_init(&v, &trio[i], &sp, i);
-		run_together(&v, trio, 3, q->ids, 6, want);
-		for (int i = 0; i < 3; i++) {
-			assert_memory_equal(trio[i].out, plain.out, sizeof(int32_t) * want);
-			gen_free(&trio[i]);
-		}
-		gen_free(&plain);
 	}
 	assert_true(drafted > 0);
-	print_message("%s: greedy identical; drafts accepted %llu of %llu\n", name, (unsigned long long)accepted,
-		      (unsigned long long)drafted);
+	print_message("%s: greedy identical (plain and penalized); drafts accepted %llu of %llu\n", name,
+		      (unsigned long long)accepted, (unsigned long long)drafted);
 	assert_int_equal(ds_kv_pool_free_count(ds_engine_pool(v.eng)), ds_kv_pool_blocks(ds_engine_pool(v.eng)));
 	env_close(&v);
+}
+
+/* The trained default model, whose MTP layer's drafts are often right (the
+ * random fixtures' never are): accepted drafts take the same paths. */
+static void test_greedy_trained(void **st)
+{
+	(void)st;
+	env v;
+	memset(&v, 0, sizeof(v));
+	char dir[4096];
+	snprintf(dir, sizeof(dir), "%s/models/dsv3-tiny/bf16", fx_srcdir());
+	ds_err e = { { 0 } };
+	if (ds_model_open(dir, 0, &v.m, &e))
+		fail_msg("%s", e.msg);
+	ds_engine_config c;
+	ds_engine_config_default(&c);
+	c.threads = 2;
+	c.block_tokens = 16;
+	if (ds_engine_create(v.m, &c, &v.eng, &e))
+		fail_msg("%s", e.msg);
+	/* arbitrary token ids; the model continues them */
+	static const int32_t prompts[3][6] = { { 1, 400, 38, 2047, 15, 900 },
+					       { 77, 5, 1200, 3000, 64, 64 },
+					       { 8000, 12, 13, 14, 700, 2 } };
+	ds_sampling sp;
+	ds_sampling_default(&sp);
+	sp.temperature = 0;
+	uint64_t drafted[2] = { 0, 0 }, accepted[2] = { 0, 0 };
+	for (int pen = 0; pen <= 1; pen++) {
+		sp.repetition_penalty = pen ? 1.3f : 1.0f;
+		for (int i = 0; i < 3; i++)
+			greedy_run(&v, &sp, prompts[i], 6, 48, &drafted[pen], &accepted[pen]);
+		assert_true(accepted[pen] > 0);
+	}
+	print_message("dsv3-tiny: greedy identical; drafts accepted %llu of %llu (plain), %llu of %llu (penalized)\n",
+		      (unsigned long long)accepted[0], (unsigned long long)drafted[0], (unsigned long long)accepted[1],
+		      (unsigned long long)drafted[1]);
+	assert_int_equal(ds_kv_pool_free_count(ds_engine_pool(v.eng)), ds_kv_pool_blocks(ds_engine_pool(v.eng)));
+	ds_engine_free(v.eng);
+	ds_model_free(v.m);
 }
 
 static void test_greedy_v3(void **st) { (void)st; greedy_identical("v3"); }
@@ -296,6 +348,7 @@ int main(void)
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_greedy_v3),
 		cmocka_unit_test(test_greedy_fp8),
+		cmocka_unit_test(test_greedy_trained),
 		cmocka_unit_test(test_rollback_cache),
 		cmocka_unit_test(test_sampling_distribution),
 	};
