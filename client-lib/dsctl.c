@@ -114,6 +114,9 @@ static const struct option gen_long[] = {
 	{ "parse-special", no_argument, 0, 'X' },    { "ignore-eos", no_argument, 0, 'E' },
 	{ "system", required_argument, 0, 'y' },     { "verbose", no_argument, 0, 'v' },
 	{ "no-mtp", no_argument, 0, 'D' },           { "help", no_argument, 0, 'h' },
+	{ "repetition-penalty", required_argument, 0, 'r' },
+	{ "presence-penalty", required_argument, 0, 'e' },
+	{ "frequency-penalty", required_argument, 0, 'f' },
 	{ 0 }
 };
 
@@ -131,6 +134,9 @@ static int parse_gen(int argc, char **argv, gen_opts *g, const char *verb)
 		case 'P': g->p.top_p = strtof(optarg, &end); break;
 		case 'K': g->p.top_k = (int32_t)strtol(optarg, &end, 10); break;
 		case 'M': g->p.min_p = strtof(optarg, &end); break;
+		case 'r': g->p.repetition_penalty = strtof(optarg, &end); break;
+		case 'e': g->p.presence_penalty = strtof(optarg, &end); break;
+		case 'f': g->p.frequency_penalty = strtof(optarg, &end); break;
 		case 's': g->p.seed = strtoull(optarg, &end, 10); g->p.has_seed = 1; break;
 		case 'L': g->p.logprobs = (int32_t)strtol(optarg, &end, 10); break;
 		case 'i': g->print_ids = 1; break;
@@ -159,6 +165,7 @@ static int parse_gen(int argc, char **argv, gen_opts *g, const char *verb)
 		case 'h':
 			printf("usage: dsctl %s [options] %s\n"
 			       "  --max-tokens N  --temperature T  --top-p P  --top-k K  --min-p P  --seed S\n"
+			       "  --repetition-penalty R  --presence-penalty P  --frequency-penalty F\n"
 			       "  --stop TEXT (repeatable)  --logprobs N  --ignore-eos  --parse-special\n"
 			       "  --no-mtp        no speculative decoding (the same tokens, decoded one per step)\n"
 			       "  --prompt-ids LIST  prompt as token ids (for models without a tokenizer)\n"

@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <math.h>
 #include <msgpack.h>
+#include <omp.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -65,6 +66,12 @@ struct ds_batcher {
 	int stepping;            /* inside step(): finished requests stay until its end */
 	float *logits, *probs, *hidden;
 	int32_t *ids; /* argmax of each logit row */
+	/* Host-sampled rows, drawn before the step's tokens are emitted: per
+	 * item its logit row (-1: none) and token; one probs row a thread. */
+	int *pre_row;
+	int32_t *pre_tok;
+	float *tprobs;
+	int tprobs_n;
 	size_t logits_rows, hidden_rows;
 	/* ds_spec_extend's arguments, one per item */
 	ds_spec_req **x_req;
@@ -526,12 +533,54 @@ static void token_out(ds_batcher *b, ds_req *r, const float *row, int32_t tok)
 
 /* Same draw as dsd generate (and model/spec.c): the sampler's distribution,
  * argmax when greedy, else one draw from the request's RNG. */
-static void sample_row(ds_batcher *b, ds_req *r, const float *row)
+static int32_t draw_row(ds_req *r, const float *row, float *probs, int V)
 {
-	ds_sampler_probs(r->smp, row, b->probs);
-	int32_t tok = r->sp.temperature == 0 ? ds_argmax(b->probs, b->V) : ds_sampler_draw(r->smp, b->probs);
+	ds_sampler_probs(r->smp, row, probs);
+	int32_t tok = r->sp.temperature == 0 ? ds_argmax(probs, V) : ds_sampler_draw(r->smp, probs);
 	ds_sampler_accept(r->smp, tok);
-	token_out(b, r, row, tok);
+	return tok;
+}
+
+/* Draws the token of every row the host samples this step (penalties,
+ * logprobs, or a backend that does not draw), the rows in parallel: each
+ * belongs to another request, with its own sampler and RNG, so the tokens
+ * do not depend on the threads (a row costs 1-3 ms on a 129K vocabulary:
+ * one thread would bound large batches). Emission stays in item order. */
+static void presample(ds_batcher *b, int n)
+{
+	int cnt = 0;
+	for (int i = 0, row = 0; i < n; i++) {
+		const ds_step_item *it = &b->items[i];
+		b->pre_row[i] = -1;
+		if (it->tokens == b->item_req[i]->vin) {
+			row += it->n;
+		} else if (it->logits == DS_LOGITS_LAST) {
+			if (!it->argmax_only && !it->draw) {
+				b->pre_row[i] = row;
+				cnt++;
+			}
+			row++;
+		}
+	}
+	int nt = cnt > 1 ? omp_get_max_threads() : 1;
+	if (nt > cnt)
+		nt = cnt;
+	if (nt > 1 && nt > b->tprobs_n) {
+		float *t = realloc(b->tprobs, sizeof(float) * (size_t)nt * b->V);
+		if (t) {
+			b->tprobs = t;
+			b->tprobs_n = nt;
+		}
+	}
+	if (nt > b->tprobs_n)
+		nt = 1;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
+	for (int i = 0; i < n; i++) {
+		if (b->pre_row[i] < 0)
+			continue;
+		float *probs = nt > 1 ? b->tprobs + (size_t)omp_get_thread_num() * b->V : b->probs;
+		b->pre_tok[i] = draw_row(b->item_req[i], b->logits + (size_t)b->pre_row[i] * b->V, probs, b->V);
+	}
 }
 
 static void submit(ds_batcher *b, ds_req *r)
@@ -629,6 +678,8 @@ static int grow(ds_batcher *b, int n, size_t rows, size_t hrows)
 		GROW(b->x_hid);
 		GROW(b->x_n);
 		GROW(b->x_owner);
+		GROW(b->pre_row);
+		GROW(b->pre_tok);
 #undef GROW
 		b->items_cap = n;
 	}
@@ -836,6 +887,7 @@ static int step(ds_batcher *b)
 	const int H = b->m->cfg.hidden_size;
 	const int want = n <= b->cfg.mtp_max_batch; /* draft for the next step */
 	int row = 0, hoff = 0, k = 0;
+	presample(b, n);
 	b->stepping = 1;
 	for (int i = 0; i < n; i++) {
 		ds_req *r = b->item_req[i];
@@ -874,7 +926,7 @@ static int step(ds_batcher *b)
 					ds_sampler_accept(r->smp, b->ids[row]);
 					on_token(b, r, b->ids[row], NAN, NULL, 0);
 				} else {
-					sample_row(b, r, b->logits + (size_t)row * b->V);
+					token_out(b, r, b->logits + (size_t)row * b->V, b->pre_tok[i]);
 				}
 				row++;
 				if (dec) {
@@ -1331,6 +1383,9 @@ ds_batcher *ds_batcher_stop(ds_batcher *b)
 	free(b->logits);
 	free(b->ids);
 	free(b->probs);
+	free(b->tprobs);
+	free(b->pre_row);
+	free(b->pre_tok);
 	free(b->ps);
 	pthread_mutex_destroy(&b->mu);
 	pthread_cond_destroy(&b->cv);

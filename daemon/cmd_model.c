@@ -258,6 +258,9 @@ int ds_cmd_generate(int argc, char **argv)
 		{ "seed", required_argument, 0, 's' },      { "json", no_argument, 0, 'j' },
 		{ "backend", required_argument, 0, 'b' },   { "threads", required_argument, 0, 't' },
 		{ "mtp", required_argument, 0, 'D' },       { "no-mtp", no_argument, 0, 'X' },
+		{ "repetition-penalty", required_argument, 0, 'r' },
+		{ "presence-penalty", required_argument, 0, 'e' },
+		{ "frequency-penalty", required_argument, 0, 'f' },
 		{ "help", no_argument, 0, 'h' },            { 0 }
 	};
 	const char *dir = NULL, *ids_s = NULL, *prompt = NULL, *backend = NULL;
@@ -280,10 +283,14 @@ int ds_cmd_generate(int argc, char **argv)
 		case 't': threads = atoi(optarg); break;
 		case 'D': depth = atoi(optarg); break;
 		case 'X': depth = 0; break;
+		case 'r': sp.repetition_penalty = strtof(optarg, NULL); break;
+		case 'e': sp.presence_penalty = strtof(optarg, NULL); break;
+		case 'f': sp.frequency_penalty = strtof(optarg, NULL); break;
 		default:
 			fprintf(c == 'h' ? stdout : stderr,
 				"usage: dsd generate --model DIR (--prompt TEXT | --ids LIST) [--max-tokens N]\n"
 				"       [--temperature T] [--top-p P] [--top-k K] [--min-p P] [--seed S] [--json]\n"
+				"       [--repetition-penalty R] [--presence-penalty P] [--frequency-penalty F]\n"
 				"       [--backend cpu|cuda] [--threads N] [--mtp DEPTH | --no-mtp]\n"
 				"  speculative decoding with the model's MTP module: depth 1 by default on cuda,\n"
 				"  off on the cpu (where drafting does not pay: docs/PERFORMANCE.md), as dsd\n"

@@ -3,8 +3,12 @@
  * of the vocabulary it replaced (tests/sampler_ref.h), in the same run.
  * Two logit shapes: model-like (a few likely tokens, a long tail) and flat
  * (the nucleus spans most of the vocabulary: the selection's worst case).
- * Median of 5 runs of 10 rows each. */
+ * Median of 5 runs of 10 rows each. Then a step's host-sampled rows as
+ * the daemon's batcher draws them (daemon/batcher.c presample): 16
+ * requests, each with its own sampler (repetition penalty 1.1, T 0.7, top-p
+ * 0.95), one OpenMP thread against all of them. */
 #include <math.h>
+#include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -64,6 +68,47 @@ int main(void)
 			ds_sampler_free(s);
 		}
 	}
+	/* one step's rows, parallel over requests */
+	enum { NR = 16 };
+	ds_sampler *rs[NR];
+	float *pr = malloc(sizeof(float) * V * (size_t)omp_get_max_threads());
+	if (!pr)
+		return 1;
+	for (int i = 0; i < NR; i++) {
+		ds_sampling sp;
+		ds_sampling_default(&sp);
+		sp.temperature = 0.7f;
+		sp.top_p = 0.95f;
+		sp.repetition_penalty = 1.1f;
+		sp.seed = (uint64_t)i;
+		if (ds_sampler_new(&sp, V, &rs[i]))
+			return 1;
+		const int32_t seen[4] = { 5 + i, 900, 70000 + i, 12 };
+		ds_sampler_add_prompt(rs[i], seen, 4);
+	}
+	const int maxt = omp_get_max_threads();
+	printf("# a step's %d host-sampled rows (repetition penalty 1.1, T 0.7, top_p 0.95), median of %d\n", NR, RUNS);
+	double ms1 = 0;
+	for (int nt = 1; nt <= maxt; nt = nt < maxt ? (nt * 2 < maxt ? nt * 2 : maxt) : maxt + 1) {
+		double a[RUNS];
+		for (int r = 0; r < RUNS; r++) {
+			double t0 = now();
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+			for (int i = 0; i < NR; i++) {
+				float *q = pr + (size_t)omp_get_thread_num() * V;
+				ds_sampler_probs(rs[i], l, q);
+				ds_sampler_accept(rs[i], ds_sampler_draw(rs[i], q));
+			}
+			a[r] = now() - t0;
+		}
+		const double m = median(a, RUNS) * 1e3;
+		if (nt == 1)
+			ms1 = m;
+		printf("%2d thread%s %10.3f ms a step %7.2fx\n", nt, nt > 1 ? "s" : " ", m, ms1 / m);
+	}
+	for (int i = 0; i < NR; i++)
+		ds_sampler_free(rs[i]);
+	free(pr);
 	free(l);
 	free(p);
 	free(order);

@@ -69,7 +69,7 @@ static int collect(ds_client *c, uint64_t id, int32_t *toks, int max, int *n, ds
 typedef struct job {
 	int index;
 	uint64_t seed;
-	float temp;
+	float temp, rep;
 	int32_t prompt[64], expect[512];
 	int n_prompt, n_expect, max_tokens;
 	int ok;
@@ -92,6 +92,8 @@ static void *run_job(void *arg)
 	p.n_ids = (size_t)j->n_prompt;
 	p.max_tokens = j->max_tokens;
 	p.temperature = j->temp;
+	if (j->rep != 1)
+		p.repetition_penalty = j->rep;
 	p.seed = j->seed;
 	p.has_seed = 1;
 	/* sampled streams are compared with dsd generate --no-mtp: whether a step
@@ -121,7 +123,7 @@ static void *run_job(void *arg)
 	return NULL;
 }
 
-/* cases file: lines "seed temperature max_tokens prompt_csv expected_csv" */
+/* cases file: lines "seed temperature repetition_penalty max_tokens prompt_csv expected_csv" */
 static void mode_concurrent(int nthreads, const char *cases)
 {
 	FILE *f = fopen(cases, "r");
@@ -133,12 +135,13 @@ static void mode_concurrent(int nthreads, const char *cases)
 	int np = 0;
 	char a[4096], b[4096];
 	unsigned long long seed;
-	float t;
+	float t, rp;
 	int mt;
-	while (np < 16 && fscanf(f, "%llu %f %d %4095s %4095s", &seed, &t, &mt, a, b) == 5) {
+	while (np < 16 && fscanf(f, "%llu %f %f %d %4095s %4095s", &seed, &t, &rp, &mt, a, b) == 6) {
 		memset(&proto[np], 0, sizeof(job));
 		proto[np].seed = seed;
 		proto[np].temp = t;
+		proto[np].rep = rp;
 		proto[np].max_tokens = mt;
 		proto[np].n_prompt = parse_csv(a, proto[np].prompt, 64);
 		proto[np].n_expect = parse_csv(b, proto[np].expect, 512);

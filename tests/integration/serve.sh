@@ -31,8 +31,9 @@ stop_dsd() {
 }
 
 # Offline reference: dsd generate prints ids separated by spaces.
-offline() { # ids max seed temperature
-	"$DSD" generate --model "$MODEL" --ids "$1" --max-tokens "$2" --seed "$3" --temperature "$4" --no-mtp --threads 1 2>/dev/null
+offline() { # ids max seed temperature [repetition_penalty]
+	"$DSD" generate --model "$MODEL" --ids "$1" --max-tokens "$2" --seed "$3" --temperature "$4" \
+		--repetition-penalty "${5:-1}" --no-mtp --threads 1 2>/dev/null
 }
 
 if [ ! -x "$DSD" ] || [ ! -x "$DSCTL" ] || [ ! -x "$DRIVER" ]; then
@@ -108,12 +109,16 @@ grep -q '"done":true,"finish_reason":"length","prompt_tokens":4,"generated_token
 rc=$?
 [ $rc -eq 1 ] && grep -q "no tokenizer" "$T/err" && ok "dsctl: exit 1 when the request fails (text prompt, no tokenizer)" || bad "failed request exit status $rc" "$(cat "$T/err")"
 
-# --- 32 concurrent clients, half on rings, half on socket notifications ---
+# --- 32 concurrent clients, half on rings, half on socket notifications;
+# every sampled row of a step is drawn on the host, rows in parallel (the
+# penalized cases change the stream: 1.3 the sampled one, 0.7 the greedy one,
+# whose tokens this random model never repeats otherwise) ---
 : >"$T/cases"
-for c in "11 0.8 40 1,2,3" "12 0.7 33 4,5,6,7,8,9" "13 0 50 20,21" "14 1.0 25 300,301,302,303"; do
+for c in "11 0.8 1 40 1,2,3" "12 0.7 1 33 4,5,6,7,8,9" "13 0 1 50 20,21" "14 1.0 1 25 300,301,302,303" \
+	"15 0.9 1.3 30 7,8,9" "16 0 0.7 36 40,41,42"; do
 	set -- $c
-	exp=$(offline "$4" "$3" "$1" "$2" | tr ' ' ',')
-	echo "$1 $2 $3 $4 $exp" >>"$T/cases"
+	exp=$(offline "$5" "$4" "$1" "$2" "$3" | tr ' ' ',')
+	echo "$1 $2 $3 $4 $5 $exp" >>"$T/cases"
 done
 "$DRIVER" "$SOCK" concurrent 32 "$T/cases" >"$T/out" 2>&1 && ok "32 concurrent clients" || bad "32 concurrent clients" "$(cat "$T/out")"
 grep '^FAIL' "$T/out" || true
