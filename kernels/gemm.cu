@@ -330,15 +330,12 @@ static int matmul(dsk_gemm *g, void *out, int ldo, int outbf, const void *B, int
 }
 
 
-/* Small M (decode) goes through the weight-streaming GEMV (kernels/gemv.h)
- * up to this many rows: cuBLASLt is faster from M = 8 on
- * (docs/PERFORMANCE.md). FP8 takes the same quantized activations as the
- * block-scaled GEMM, so both paths compute the same function. */
-#define GEMV_MAX_M 2
-
+/* Small M (decode) goes through the weight-streaming GEMV (kernels/gemv.h,
+ * up to DSK_GEMV_MAX_M rows). FP8 takes the same quantized activations as
+ * the block-scaled GEMM, so both paths compute the same function. */
 static int gemv_ok(const dsk_gemm *g, const dsk_weight *W, int M)
 {
-	return !g->no_gemv && M <= GEMV_MAX_M && W->cols % (W->type == DSK_W_FP8 ? 128 : 8) == 0;
+	return !g->no_gemv && M <= DSK_GEMV_MAX_M && W->cols % (W->type == DSK_W_FP8 ? 128 : 8) == 0;
 }
 
 static dsk_gemv_job job(void *out, int ldo, const dsk_weight *W)
@@ -352,10 +349,7 @@ static int quantize(dsk_gemm *g, const dsk_bf16 *x, int M, int K, ds_err *e)
 {
 	const int Mp = dsk_gemm_pad(M);
 	int rc = grow_q(g, (size_t)Mp * K, Mp, K, e);
-	if (rc == 0)
-		rc = dsk_quant_fp8(g->q, g->qs, x, Mp, K, g->s, e);
-	g->n_fp8 += rc == 0;
-	return rc;
+	return rc ? rc : dsk_quant_fp8(g->q, g->qs, x, Mp, K, g->s, e);
 }
 
 static int run(dsk_gemm *g, void *out, int ldo, int outbf, const dsk_bf16 *x, int M, const dsk_weight *W, ds_err *e)
@@ -369,7 +363,7 @@ static int run(dsk_gemm *g, void *out, int ldo, int outbf, const dsk_bf16 *x, in
 		return ds_errf(e, -EINVAL, "fp8 gemm: shape %dx%d needs the dequantized path", N, K);
 	if (fp8 && (rc = quantize(g, x, M, K, e)))
 		return rc;
-	g->n_bf16 += !fp8;
+	*(fp8 ? &g->n_fp8 : &g->n_bf16) += 1;
 	if (!outbf && gemv_ok(g, W, M)) {
 		dsk_gemv_job j = job(out, ldo, W);
 		return dsk_gemv(&j, 1, 0, fp8 ? (const void *)g->q : x, g->qs, M, Mp, K, fp8, g->s, e);
@@ -388,6 +382,18 @@ extern "C" int dsk_gemm_run_bf16(dsk_gemm *g, dsk_bf16 *out, int ldo, const dsk_
 	return run(g, out, ldo, 1, x, M, W, e);
 }
 
+/* Two weights over the same rows in one GEMV launch (one quantization):
+ * two outputs, or gate and up into h (glu). */
+static int gemv_pair(dsk_gemm *g, const dsk_gemv_job *j, int glu, const dsk_bf16 *x, int M, int K, int fp8,
+		     ds_err *e)
+{
+	int rc;
+	if (fp8 && (rc = quantize(g, x, M, K, e)))
+		return rc;
+	*(fp8 ? &g->n_fp8 : &g->n_bf16) += 2;
+	return dsk_gemv(j, 2, glu, fp8 ? (const void *)g->q : x, g->qs, M, dsk_gemm_pad(M), K, fp8, g->s, e);
+}
+
 extern "C" int dsk_gemm_run2(dsk_gemm *g, float *out0, int ldo0, const dsk_weight *W0, float *out1, int ldo1,
 			     const dsk_weight *W1, const dsk_bf16 *x, int M, ds_err *e)
 {
@@ -399,13 +405,8 @@ extern "C" int dsk_gemm_run2(dsk_gemm *g, float *out0, int ldo0, const dsk_weigh
 		int rc = run(g, out0, ldo0, 0, x, M, W0, e);
 		return rc ? rc : run(g, out1, ldo1, 0, x, M, W1, e);
 	}
-	int rc;
-	if (fp8 && (rc = quantize(g, x, M, K, e)))
-		return rc;
-	g->n_bf16 += fp8 ? 0 : 2;
-	g->n_fp8 += fp8;
-	dsk_gemv_job j[2] = { job(out0, ldo0, W0), job(out1, ldo1, W1) };
-	return dsk_gemv(j, 2, 0, fp8 ? (const void *)g->q : x, g->qs, M, dsk_gemm_pad(M), K, fp8, g->s, e);
+	const dsk_gemv_job j[2] = { job(out0, ldo0, W0), job(out1, ldo1, W1) };
+	return gemv_pair(g, j, 0, x, M, K, fp8, e);
 }
 
 extern "C" int dsk_gemm_glu(dsk_gemm *g, dsk_bf16 *h, int ldh, const dsk_bf16 *x, int M, const dsk_weight *Wg,
@@ -417,11 +418,6 @@ extern "C" int dsk_gemm_glu(dsk_gemm *g, dsk_bf16 *h, int ldh, const dsk_bf16 *x
 		return -ENOTSUP;
 	if (M <= 0)
 		return 0;
-	int rc;
-	if (fp8 && (rc = quantize(g, x, M, K, e)))
-		return rc;
-	g->n_bf16 += fp8 ? 0 : 2;
-	g->n_fp8 += fp8;
-	dsk_gemv_job j[2] = { job(h, ldh, Wg), job(NULL, 0, Wu) };
-	return dsk_gemv(j, 2, 1, fp8 ? (const void *)g->q : x, g->qs, M, dsk_gemm_pad(M), K, fp8, g->s, e);
+	const dsk_gemv_job j[2] = { job(h, ldh, Wg), job(NULL, 0, Wu) };
+	return gemv_pair(g, j, 1, x, M, K, fp8, e);
 }

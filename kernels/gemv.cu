@@ -11,7 +11,6 @@
 #include "kernels/gemv.h"
 #include "kernels/launch.cuh"
 
-#define DENSE_MAX_M 2 /* beyond, cuBLASLt is faster (docs/PERFORMANCE.md) */
 
 static __device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
 
@@ -202,7 +201,7 @@ static void dense_launch(int M, const dense_args &a, int blocks, cudaStream_t s)
 extern "C" int dsk_gemv(const dsk_gemv_job *jobs, int njobs, int glu, const void *x, const float *xs, int M, int Mp,
 			int K, int fp8, dsk_stream s, ds_err *e)
 {
-	if (M < 1 || M > DENSE_MAX_M || njobs < 1 || njobs > 2 || (glu && (njobs != 2 || jobs[0].N != jobs[1].N)) ||
+	if (M < 1 || M > DSK_GEMV_MAX_M || njobs < 1 || njobs > 2 || (glu && (njobs != 2 || jobs[0].N != jobs[1].N)) ||
 	    K % (fp8 ? 128 : 8))
 		return ds_errf(e, -EINVAL, "gemv: %d rows, %d weights, K=%d unsupported", M, njobs, K);
 	dense_args a = {};

@@ -11,7 +11,11 @@
 
 #include "kernels/dsk.h"
 
-/* Dense: out_j[m][n] = x[m] . W_j[n] for j < njobs (1 or 2), m < M <= 2. */
+/* The most rows the dense GEMV takes: from 8 rows on cuBLASLt is faster
+ * (docs/PERFORMANCE.md), and 2 keeps the kernels few. */
+#define DSK_GEMV_MAX_M 2
+
+/* Dense: out_j[m][n] = x[m] . W_j[n] for j < njobs (1 or 2), m < M <= DSK_GEMV_MAX_M. */
 typedef struct dsk_gemv_job {
 	const void *w;     /* [N][K] */
 	const float *ws;   /* FP8 scales [ceil(N/128)][sld] */

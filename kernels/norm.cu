@@ -37,6 +37,19 @@ static __device__ float block_sum(float v, float *red)
 	return v;
 }
 
+/* Row xr with sum of squares ss: o = w * xr / rms, to bf16 ob (and float of). */
+static __device__ __forceinline__ void norm_out(const float *xr, float ss, const float *w, int dim, float eps,
+						dsk_bf16 *ob, float *of)
+{
+	const float inv = (float)(1.0 / sqrt((double)ss / dim + eps));
+	for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+		float o = w[i] * (xr[i] * inv);
+		ob[i] = __float2bfloat16(o);
+		if (of)
+			of[i] = o;
+	}
+}
+
 static __global__ void add_rmsnorm_k(float *x, const float *y, const float *w, int dim, float eps, dsk_bf16 *ob,
 				     int ldo, float *of)
 {
@@ -53,14 +66,7 @@ static __global__ void add_rmsnorm_k(float *x, const float *y, const float *w, i
 		}
 		ss += v * v;
 	}
-	ss = block_sum(ss, red);
-	const float inv = (float)(1.0 / sqrt((double)ss / dim + eps));
-	for (int i = threadIdx.x; i < dim; i += blockDim.x) {
-		float o = w[i] * (xr[i] * inv);
-		ob[(size_t)t * ldo + i] = __float2bfloat16(o);
-		if (of)
-			of[(size_t)t * dim + i] = o;
-	}
+	norm_out(xr, block_sum(ss, red), w, dim, eps, ob + (size_t)t * ldo, of ? of + (size_t)t * dim : NULL);
 }
 
 /* add_rmsnorm_k with y computed in place as the MoE combine: the same float
@@ -82,14 +88,7 @@ static __global__ void combine_norm_k(float *x, const float *shared, const float
 		xr[i] = v;
 		ss += v * v;
 	}
-	ss = block_sum(ss, red);
-	const float inv = (float)(1.0 / sqrt((double)ss / dim + eps));
-	for (int i = threadIdx.x; i < dim; i += blockDim.x) {
-		float o = w[i] * (xr[i] * inv);
-		ob[(size_t)t * ldo + i] = __float2bfloat16(o);
-		if (of)
-			of[(size_t)t * dim + i] = o;
-	}
+	norm_out(xr, block_sum(ss, red), w, dim, eps, ob + (size_t)t * ldo, of ? of + (size_t)t * dim : NULL);
 }
 
 extern "C" int dsk_combine_add_rmsnorm(float *x, const float *shared, const float *yp, const int32_t *pos,

@@ -79,19 +79,12 @@ static uint8_t e4m3_nearest(float x)
 
 static int gemv_on = 1;
 
-/* W [N][K] random, stored bf16 or fp8 with block scales; x [M][K] bf16. */
-static void check_gemm(int fp8, int M, int N, int K)
+/* A random weight [N][K] on the host: bf16 ~ N(0)/sqrt(K), or FP8 bytes that
+ * are not NaN with block scales ~1/(448 sqrt K), sh [N/128][K/128] and the
+ * same in rows padded to 4 (the device layout) in shp. */
+static void rand_host_weight(int fp8, int N, int K, void *wh, float *sh, float *shp)
 {
-	ds_err e = { { 0 } };
-	uint16_t *xb = malloc(2 * (size_t)M * K);
-	float *xf = malloc(4 * (size_t)M * K);
-	for (size_t i = 0; i < (size_t)M * K; i++) {
-		xb[i] = ds_f32_to_bf16(frand() * 3);
-		xf[i] = ds_bf16_to_f32(xb[i]);
-	}
 	const int sr = (N + 127) / 128, sc = (K + 127) / 128, sld = (sc + 3) & ~3;
-	void *wh = malloc((size_t)N * K * (fp8 ? 1 : 2));
-	float *sh = calloc((size_t)sr * sc, 4), *shp = calloc((size_t)sr * sld, 4);
 	for (int i = 0; i < sr * sc; i++) {
 		sh[i] = (0.5f + (frand() + 1)) / 448.0f / sqrtf((float)K);
 		shp[(i / sc) * sld + i % sc] = sh[i];
@@ -108,6 +101,22 @@ static void check_gemm(int fp8, int M, int N, int K)
 			((uint16_t *)wh)[i] = ds_f32_to_bf16(frand() / sqrtf((float)K));
 		}
 	}
+}
+
+/* W [N][K] random, stored bf16 or fp8 with block scales; x [M][K] bf16. */
+static void check_gemm(int fp8, int M, int N, int K)
+{
+	ds_err e = { { 0 } };
+	uint16_t *xb = malloc(2 * (size_t)M * K);
+	float *xf = malloc(4 * (size_t)M * K);
+	for (size_t i = 0; i < (size_t)M * K; i++) {
+		xb[i] = ds_f32_to_bf16(frand() * 3);
+		xf[i] = ds_bf16_to_f32(xb[i]);
+	}
+	const int sr = (N + 127) / 128, sc = (K + 127) / 128, sld = (sc + 3) & ~3;
+	void *wh = malloc((size_t)N * K * (fp8 ? 1 : 2));
+	float *sh = calloc((size_t)sr * sc, 4), *shp = calloc((size_t)sr * sld, 4);
+	rand_host_weight(fp8, N, K, wh, sh, shp);
 	ds_tensor_ref tw = { .dtype = fp8 ? DS_DT_F8_E4M3 : DS_DT_BF16, .ndim = 2, .shape = { N, K }, .data = wh };
 	ds_tensor_ref ts = { .dtype = DS_DT_F32, .ndim = 2, .shape = { sr, sc }, .data = sh };
 	ds_wmat W = { .w = &tw, .scale_inv = fp8 ? &ts : NULL, .rows = N, .cols = K };
@@ -494,32 +503,19 @@ static void test_attention(void **st)
 	check_attention(12, 128, 32, 16, 3);
 }
 
-/* A random device weight [N][K] (FP8 with block scales: bytes that are not
- * NaN, scales ~1/(448 sqrt K)). */
+/* A random device weight [N][K] (rand_host_weight's values). */
 static dsk_weight rand_weight(int fp8, int N, int K)
 {
-	const int sr = (N + 127) / 128, sld = ((K + 127) / 128 + 3) & ~3;
+	const int sr = (N + 127) / 128, sc = (K + 127) / 128, sld = (sc + 3) & ~3;
 	const size_t nb = (size_t)N * K * (fp8 ? 1 : 2);
-	uint8_t *wh = malloc(nb);
-	float *sh = calloc((size_t)sr * sld, 4);
-	for (size_t i = 0; i < (size_t)N * K; i++) {
-		if (fp8) {
-			uint8_t v;
-			do {
-				rng = rng * 1664525u + 1013904223u;
-				v = (uint8_t)(rng >> 24);
-			} while ((v & 0x7f) == 0x7f);
-			wh[i] = v;
-		} else {
-			((uint16_t *)wh)[i] = ds_f32_to_bf16(frand() / sqrtf((float)K));
-		}
-	}
-	for (int i = 0; i < sr * sld; i++)
-		sh[i] = (0.5f + (frand() + 1)) / 448.0f / sqrtf((float)K);
+	void *wh = malloc(nb);
+	float *sh = calloc((size_t)sr * sc, 4), *shp = calloc((size_t)sr * sld, 4);
+	rand_host_weight(fp8, N, K, wh, sh, shp);
 	dsk_weight w = { .type = fp8 ? DSK_W_FP8 : DSK_W_BF16, .rows = N, .cols = K, .w = dup_up(wh, nb),
-			 .scale = fp8 ? dup_up(sh, 4 * (size_t)sr * sld) : NULL, .sld = sld };
+			 .scale = fp8 ? dup_up(shp, 4 * (size_t)sr * sld) : NULL, .sld = sld };
 	free(wh);
 	free(sh);
+	free(shp);
 	return w;
 }
 
