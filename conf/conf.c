@@ -24,7 +24,8 @@ static const ds_conf_key keys[] = {
 	{ "model", "threads", "threads", DS_CONF_T_INT, F(threads), 0, 1024, "0", 0,
 	  "CPU threads for the engine, 0 = all cores", NULL },
 	{ "model", "kv_bytes", "kv-bytes", DS_CONF_T_SIZE, F(kv_bytes), 0, 1024 * GiB, "0", 0,
-	  "CPU KV pool size in bytes (K/M/G suffixes), 0 = room for 8 full contexts, at most 1 GiB", NULL },
+	  "KV pool size in bytes (K/M/G suffixes); 0 = on the CPU room for 8 full contexts, at most 1 GiB, "
+	  "on a GPU gpu_kv_fraction of the memory left after the weights", NULL },
 	{ "model", "block_tokens", "block-tokens", DS_CONF_T_INT, F(block_tokens), 16, 1024, "64", 0,
 	  "tokens per KV block", NULL },
 	{ "model", "device", "device", DS_CONF_T_INT, F(device), 0, 63, "0", 0, "CUDA device index", NULL },

@@ -66,6 +66,8 @@ struct ds_batcher {
 	int stepping;            /* inside step(): finished requests stay until its end */
 	float *logits, *probs, *hidden;
 	int32_t *ids; /* argmax of each logit row */
+	int32_t *mids; /* chained items' MTP argmax rows (ds_engine_step_chain) */
+	int n_chain;   /* items [0, n_chain) of a step are chained */
 	/* Host-sampled rows, drawn before the step's tokens are emitted: per
 	 * item its logit row (-1: none) and token; one probs row a thread. */
 	int *pre_row;
@@ -692,6 +694,9 @@ static int grow(ds_batcher *b, int n, size_t rows, size_t hrows)
 		if (!d)
 			return -ENOMEM;
 		b->ids = d;
+		if (!(d = realloc(b->mids, sizeof(int32_t) * rows)))
+			return -ENOMEM;
+		b->mids = d;
 		b->logits_rows = rows;
 	}
 	if (hrows > b->hidden_rows) {
@@ -761,40 +766,55 @@ static int is_decode(const ds_req *r)
 
 /* Builds the step's items; a decoding sequence with drafts verifies them
  * (its pending token and drafts, logits for all) when `verify` allows. */
+/* Verifying greedy requests without penalties or logprobs at depth 1 draft
+ * in the same engine call (ds_engine_step_chain): no host round trip between
+ * the main model and the MTP module. */
+static int chains(const ds_req *r, int verify)
+{
+	return verify && r->spec.n_draft > 0 && is_decode(r) && r->spec.depth == 1 && r->mtp &&
+	       ds_sampling_plain_greedy(&r->sp) && !r->logprobs && ds_seq_mtp_len(r->seq) == ds_seq_len(r->seq);
+}
+
+/* The step's items, chained ones first (b->n_chain of them). */
 static int build_items(ds_batcher *b, const ds_sched_plan *plan, int verify, size_t *rows, size_t *hrows)
 {
 	int n = 0;
 	*rows = *hrows = 0;
-	for (int i = 0; i < plan->n_items; i++) {
-		ds_req *r = plan->items[i]->user;
-		if (r->pend_head || r->finished || !r->seq)
-			continue; /* paused: its client has not read yet */
-		ds_sched_req *s = &r->sr;
-		if (verify && r->spec.n_draft > 0 && is_decode(r)) {
-			r->vin[0] = r->tokens[s->n_cached];
-			memcpy(r->vin + 1, r->spec.draft, sizeof(int32_t) * (size_t)r->spec.n_draft);
-			/* plain greedy without logprobs checks the drafts by ids */
-			b->items[n] = (ds_step_item){ .seq = r->seq, .tokens = r->vin, .n = 1 + r->spec.n_draft,
-						      .logits = DS_LOGITS_ALL,
-						      .argmax_only = ds_sampling_plain_greedy(&r->sp) && !r->logprobs };
-		} else {
-			drop_drafts(r);
-			/* Greedy without penalties or logprobs needs the argmax only,
-			 * and a backend that draws takes sampling without penalties
-			 * or logprobs: on a GPU the vocabulary row stays there. */
-			b->items[n] = (ds_step_item){
-				.seq = r->seq, .tokens = r->tokens + s->n_cached, .n = s->n_sched,
-				.logits = s->n_cached + s->n_sched == s->n_tokens ? DS_LOGITS_LAST : DS_LOGITS_NONE,
-				.argmax_only = ds_sampling_plain_greedy(&r->sp) && !r->logprobs,
-			};
-			if (b->items[n].logits == DS_LOGITS_LAST && !b->items[n].argmax_only && device_draw(b, r))
-				b->items[n].draw = &r->draw;
+	b->n_chain = 0;
+	for (int pass = 0; pass < 2; pass++)
+		for (int i = 0; i < plan->n_items; i++) {
+			ds_req *r = plan->items[i]->user;
+			if (r->pend_head || r->finished || !r->seq)
+				continue; /* paused: its client has not read yet */
+			if (chains(r, verify) != !pass)
+				continue;
+			b->n_chain += !pass;
+			ds_sched_req *s = &r->sr;
+			if (verify && r->spec.n_draft > 0 && is_decode(r)) {
+				r->vin[0] = r->tokens[s->n_cached];
+				memcpy(r->vin + 1, r->spec.draft, sizeof(int32_t) * (size_t)r->spec.n_draft);
+				/* plain greedy without logprobs checks the drafts by ids */
+				b->items[n] = (ds_step_item){ .seq = r->seq, .tokens = r->vin, .n = 1 + r->spec.n_draft,
+							      .logits = DS_LOGITS_ALL,
+							      .argmax_only = ds_sampling_plain_greedy(&r->sp) && !r->logprobs };
+			} else {
+				drop_drafts(r);
+				/* Greedy without penalties or logprobs needs the argmax only,
+				 * and a backend that draws takes sampling without penalties
+				 * or logprobs: on a GPU the vocabulary row stays there. */
+				b->items[n] = (ds_step_item){
+					.seq = r->seq, .tokens = r->tokens + s->n_cached, .n = s->n_sched,
+					.logits = s->n_cached + s->n_sched == s->n_tokens ? DS_LOGITS_LAST : DS_LOGITS_NONE,
+					.argmax_only = ds_sampling_plain_greedy(&r->sp) && !r->logprobs,
+				};
+				if (b->items[n].logits == DS_LOGITS_LAST && !b->items[n].argmax_only && device_draw(b, r))
+					b->items[n].draw = &r->draw;
+			}
+			*rows += b->items[n].logits == DS_LOGITS_ALL ? (size_t)b->items[n].n
+				 : b->items[n].logits == DS_LOGITS_LAST ? 1 : 0;
+			*hrows += (size_t)b->items[n].n;
+			b->item_req[n++] = r;
 		}
-		*rows += b->items[n].logits == DS_LOGITS_ALL ? (size_t)b->items[n].n
-			 : b->items[n].logits == DS_LOGITS_LAST ? 1 : 0;
-		*hrows += (size_t)b->items[n].n;
-		b->item_req[n++] = r;
-	}
 	return n;
 }
 
@@ -863,7 +883,8 @@ static int step(ds_batcher *b)
 			return progress;
 		if (grow(b, n, rows, mtp ? hrows : 0))
 			return progress;
-		rc = rows ? ds_engine_step_ids(b->eng, b->items, n, b->logits, b->ids, mtp ? b->hidden : NULL, &e)
+		rc = rows ? ds_engine_step_chain(b->eng, b->items, n, b->n_chain, b->logits, b->ids, b->mids,
+						 mtp ? b->hidden : NULL, &e)
 			  : ds_engine_step(b->eng, b->items, n, b->logits, mtp ? b->hidden : NULL, &e);
 		dt = ds_now() - t0;
 		if (rc != -ENOSPC || !verify)
@@ -897,8 +918,12 @@ static int step(ds_batcher *b)
 		if (it->tokens == r->vin) {
 			const int nd = r->spec.n_draft;
 			r->spec.seq = r->seq;
-			if (it->argmax_only ? ds_spec_verify_ids(&r->spec, b->ids + row)
-					    : ds_spec_verify(&r->spec, b->logits + (size_t)row * b->V, b->V, b->probs)) {
+			if (i < b->n_chain) /* chained items draft in verification */
+				r->spec.want = r->mtp && want;
+			if (i < b->n_chain ? ds_spec_verify_chained(&r->spec, b->ids + row, b->mids + row,
+								     b->m->cfg.max_position_embeddings)
+			    : it->argmax_only ? ds_spec_verify_ids(&r->spec, b->ids + row)
+					      : ds_spec_verify(&r->spec, b->logits + (size_t)row * b->V, b->V, b->probs)) {
 				finish(b, r, DS_FINISH_ERROR, "cannot roll back rejected drafts");
 				row += it->n;
 				hoff += it->n;
@@ -1382,6 +1407,7 @@ ds_batcher *ds_batcher_stop(ds_batcher *b)
 	free(b->eload);
 	free(b->logits);
 	free(b->ids);
+	free(b->mids);
 	free(b->probs);
 	free(b->tprobs);
 	free(b->pre_row);

@@ -618,6 +618,15 @@ static int create(const ds_model *m, ds_backend_config *cfg, ds_backend **out, d
 	b->kv_block_stride = b->kv_layer_stride * NL;
 	const size_t block_bytes = sizeof(dsk_bf16) * b->kv_block_stride;
 	b->kv_blocks = cfg->kv_blocks;
+	if (b->kv_blocks <= 0 && cfg->kv_bytes > 0) {
+		b->kv_blocks = (int)(cfg->kv_bytes / block_bytes);
+		if (b->kv_blocks < 1) {
+			destroy(b);
+			return ds_errf(e, -EINVAL, "cuda backend: kv_bytes %zu holds no %zu-byte KV block", cfg->kv_bytes,
+				       block_bytes);
+		}
+		cfg->kv_blocks = b->kv_blocks;
+	}
 	if (b->kv_blocks <= 0) {
 		double f = cfg->gpu_kv_fraction > 0 && cfg->gpu_kv_fraction < 1 ? cfg->gpu_kv_fraction : 0.9;
 		if ((err = cudaMemGetInfo(&free_b, &total_b)) != cudaSuccess) {
@@ -1064,6 +1073,10 @@ struct step {
 	ds_backend *b;
 	int mtp, T, rows, max_len;
 	dsk_kv_geom geo;
+	/* token ids, and for MTP the hidden input: the uploaded ones, or in a
+	 * chained MTP step the main step's argmax rows and final-normed rows */
+	const int32_t *tok;
+	float *hin;
 };
 
 /* Embedding to logits, on the device only: no host synchronization, no
@@ -1077,16 +1090,16 @@ static int step_body(void *ctx, ds_err *e)
 	const int H = c->hidden_size, V = c->vocab_size, T = st->T;
 	int first, last, rc;
 	if (!st->mtp) {
-		TRY(dsk_embed(b->x, b->embed, b->tok, T, H, b->s, e));
+		TRY(dsk_embed(b->x, b->embed, st->tok, T, H, b->s, e));
 		first = 0;
 		last = m->n_layers;
 	} else {
 		const int li = m->n_layers + st->mtp - 1;
 		const dlayer *d = &b->L[li];
-		TRY(dsk_embed(b->x, d->mtp_embed, b->tok, T, H, b->s, e));
+		TRY(dsk_embed(b->x, d->mtp_embed, st->tok, T, H, b->s, e));
 		/* [T][2H]: normed embedding, then normed hidden state. */
 		TRY(dsk_add_rmsnorm(b->x, NULL, d->enorm, T, H, c->rms_norm_eps, b->xn, 2 * H, NULL, b->s, e));
-		TRY(dsk_add_rmsnorm(b->hin, NULL, d->hnorm, T, H, c->rms_norm_eps, b->xn + H, 2 * H, NULL, b->s, e));
+		TRY(dsk_add_rmsnorm(st->hin, NULL, d->hnorm, T, H, c->rms_norm_eps, b->xn + H, 2 * H, NULL, b->s, e));
 		TRY(gemm(b, b->x, H, b->xn, T, &d->eh_proj, e));
 		first = li;
 		last = li + 1;
@@ -1132,6 +1145,38 @@ static void graphs_check(ds_backend *b)
 	}
 }
 
+/* MTP layer 0 over the first Tc tokens of the main step `main` just ran
+ * (its chained sequences come first): tokens from the main step's argmax,
+ * hidden input its final-normed rows; their MTP argmax rows go to ids. The
+ * chained sequences are decode-sized: all go through the split-KV kernel. */
+static int chain_step(ds_backend *b, const struct step *main, int Tc, int mb, int32_t *ids, ds_err *e)
+{
+	struct step st = *main;
+	st.mtp = 1;
+	st.T = st.rows = Tc;
+	st.tok = b->amax;
+	st.hin = b->of;
+	const int n_pf = b->n_pf, n_short = b->n_short, li = b->m->n_layers;
+	b->n_pf = 0;
+	b->n_short = Tc;
+	int rc;
+	graphs_check(b);
+	if (graphable(b, Tc, li, li + 1)) {
+		const int key[DSK_GRAPH_KEY] = { 1, Tc, Tc, st.max_len, mb, 1 };
+		rc = dsk_graphs_run(b->graphs, key, b->s, step_body, &st, e);
+	} else {
+		rc = step_body(&st, e);
+	}
+	graphs_check(b);
+	b->n_pf = n_pf;
+	b->n_short = n_short;
+	cudaError_t err;
+	if (!rc && (err = cudaMemcpyAsync(ids, b->amax, sizeof(int32_t) * (size_t)Tc, cudaMemcpyDeviceToHost, b->s)) !=
+			   cudaSuccess)
+		rc = cerr(e, err, "MTP argmax download");
+	return rc;
+}
+
 static int forward(ds_backend *b, const ds_batch *bt, ds_step_out *out, ds_err *e)
 {
 	const ds_model *m = b->m;
@@ -1152,6 +1197,20 @@ static int forward(ds_backend *b, const ds_batch *bt, ds_step_out *out, ds_err *
 		return ds_errf(e, -EINVAL, "cuda backend: MTP layer %d not in the model (%d)", bt->mtp, m->n_mtp);
 	if (bt->mtp && !bt->hidden_in)
 		return ds_errf(e, -EINVAL, "cuda backend: an MTP step needs hidden_in");
+	int Tc = 0; /* tokens of the chained sequences (ds_batch.n_chain) */
+	if (bt->n_chain) {
+		if (bt->mtp || bt->n_chain < 0 || bt->n_chain > bt->n_seqs || m->n_mtp < 1 || !out->mtp_argmax ||
+		    !out->logits)
+			return ds_errf(e, -EINVAL, "cuda backend: bad chained MTP step");
+		for (int s = 0; s < bt->n_chain; s++) {
+			if (bt->logits_from[s] != 0)
+				return ds_errf(e, -EINVAL, "cuda backend: chained sequence %d needs all its logit rows", s);
+			Tc += bt->n_new[s];
+		}
+		for (int r = 0; out->draw && r < Tc; r++)
+			if (out->draw[r].temperature > 0)
+				return ds_errf(e, -EINVAL, "cuda backend: chained rows take the argmax");
+	}
 	for (int t = 0; t < T; t++)
 		if (bt->tokens[t] < 0 || bt->tokens[t] >= V)
 			return ds_errf(e, -EINVAL, "cuda backend: token id %d outside the vocabulary (%d)", bt->tokens[t], V);
@@ -1263,7 +1322,8 @@ static int forward(ds_backend *b, const ds_batch *bt, ds_step_out *out, ds_err *
 	struct step st = { .b = b, .mtp = bt->mtp, .T = T, .rows = rows, .max_len = max_len,
 			   .geo = { .pool = b->kv, .block_stride = (long)b->kv_block_stride,
 				    .layer_stride = (long)b->kv_layer_stride, .block_tokens = b->block_tokens,
-				    .tables = b->tables, .max_blocks = mb } };
+				    .tables = b->tables, .max_blocks = mb },
+			   .tok = b->tok, .hin = b->hin };
 	const int first = bt->mtp ? m->n_layers + bt->mtp - 1 : 0, last = bt->mtp ? first + 1 : m->n_layers;
 	graphs_check(b);
 	if (graphable(b, T, first, last)) {
@@ -1303,6 +1363,10 @@ static int forward(ds_backend *b, const ds_batch *bt, ds_step_out *out, ds_err *
 		r0 = r1;
 	}
 #undef NEEDED
+	/* The chained MTP step reuses amax, lg and of, and overwrites them: the
+	 * downloads above are queued before it on the same stream. */
+	if (Tc && (rc = chain_step(b, &st, Tc, mb, out->mtp_argmax, e)))
+		return rc;
 	if ((err = cudaStreamSynchronize(b->s)) != cudaSuccess)
 		return cerr(e, err, "step");
 	mark(b, 7);
@@ -1329,4 +1393,5 @@ const ds_backend_ops ds_cuda_backend = {
 	.weight_bytes = weight_bytes,
 	.expert_load = expert_load,
 	.draws = 1,
+	.chain = 1,
 };

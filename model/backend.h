@@ -21,6 +21,7 @@ typedef struct ds_backend_config {
 	int block_tokens;   /* tokens per block */
 	int device;         /* GPU ordinal */
 	double gpu_kv_fraction; /* of free memory after weights, when kv_blocks == 0 */
+	size_t kv_bytes;    /* GPU: the pool's size in bytes instead of the fraction (0 = unset) */
 	int uring_load;     /* GPU: stream the weights with io_uring (model/wload.h), else upload from the mapping */
 	int eager;          /* GPU: no CUDA graphs for decode steps */
 	ds_wload_progress *load_progress; /* optional, updated while streaming */
@@ -46,6 +47,14 @@ typedef struct ds_batch {
 	const int *logits_from;
 	int mtp;
 	const float *hidden_in;            /* [sum n_new][hidden], mtp only */
+	/* Main-model steps on a backend with `chain` set: MTP layer 0 runs
+	 * right after the main model over the first n_chain sequences' new
+	 * positions, in the same call and without the host in between. Each of
+	 * them has logits_from 0 and argmax rows (no draw): the MTP token at
+	 * its position j is the argmax of its main row j, the hidden input its
+	 * final-normed hidden state there. Their rows come first, so the MTP's
+	 * rows are rows 0 .. sum of their n_new - 1. */
+	int n_chain;
 } ds_batch;
 
 /* A token drawn by the backend from one logit row (see kernels/sample.h
@@ -72,6 +81,9 @@ typedef struct ds_step_out {
 	 * the token drawn with draw[r], and a row drawn with temperature > 0
 	 * is not written to logits. */
 	const ds_draw *draw;
+	/* With n_chain: [rows of the chained sequences], the argmax of each
+	 * of their MTP logit rows. */
+	int32_t *mtp_argmax;
 } ds_step_out;
 
 typedef struct ds_backend_ops {
@@ -88,6 +100,9 @@ typedef struct ds_backend_ops {
 	int (*expert_load)(ds_backend *b, uint64_t *out);
 	/* forward takes ds_step_out.draw (sampling on the device). */
 	int draws;
+	/* forward takes ds_batch.n_chain; without it the engine runs the MTP
+	 * step itself (model/engine.h, ds_engine_step_chain). */
+	int chain;
 } ds_backend_ops;
 
 /* Bytes of one KV block across all layers (main + MTP) in float32. */

@@ -366,6 +366,8 @@ static int forward(ds_backend *b, const ds_batch *bt, ds_step_out *out, ds_err *
 	}
 	if (bt->mtp < 0 || bt->mtp > m->n_mtp)
 		return ds_errf(e, -EINVAL, "cpu backend: MTP layer %d not in the model (%d)", bt->mtp, m->n_mtp);
+	if (bt->n_chain)
+		return ds_errf(e, -ENOTSUP, "cpu backend: chained MTP steps run in the engine");
 	if (bt->mtp && !bt->hidden_in)
 		return ds_errf(e, -EINVAL, "cpu backend: an MTP step needs hidden_in");
 	for (int t = 0; t < T; t++)

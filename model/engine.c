@@ -60,6 +60,7 @@ int ds_engine_create(const ds_model *m, const ds_engine_config *cfg, ds_engine *
 		.kv_blocks = cfg->kv_blocks,
 		.device = cfg->device,
 		.gpu_kv_fraction = cfg->gpu_kv_fraction,
+		.kv_bytes = cfg->kv_bytes,
 		.uring_load = cfg->uring_load,
 		.eager = cfg->eager,
 		.load_progress = cfg->load_progress,
@@ -302,8 +303,10 @@ static int grow_scratch(ds_engine *eng, int n_seqs, int n_tokens)
 	return 0;
 }
 
+/* n_chain > 0 (main steps on a backend with `chain`): the first n_chain
+ * items' MTP KV grows with their main KV (ds_engine_step_chain). */
 static int run_step(ds_engine *eng, int mtp, const ds_step_item *items, int n_items, const float *hidden_in,
-		    float *logits, int32_t *ids, float *hidden, ds_err *e)
+		    float *logits, int32_t *ids, float *hidden, int n_chain, int32_t *mtp_ids, ds_err *e)
 {
 	const ds_model *m = eng->m;
 	int total = 0;
@@ -366,8 +369,9 @@ static int run_step(ds_engine *eng, int mtp, const ds_step_item *items, int n_it
 		.logits_from = eng->logits_from,
 		.mtp = mtp,
 		.hidden_in = hidden_in,
+		.n_chain = n_chain,
 	};
-	ds_step_out o = { .logits = logits, .hidden = hidden, .argmax = ids };
+	ds_step_out o = { .logits = logits, .hidden = hidden, .argmax = ids, .mtp_argmax = mtp_ids };
 	if (ids) {
 		/* Logit rows (at most one per token) in the engine's scratch. */
 		int skip = 0, draws = 0;
@@ -394,6 +398,8 @@ static int run_step(ds_engine *eng, int mtp, const ds_step_item *items, int n_it
 			items[i].seq->n_mtp += items[i].n;
 		else
 			items[i].seq->n_tokens += items[i].n;
+		if (i < n_chain)
+			items[i].seq->n_mtp += items[i].n;
 	}
 	return 0;
 }
@@ -401,7 +407,7 @@ static int run_step(ds_engine *eng, int mtp, const ds_step_item *items, int n_it
 int ds_engine_step(ds_engine *eng, const ds_step_item *items, int n_items, float *logits, float *hidden,
 		   ds_err *e)
 {
-	return run_step(eng, 0, items, n_items, NULL, logits, NULL, hidden, e);
+	return run_step(eng, 0, items, n_items, NULL, logits, NULL, hidden, 0, NULL, e);
 }
 
 int ds_engine_draws(const ds_engine *eng) { return eng->ops->draws; }
@@ -415,7 +421,57 @@ int ds_engine_step_ids(ds_engine *eng, const ds_step_item *items, int n_items, f
 		if (items[i].draw && (!eng->ops->draws || items[i].logits != DS_LOGITS_LAST))
 			return ds_errf(e, -EINVAL, "step item %d: a device draw needs a backend that draws and DS_LOGITS_LAST",
 				       i);
-	return run_step(eng, 0, items, n_items, NULL, logits, ids, hidden, e);
+	return run_step(eng, 0, items, n_items, NULL, logits, ids, hidden, 0, NULL, e);
+}
+
+int ds_engine_step_chain(ds_engine *eng, const ds_step_item *items, int n_items, int n_chain, float *logits,
+			 int32_t *ids, int32_t *mtp_ids, float *hidden, ds_err *e)
+{
+	if (!ids || !logits || (n_chain && !mtp_ids))
+		return ds_errf(e, -EINVAL, "ds_engine_step_chain needs logits, ids and MTP ids");
+	if (n_chain < 0 || n_chain > n_items || (n_chain && eng->m->n_mtp < 1))
+		return ds_errf(e, -EINVAL, "cannot chain %d of %d items (the model has %d MTP layers)", n_chain, n_items,
+			       eng->m->n_mtp);
+	for (int i = 0; i < n_items; i++) {
+		const ds_step_item *it = &items[i];
+		if (it->draw && (!eng->ops->draws || it->logits != DS_LOGITS_LAST))
+			return ds_errf(e, -EINVAL, "step item %d: a device draw needs a backend that draws and DS_LOGITS_LAST",
+				       i);
+		if (i >= n_chain)
+			continue;
+		if (it->logits != DS_LOGITS_ALL || !it->argmax_only || it->draw || !it->seq ||
+		    it->seq->n_mtp != it->seq->n_tokens)
+			return ds_errf(e, -EINVAL,
+				       "step item %d: a chained item takes the argmax of all its rows and has its MTP KV "
+				       "level with its main KV", i);
+	}
+	if (!n_chain || eng->ops->chain)
+		return run_step(eng, 0, items, n_items, NULL, logits, ids, hidden, n_chain, mtp_ids, e);
+	/* The backend cannot: the two steps here, the hidden states through the
+	 * host (chained rows come first in ids and hidden). */
+	const int H = eng->m->cfg.hidden_size;
+	int total = 0;
+	for (int i = 0; i < n_items; i++)
+		total += items[i].n > 0 ? items[i].n : 0;
+	float *h = hidden ? hidden : malloc(sizeof(float) * (size_t)H * (size_t)(total > 0 ? total : 1));
+	ds_step_item *mi = malloc(sizeof(*mi) * (size_t)n_chain);
+	int rc = h && mi ? 0 : -ENOMEM;
+	if (!rc)
+		rc = run_step(eng, 0, items, n_items, NULL, logits, ids, h, 0, NULL, e);
+	if (!rc) {
+		for (int i = 0, off = 0; i < n_chain; off += items[i].n, i++)
+			mi[i] = (ds_step_item){ .seq = items[i].seq, .tokens = ids + off, .n = items[i].n,
+						.logits = DS_LOGITS_ALL, .argmax_only = 1 };
+		/* The chained items' logit rows are the caller's don't-care rows. */
+		rc = run_step(eng, 1, mi, n_chain, h, logits, mtp_ids, NULL, 0, NULL, e);
+		if (rc)
+			for (int i = 0; i < n_items; i++)
+				ds_seq_truncate(items[i].seq, items[i].seq->n_tokens - items[i].n);
+	}
+	if (h != hidden)
+		free(h);
+	free(mi);
+	return rc;
 }
 
 int ds_engine_mtp_step(ds_engine *eng, int depth, const ds_step_item *items, int n_items, const float *hidden_in,
@@ -425,7 +481,7 @@ int ds_engine_mtp_step(ds_engine *eng, int depth, const ds_step_item *items, int
 		return ds_errf(e, -EINVAL, "the model has %d MTP layers; depth %d asked", eng->m->n_mtp, depth);
 	if (!hidden_in)
 		return ds_errf(e, -EINVAL, "an MTP step needs the main model's hidden states");
-	return run_step(eng, depth + 1, items, n_items, hidden_in, logits, NULL, hidden_out, e);
+	return run_step(eng, depth + 1, items, n_items, hidden_in, logits, NULL, hidden_out, 0, NULL, e);
 }
 
 int ds_engine_mtp_step_ids(ds_engine *eng, int depth, const ds_step_item *items, int n_items, const float *hidden_in,
@@ -438,5 +494,5 @@ int ds_engine_mtp_step_ids(ds_engine *eng, int depth, const ds_step_item *items,
 	for (int i = 0; i < n_items; i++)
 		if (items[i].draw)
 			return ds_errf(e, -EINVAL, "step item %d: MTP steps do not draw on the device", i);
-	return run_step(eng, depth + 1, items, n_items, hidden_in, logits, ids, hidden_out, e);
+	return run_step(eng, depth + 1, items, n_items, hidden_in, logits, ids, hidden_out, 0, NULL, e);
 }

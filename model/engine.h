@@ -20,7 +20,7 @@ typedef struct ds_engine_config {
 	int threads;           /* CPU threads, 0 = all cores */
 	int block_tokens;      /* default 64 */
 	int kv_blocks;         /* 0: derive from kv_bytes (CPU) or gpu_kv_fraction */
-	size_t kv_bytes;       /* CPU pool size; 0 = room for 8 full contexts, at most 1 GiB */
+	size_t kv_bytes;       /* pool size; 0 = CPU: room for 8 full contexts, at most 1 GiB; GPU: gpu_kv_fraction */
 	int device;
 	double gpu_kv_fraction;
 	int uring_load;        /* GPU backends: stream weights with io_uring (default 1) */
@@ -85,6 +85,20 @@ int ds_engine_step(ds_engine *eng, const ds_step_item *items, int n_items,
  * decoding on a GPU then downloads token ids instead of vocabulary rows. */
 int ds_engine_step_ids(ds_engine *eng, const ds_step_item *items, int n_items, float *logits, int32_t *ids,
 		       float *hidden, ds_err *e);
+/* ds_engine_step_ids, then MTP layer 0 over the first n_chain items' new
+ * positions in the same call: what a greedy speculative step needs (verify
+ * the draft, then draft from the MTP module at the accepted position)
+ * without a host round trip between the two on a GPU. Each chained item is
+ * DS_LOGITS_ALL and argmax_only, without draw, and its MTP KV is level with
+ * its main KV (ds_seq_mtp_len == ds_seq_len); the MTP token at its position
+ * j is ids[its row j], the hidden input its final-normed hidden state
+ * there. Afterwards both KV lengths have grown by n; mtp_ids[r] is the
+ * argmax of the MTP logit row of row r (< the chained items' rows, which
+ * come first). The chained items' rows of logits are unspecified. On a
+ * backend that cannot chain the engine runs the two steps itself (hidden
+ * states through the host): the same ids. */
+int ds_engine_step_chain(ds_engine *eng, const ds_step_item *items, int n_items, int n_chain, float *logits,
+			 int32_t *ids, int32_t *mtp_ids, float *hidden, ds_err *e);
 /* 1 when the backend draws tokens itself (ds_step_item.draw): CUDA. */
 int ds_engine_draws(const ds_engine *eng);
 

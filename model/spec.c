@@ -242,8 +242,9 @@ out:
 }
 
 /* Drafts [0, j) were accepted (in out, sampler updated); x follows them.
- * Keeps `last` and the accepted drafts in the cache, drops the rest. */
-static int settle(ds_spec_req *r, int L, int j, int32_t x)
+ * Keeps `last` and the accepted drafts in the main cache, drops the rest;
+ * the MTP cache keeps at most mtp_keep positions. */
+static int settle(ds_spec_req *r, int L, int j, int32_t x, int mtp_keep)
 {
 	ds_sampler_accept(r->smp, x);
 	r->out[j] = x;
@@ -253,7 +254,7 @@ static int settle(ds_spec_req *r, int L, int j, int32_t x)
 	r->last = x;
 	int rc = ds_seq_truncate(r->seq, L + 1 + j);
 	if (!rc)
-		rc = ds_seq_mtp_truncate(r->seq, L < ds_seq_mtp_len(r->seq) ? L : ds_seq_mtp_len(r->seq));
+		rc = ds_seq_mtp_truncate(r->seq, mtp_keep < ds_seq_mtp_len(r->seq) ? mtp_keep : ds_seq_mtp_len(r->seq));
 	return rc;
 }
 
@@ -303,7 +304,19 @@ int ds_spec_verify(ds_spec_req *r, const float *logits, int V, float *probs)
 		ds_sampler_probs(r->smp, logits + (size_t)j * V, probs);
 		x = pick(r, probs, V);
 	}
-	return settle(r, L, j, x);
+	return settle(r, L, j, x, L);
+}
+
+/* Greedy acceptance by ids: the drafts equal to the main model's choices. */
+static int accept_ids(ds_spec_req *r, const int32_t *ids)
+{
+	int j = 0;
+	for (; j < r->n_draft && ids[j] == r->draft[j]; j++) {
+		r->out[j] = r->draft[j];
+		ds_sampler_accept(r->smp, r->draft[j]);
+		r->accepted++;
+	}
+	return j;
 }
 
 int ds_spec_verify_ids(ds_spec_req *r, const int32_t *ids)
@@ -311,13 +324,30 @@ int ds_spec_verify_ids(ds_spec_req *r, const int32_t *ids)
 	const int L = ds_seq_len(r->seq) - 1 - r->n_draft;
 	if (L < 0 || !plain(r))
 		return -EINVAL;
-	int j = 0;
-	for (; j < r->n_draft && ids[j] == r->draft[j]; j++) {
-		r->out[j] = r->draft[j];
-		ds_sampler_accept(r->smp, r->draft[j]);
-		r->accepted++;
+	const int j = accept_ids(r, ids);
+	return settle(r, L, j, ids[j], L);
+}
+
+int ds_spec_chainable(const ds_spec_req *r)
+{
+	return r->depth == 1 && r->want && plain(r) && ds_seq_mtp_len(r->seq) == ds_seq_len(r->seq);
+}
+
+int ds_spec_verify_chained(ds_spec_req *r, const int32_t *ids, const int32_t *mtp_ids, int max_pos)
+{
+	const int L = ds_seq_len(r->seq) - 1 - r->n_draft;
+	if (L < 0 || !plain(r) || r->depth != 1 || ds_seq_mtp_len(r->seq) != ds_seq_len(r->seq))
+		return -EINVAL;
+	const int j = accept_ids(r, ids);
+	/* MTP position L + j took x = ids[j], the token after it: its row
+	 * drafts the token after x */
+	int rc = settle(r, L, j, ids[j], L + 1 + j);
+	if (!rc && r->want && ds_seq_len(r->seq) + 1 + r->depth <= max_pos) {
+		r->draft[0] = mtp_ids[j];
+		r->n_draft = 1;
+		r->drafted++;
 	}
-	return settle(r, L, j, ids[j]);
+	return rc;
 }
 
 int ds_spec_extend(ds_engine *eng, ds_spec_ws **ws, ds_spec_req **reqs, int n, const int32_t *const *toks,
@@ -355,40 +385,62 @@ int ds_spec_step(ds_engine *eng, ds_spec_req **reqs, int n, ds_err *e)
 		return -ENOMEM;
 	}
 	int32_t *in = malloc(sizeof(int32_t) * (size_t)rows);
+	int32_t *mids = malloc(sizeof(int32_t) * (size_t)rows);
 	float *hid = malloc(sizeof(float) * (size_t)H * rows);
-	int rc = (in && hid) ? 0 : -ENOMEM;
+	ds_spec_req **rest = malloc(sizeof(*rest) * (size_t)n);
+	int *ord = malloc(sizeof(int) * (size_t)n);
+	int rc = (in && mids && hid && rest && ord) ? 0 : -ENOMEM;
 	if (rc)
 		goto out;
-	for (int i = 0, off = 0; i < n; i++) {
-		ds_spec_req *r = reqs[i];
+	/* Chainable requests first: the engine drafts for them in the same
+	 * call (ds_engine_step_chain); the others draft below. */
+	int nc = 0, k = 0;
+	for (int pass = 0; pass < 2; pass++)
+		for (int i = 0; i < n; i++)
+			if (ds_spec_chainable(reqs[i]) == !pass) {
+				ord[k++] = i;
+				nc += !pass;
+			}
+	for (int k2 = 0, off = 0; k2 < n; k2++) {
+		ds_spec_req *r = reqs[ord[k2]];
 		in[off] = r->last;
 		memcpy(in + off + 1, r->draft, sizeof(int32_t) * (size_t)r->n_draft);
-		s.items[i] = (ds_step_item){ .seq = r->seq, .tokens = in + off, .n = 1 + r->n_draft, .logits = DS_LOGITS_ALL,
-					     .argmax_only = plain(r) };
+		s.items[k2] = (ds_step_item){ .seq = r->seq, .tokens = in + off, .n = 1 + r->n_draft,
+					      .logits = DS_LOGITS_ALL, .argmax_only = plain(r) };
 		off += 1 + r->n_draft;
 	}
-	if ((rc = ds_engine_step_ids(eng, s.items, n, s.logits, s.ids, hid, e)))
+	if ((rc = ds_engine_step_chain(eng, s.items, n, nc, s.logits, s.ids, mids, hid, e)))
 		goto out;
 	const int32_t **tk = s.tk;
 	int *nt = s.nt;
 	const float **hp = s.hp;
-	for (int i = 0, off = 0; i < n; i++) {
-		ds_spec_req *r = reqs[i];
-		const int rows_i = s.items[i].n;
-		rc = plain(r) ? ds_spec_verify_ids(r, s.ids + off) : ds_spec_verify(r, s.logits + (size_t)off * V, V, s.probs);
+	int nr = 0;
+	for (int k2 = 0, off = 0; k2 < n; k2++) {
+		ds_spec_req *r = reqs[ord[k2]];
+		const int rows_i = s.items[k2].n;
+		if (k2 < nc) {
+			rc = ds_spec_verify_chained(r, s.ids + off, mids + off, m->cfg.max_position_embeddings);
+		} else {
+			rc = plain(r) ? ds_spec_verify_ids(r, s.ids + off)
+				      : ds_spec_verify(r, s.logits + (size_t)off * V, V, s.probs);
+			/* MTP positions L .. L+j take the tokens after them: drafts 1..j, x */
+			memcpy(s.toks + off, r->out, sizeof(int32_t) * (size_t)r->n_out);
+			rest[nr] = r;
+			tk[nr] = s.toks + off;
+			nt[nr] = r->n_out;
+			hp[nr++] = hid + (size_t)off * H;
+		}
 		if (rc)
 			goto out;
-		/* MTP positions L .. L+j take the tokens after them: drafts 1..j, x */
-		memcpy(s.toks + off, r->out, sizeof(int32_t) * (size_t)r->n_out);
-		tk[i] = s.toks + off;
-		nt[i] = r->n_out;
-		hp[i] = hid + (size_t)off * H;
 		off += rows_i;
 	}
-	rc = draft(eng, reqs, n, tk, nt, hp, &s, e);
+	rc = nr ? draft(eng, rest, nr, tk, nt, hp, &s, e) : 0;
 out:
 	free(in);
+	free(mids);
 	free(hid);
+	free(rest);
+	free(ord);
 	scratch_free(&s);
 	return rc;
 }

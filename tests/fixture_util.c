@@ -203,3 +203,122 @@ int fx_check_step_ids(ds_engine *eng, const int32_t *ids, int n, char *why, size
 	free(lg);
 	return rc;
 }
+
+/* Prompts and first tokens for fx_check_step_chain: both KV levels at the
+ * prompt's end, t the argmax after it. */
+static int chain_prefill(ds_engine *eng, ds_seq *s, const int32_t *p, int len, int32_t *t, ds_err *e)
+{
+	const ds_model *m = ds_engine_model(eng);
+	const int V = m->cfg.vocab_size, H = m->cfg.hidden_size;
+	float *lg = malloc(sizeof(float) * (size_t)V), *hid = malloc(sizeof(float) * (size_t)H * len);
+	int32_t *nx = malloc(sizeof(int32_t) * (size_t)len);
+	int rc = lg && hid && nx ? 0 : -ENOMEM;
+	ds_step_item it = { .seq = s, .tokens = p, .n = len, .logits = DS_LOGITS_LAST };
+	if (!rc)
+		rc = ds_engine_step(eng, &it, 1, lg, hid, e);
+	if (!rc) {
+		*t = ds_argmax(lg, V);
+		memcpy(nx, p + 1, sizeof(int32_t) * (size_t)(len - 1));
+		nx[len - 1] = *t;
+		ds_step_item mi = { .seq = s, .tokens = nx, .n = len, .logits = DS_LOGITS_NONE };
+		rc = ds_engine_mtp_step(eng, 0, &mi, 1, hid, NULL, NULL, e);
+	}
+	free(lg);
+	free(hid);
+	free(nx);
+	return rc;
+}
+
+int fx_check_step_chain(ds_engine *eng, const int32_t *ids, int n, char *why, size_t whylen)
+{
+	const ds_model *m = ds_engine_model(eng);
+	const int V = m->cfg.vocab_size, H = m->cfg.hidden_size;
+	enum { NS = 4, NC = 3, T = 2 * NC + 1 };
+	ds_seq *a[NS] = { 0 }, *b[NS] = { 0 };
+	int32_t last[NS], draft0 = ids[1], in[T], ia[T], ib[T], ma[T], mb[T];
+	float *la = malloc(sizeof(float) * (size_t)T * V), *lb = malloc(sizeof(float) * (size_t)T * V);
+	float *ha = malloc(sizeof(float) * (size_t)T * H), *hb = malloc(sizeof(float) * (size_t)T * H);
+	ds_err e = { { 0 } };
+	int rc = la && lb && ha && hb && n >= 32 && m->n_mtp > 0 ? 0 : -1;
+	if (rc)
+		snprintf(why, whylen, "out of memory, short prompt or no MTP layer");
+	for (int i = 0; !rc && i < NS; i++) {
+		int32_t tb;
+		const int len = n / 2 + 3 * i;
+		rc = ds_seq_new(eng, &a[i]) || ds_seq_new(eng, &b[i]) ||
+		     chain_prefill(eng, a[i], ids + i, len, &last[i], &e) || chain_prefill(eng, b[i], ids + i, len, &tb, &e);
+		if (!rc && tb != last[i])
+			rc = -1;
+	}
+	for (int step = 0; !rc && step < 3; step++) {
+		ds_step_item ita[NS], itb[NS], mi[NC];
+		for (int i = 0; i < NC; i++) {
+			in[2 * i] = last[i];
+			/* seq 0 gets its MTP's likely draft back from the last step, the
+			 * others a token from the prompt: both outcomes occur */
+			in[2 * i + 1] = i == 0 ? draft0 : ids[(5 * step + i) % n];
+			ita[i] = (ds_step_item){ .seq = a[i], .tokens = in + 2 * i, .n = 2, .logits = DS_LOGITS_ALL,
+						 .argmax_only = 1 };
+		}
+		in[T - 1] = last[NC];
+		ita[NC] = (ds_step_item){ .seq = a[NC], .tokens = in + T - 1, .n = 1, .logits = DS_LOGITS_LAST };
+		for (int i = 0; i < NS; i++)
+			itb[i] = (ds_step_item){ .seq = b[i], .tokens = ita[i].tokens, .n = ita[i].n, .logits = ita[i].logits,
+						 .argmax_only = ita[i].argmax_only };
+		rc = ds_engine_step_chain(eng, ita, NS, NC, la, ia, ma, ha, &e);
+		if (!rc)
+			rc = ds_engine_step_ids(eng, itb, NS, lb, ib, hb, &e);
+		for (int i = 0; !rc && i < NC; i++)
+			mi[i] = (ds_step_item){ .seq = b[i], .tokens = ib + 2 * i, .n = 2, .logits = DS_LOGITS_ALL,
+						.argmax_only = 1 };
+		if (!rc)
+			rc = ds_engine_mtp_step_ids(eng, 0, mi, NC, hb, lb + (size_t)T * 0, mb, NULL, &e);
+		if (rc) {
+			snprintf(why, whylen, "step %d: %s", step, e.msg[0] ? e.msg : "failed");
+			break;
+		}
+		const char *what = memcmp(ia, ib, sizeof(ia)) ? "main ids"
+				   : memcmp(ma, mb, sizeof(int32_t) * 2 * NC) ? "MTP ids"
+				   : memcmp(ha, hb, sizeof(float) * (size_t)T * H) ? "hidden rows"
+				   : memcmp(la + (size_t)(T - 1) * V, lb + (size_t)(T - 1) * V, sizeof(float) * (size_t)V)
+					   ? "the plain item's logits"
+					   : NULL;
+		for (int i = 0; !what && i < NS; i++)
+			if (ds_seq_len(a[i]) != ds_seq_len(b[i]) || ds_seq_mtp_len(a[i]) != ds_seq_mtp_len(b[i]) ||
+			    ds_seq_mtp_len(a[i]) != ds_seq_len(a[i]) - (i == NC))
+				what = "KV lengths";
+		if (what) {
+			snprintf(why, whylen, "step %d: %s differ from the two steps", step, what);
+			rc = -1;
+			break;
+		}
+		/* keep what greedy verification keeps: `last` and an accepted draft */
+		for (int i = 0; i < NC && !rc; i++) {
+			const int acc = ia[2 * i] == in[2 * i + 1];
+			const int keep = ds_seq_len(a[i]) - 1 + acc;
+			rc = ds_seq_truncate(a[i], keep) || ds_seq_truncate(b[i], keep);
+			last[i] = ia[2 * i + acc];
+			if (i == 0)
+				draft0 = ma[acc];
+		}
+		/* the plain item's MTP KV catches up like the batcher's extend */
+		if (!rc) {
+			ds_step_item x[2] = { { .seq = a[NC], .tokens = &ia[T - 1], .n = 1, .logits = DS_LOGITS_NONE },
+					      { .seq = b[NC], .tokens = &ib[T - 1], .n = 1, .logits = DS_LOGITS_NONE } };
+			rc = ds_engine_mtp_step(eng, 0, &x[0], 1, ha + (size_t)(T - 1) * H, NULL, NULL, &e) ||
+			     ds_engine_mtp_step(eng, 0, &x[1], 1, hb + (size_t)(T - 1) * H, NULL, NULL, &e);
+			last[NC] = ia[T - 1];
+		}
+		if (rc)
+			snprintf(why, whylen, "step %d: rollback: %s", step, e.msg);
+	}
+	for (int i = 0; i < NS; i++) {
+		ds_seq_free(a[i]);
+		ds_seq_free(b[i]);
+	}
+	free(la);
+	free(lb);
+	free(ha);
+	free(hb);
+	return rc ? -1 : 0;
+}

@@ -41,5 +41,13 @@ struct ds_engine;
  * maximal index of the reference logits row, and a row that is not
  * argmax-only equals the reference bit for bit. 0, or -1 with why. */
 int fx_check_step_ids(struct ds_engine *eng, const int32_t *ids, int n, char *why, size_t whylen);
+/* ds_engine_step_chain against its definition, ds_engine_step_ids followed
+ * by ds_engine_mtp_step_ids over the chained items (tokens = the step's ids,
+ * hidden = its hidden rows), on twin sets of 4 sequences (prompts from
+ * ids[0..n), n >= 32; 3 chained items of 2 tokens, 1 plain item) for 3
+ * steps: main ids, MTP ids, hidden rows, the plain item's logits row and
+ * the KV lengths equal bit for bit. Needs a model with an MTP layer. 0, or
+ * -1 with why. */
+int fx_check_step_chain(struct ds_engine *eng, const int32_t *ids, int n, char *why, size_t whylen);
 
 #endif

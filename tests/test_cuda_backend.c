@@ -43,7 +43,7 @@ static ds_model *open_model(const char *name)
 	return m;
 }
 
-static void env_open(env *v, const char *name)
+static void env_open_eager(env *v, const char *name, int eager)
 {
 	memset(v, 0, sizeof(*v));
 	ds_err e = { { 0 } };
@@ -57,9 +57,12 @@ static void env_open(env *v, const char *name)
 	if (ds_engine_create(v->m, &c, &v->cpu, &e))
 		fail_msg("cpu: %s", e.msg);
 	c.backend = "cuda";
+	c.eager = eager;
 	if (ds_engine_create(v->m, &c, &v->gpu, &e))
 		fail_msg("cuda: %s", e.msg);
 }
+
+static void env_open(env *v, const char *name) { env_open_eager(v, name, 0); }
 
 static void env_close(env *v)
 {
@@ -579,6 +582,27 @@ static void test_step_ids(void **st)
 	}
 }
 
+/* ds_engine_step_chain on the GPU (the MTP step inside the same call, its
+ * tokens and hidden input taken on the device) against the two steps run
+ * one after the other through the host (tests/fixture_util.c), bit for bit,
+ * graphs on (the second and third steps replay them) and off. */
+static void test_step_chain(void **st)
+{
+	(void)st;
+	const char *names[] = { "v3-bf16", "v3-fp8" };
+	for (int k = 0; k < 2; k++)
+		for (int eager = 0; eager < 2; eager++) {
+			env v;
+			env_open_eager(&v, names[k], eager);
+			int32_t ids[32];
+			prompt(ids, 32, v.m->cfg.vocab_size, 11 + k);
+			char why[256] = "";
+			if (fx_check_step_chain(v.gpu, ids, 32, why, sizeof(why)))
+				fail_msg("%s%s: %s", names[k], eager ? " eager" : "", why);
+			env_close(&v);
+		}
+}
+
 /* Device draws through the engine: for 24 uniforms (away from the
  * boundaries between tokens), the token drawn on the GPU is the one the
  * host sampler's distribution (model/sampler.c) gives for that uniform,
@@ -690,6 +714,7 @@ int main(void)
 		cmocka_unit_test(test_fixtures),
 		cmocka_unit_test(test_expert_load),
 		cmocka_unit_test(test_step_ids),
+		cmocka_unit_test(test_step_chain),
 		cmocka_unit_test(test_step_draw),
 		cmocka_unit_test(test_bad_input),
 	};

@@ -234,6 +234,21 @@ static void test_step_ids(void **st)
 	fx_close(f);
 }
 
+/* ds_engine_step_chain on the CPU: the engine runs the two steps itself;
+ * the same ids and KV bookkeeping as the caller running them. */
+static void test_step_chain(void **st)
+{
+	(void)st;
+	fx *f = fx_open("v3", 0, 16);
+	int32_t ids[32];
+	for (int i = 0; i < 32; i++)
+		ids[i] = (int32_t)((i * 7919u + 13u) % (unsigned)f->m->cfg.vocab_size);
+	char why[256] = "";
+	if (fx_check_step_chain(f->eng, ids, 32, why, sizeof(why)))
+		fail_msg("%s", why);
+	fx_close(f);
+}
+
 static void test_batch_equals_alone(void **st)
 {
 	(void)st;
@@ -461,6 +476,7 @@ int main(void)
 		cmocka_unit_test(test_kv_decode_equals_full),
 		cmocka_unit_test(test_batch_equals_alone),
 		cmocka_unit_test(test_step_ids),
+		cmocka_unit_test(test_step_chain),
 		cmocka_unit_test(test_truncate_rollback),
 		cmocka_unit_test(test_pool_full),
 		cmocka_unit_test(test_adopt_shared_prefix),

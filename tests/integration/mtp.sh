@@ -42,6 +42,33 @@ for i in "${!PROMPTS[@]}"; do
 done
 [ -s "$T/want0" ] && ok "offline references (dsd generate --no-mtp)" || bad "offline references" "$(cat "$T/want0")"
 
+# A GPU's kernels add in another order when a step holds more rows (other
+# GEMM algorithms, attention splits; the KV then differs in its last bf16
+# bits), so a stream decoded in a batch may leave the one decoded alone
+# where the reference's two best tokens are close. On such backends a
+# stream passes when it equals the reference or first departs from it by
+# taking the reference's second-best token where the top-2 log-prob margin
+# (margin$i and second$i, from the daemon alone without MTP) is under 0.25
+# (the largest seen on an H100 was 0.12, the others under 0.02; GPU logits
+# differ from transformers' by up to 0.5: docs/PERFORMANCE.md). The CPU
+# backend adds in the same order at every batch size: equal, always.
+agree() { # prompt index
+	cmp -s "$T/want$1" "$T/got$1" && return 0
+	[ "$BACKEND" = cpu ] && return 1
+	python3 - "$T/want$1" "$T/got$1" "$T/margin$1" "$T/second$1" "$1" >>"$T/ties" <<'EOF'
+import sys
+w, g = open(sys.argv[1]).read().split(), open(sys.argv[2]).read().split()
+m = [float(x) for x in open(sys.argv[3]).read().split()]
+sec = open(sys.argv[4]).read().split()
+k = next((i for i in range(min(len(w), len(g))) if w[i] != g[i]), None)
+ok = k is not None and k < len(m) and m[k] < 0.25 and g[k] == sec[k]
+print(f"prompt {sys.argv[5]}: departs at token {k}"
+      + (f", reference margin {m[k]:.4f}, took {'its' if g[k] == sec[k] else 'not its'} second-best" if ok or (k is not None and k < len(m)) else "")
+      + f" ({'near tie' if ok else 'NOT a near tie'})")
+sys.exit(0 if ok else 1)
+EOF
+}
+
 concurrent() { # label, extra run flags for odd requests
 	local same=0
 	for i in "${!PROMPTS[@]}"; do
@@ -49,12 +76,27 @@ concurrent() { # label, extra run flags for odd requests
 		else run "${PROMPTS[$i]}" >"$T/got$i" 2>&1 & fi
 	done
 	wait $(jobs -p | grep -v "^$DPID$")
-	for i in "${!PROMPTS[@]}"; do cmp -s "$T/want$i" "$T/got$i" && same=$((same + 1)); done
+	for i in "${!PROMPTS[@]}"; do agree "$i" && same=$((same + 1)); done
 	echo "$same"
 }
 
 # --- depth 1, drafting at every batch size ---
 start --mtp-max-batch 64 || bad "dsd serve started"
+if [ "$BACKEND" != cpu ]; then
+	margins=0
+	for i in "${!PROMPTS[@]}"; do
+		"$DSCTL" --socket "$SOCK" run --json --logprobs 2 --no-mtp --temperature 0 --max-tokens 40 "${PROMPTS[$i]}" |
+			python3 -c '
+import json, sys
+ev = [json.loads(l) for l in sys.stdin if "\"token\"" in l]
+print(" ".join(str(e["token"]) for e in ev), file=open(sys.argv[1], "w"))
+print(" ".join(str(e["top"][0][1] - e["top"][1][1]) for e in ev), file=open(sys.argv[2], "w"))
+print(" ".join(str(e["top"][1][0]) for e in ev), file=open(sys.argv[3], "w"))' \
+				"$T/alone$i" "$T/margin$i" "$T/second$i"
+		cmp -s "$T/alone$i" "$T/want$i" && margins=$((margins + 1))
+	done
+	check "$margins" 8 "reference margins: the daemon alone decodes as dsd generate (8/8)"
+fi
 same=0
 for i in "${!PROMPTS[@]}"; do run "${PROMPTS[$i]}" >"$T/got$i" && cmp -s "$T/want$i" "$T/got$i" && same=$((same + 1)); done
 check "$same" 8 "greedy, one at a time, MTP on: 8/8 equal dsd generate --no-mtp"
@@ -125,7 +167,10 @@ check "$(num depth "$st")" 0 "mtp_depth 0: stats say off"
 # each, so any two that overlap near their ends cannot both stay (with 12
 # blocks five had to overlap, which a loaded 2-core machine did not always
 # produce) ---
-start --mtp-max-batch 64 --block-tokens 16 --kv-bytes 160000 || bad "dsd serve with a small pool started"
+# (the GPU keeps the KV in bf16, the CPU in float32: 5 blocks either way)
+KVB=160000
+[ "$BACKEND" != cpu ] && KVB=80000
+start --mtp-max-batch 64 --block-tokens 16 --kv-bytes $KVB || bad "dsd serve with a small pool started"
 check "$(concurrent "")" 8 "tiny pool, 8 at once, MTP on: 8/8 equal"
 st=$(stats_until '"live":0')
 pre=$(num preempted "$st")
@@ -172,6 +217,7 @@ read -r verdict na nb df chi2 crit <<<"$res"
 d2=$(num drafted "$st")
 [ "${d2:-0}" -ge $N ] && ok "sampling runs drafted ($d2 drafts, $(num accepted "$st") accepted)" || bad "sampling drafted" "$st"
 
+[ -s "$T/ties" ] && sed 's/^/     | /' "$T/ties"
 kill -TERM "$DPID"
 wait "$DPID"
 check "$?" 0 "dsd exits 0"
