@@ -14,6 +14,32 @@
 
 static __device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
 
+/* The dot product of each lane group's 64 e4m3 weights (4 lanes x 16) with
+ * the activations beside them, on the tensor cores: the warp's 512 bytes
+ * are an m16n8k32 A operand as loaded (lane (g, q) holds rows g and g + 8),
+ * and column n of B carries the activations matching row n (n < 8: the
+ * lane's bytes 0-3 and 8-11; a second product takes rows 8-15 with bytes
+ * 4-7 and 12-15). Row g's sum sits on the diagonal, in lane 4g + g/2, whose
+ * own 16 bytes share that 128-block's scales; the other lanes return 0. The
+ * products of e4m3 values are exact and summed in float32, as the per-element
+ * conversions this replaces did (which ran at a third of the bandwidth). */
+static __device__ __forceinline__ float fp8_dot_mma(uint4 w, uint4 x, int lane)
+{
+	float c[4] = { 0, 0, 0, 0 }, d[4] = { 0, 0, 0, 0 };
+	asm volatile("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+		     "{%0,%1,%2,%3};\n"
+		     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+		     : "r"(w.x), "r"(w.y), "r"(w.z), "r"(w.w), "r"(x.x), "r"(x.z));
+	asm volatile("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+		     "{%0,%1,%2,%3};\n"
+		     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+		     : "r"(w.x), "r"(w.y), "r"(w.z), "r"(w.w), "r"(x.y), "r"(x.w));
+	const int g = lane >> 2;
+	if ((lane & 3) != (g >> 1))
+		return 0.0f;
+	return (g & 1) ? c[1] + d[3] : c[0] + d[2];
+}
+
 /* acc[r][i] += W_r row . x row src[i], for r < NR weight rows (a gate and
  * an up row share the activation loads) and i < m <= MR. */
 template <int MR, int U, bool FP8, int NR>
@@ -22,9 +48,11 @@ static __device__ __forceinline__ void dot_rows(float (*acc)[MR], const char *co
 						int lane)
 {
 	if (FP8) {
-		/* 16 fp8 a lane; 8 lanes cover one 128-wide scale block. */
+		/* 16 fp8 a lane; 8 lanes cover one 128-wide scale block. The loop
+		 * bounds are the warp's (the tensor-core dot needs all lanes). */
 		const uint8_t *xb = (const uint8_t *)xv;
-		for (int k0 = lane * 16; k0 < K; k0 += U * 512) {
+		for (int kb = 0; kb < K; kb += U * 512) {
+			const int k0 = kb + lane * 16;
 			uint4 wv[NR][U];
 #pragma unroll
 			for (int r = 0; r < NR; r++)
@@ -32,44 +60,52 @@ static __device__ __forceinline__ void dot_rows(float (*acc)[MR], const char *co
 				for (int u = 0; u < U; u++)
 					wv[r][u] = k0 + u * 512 < K ? *(const uint4 *)(wrow[r] + k0 + u * 512)
 								    : make_uint4(0, 0, 0, 0);
+			/* With few activation rows their loads and the scales go out
+			 * with the weights': one round trip a pass, not one per u. */
+			enum { HX = MR <= 2 ? MR : 1, HU = MR <= 2 ? U : 1 };
+			uint4 xh[HX][HU];
+			float xsh[HX][HU], swh[NR][HU];
+			if (MR <= 2) {
+#pragma unroll
+				for (int u = 0; u < HU; u++) {
+					const int k = k0 + u * 512;
+					const bool in = k < K;
+#pragma unroll
+					for (int r = 0; r < NR; r++)
+						swh[r][u] = in ? wsr[r][k / 128] : 0.0f;
+#pragma unroll
+					for (int i = 0; i < HX; i++) {
+						xh[i][u] = in && i < m ? *(const uint4 *)(xb + (size_t)src[i] * K + k)
+								       : make_uint4(0, 0, 0, 0);
+						xsh[i][u] = in && i < m ? xs[(size_t)(k / 128) * xs_ld + src[i]] : 0.0f;
+					}
+				}
+			}
 #pragma unroll
 			for (int u = 0; u < U; u++) {
-				const int k = k0 + u * 512;
-				if (k >= K)
+				if (kb + u * 512 >= K)
 					break;
-				float wf[NR][16], sw[NR];
+				const int k = k0 + u * 512;
+				const bool in = k < K; /* a lane group's 128-block is all in or all out */
+				float sw[NR];
 #pragma unroll
-				for (int r = 0; r < NR; r++) {
-					const uint8_t *wb = (const uint8_t *)&wv[r][u];
-#pragma unroll
-					for (int j = 0; j < 16; j++) {
-						__nv_fp8_e4m3 f;
-						f.__x = wb[j];
-						wf[r][j] = (float)f;
-					}
-					sw[r] = wsr[r][k / 128];
-				}
+				for (int r = 0; r < NR; r++)
+					sw[r] = MR <= 2 ? swh[r][MR <= 2 ? u : 0] : in ? wsr[r][k / 128] : 0.0f;
 #pragma unroll
 				for (int i = 0; i < MR; i++) {
 					if (i < m) {
-						const uint4 xq = *(const uint4 *)(xb + (size_t)src[i] * K + k);
-						const uint8_t *q = (const uint8_t *)&xq;
-						float xf[16];
-#pragma unroll
-						for (int j = 0; j < 16; j++) {
-							__nv_fp8_e4m3 f;
-							f.__x = q[j];
-							xf[j] = (float)f;
+						uint4 xq;
+						float xsc;
+						if (MR <= 2) {
+							xq = xh[i < HX ? i : 0][MR <= 2 ? u : 0];
+							xsc = xsh[i < HX ? i : 0][MR <= 2 ? u : 0];
+						} else {
+							xq = in ? *(const uint4 *)(xb + (size_t)src[i] * K + k) : make_uint4(0, 0, 0, 0);
+							xsc = in ? xs[(size_t)(k / 128) * xs_ld + src[i]] : 0.0f;
 						}
-						const float xsc = xs[(size_t)(k / 128) * xs_ld + src[i]];
 #pragma unroll
-						for (int r = 0; r < NR; r++) {
-							float d = 0;
-#pragma unroll
-							for (int j = 0; j < 16; j++)
-								d += wf[r][j] * xf[j];
-							acc[r][i] += d * sw[r] * xsc;
-						}
+						for (int r = 0; r < NR; r++)
+							acc[r][i] += fp8_dot_mma(wv[r][u], xq, lane) * sw[r] * xsc;
 					}
 				}
 			}

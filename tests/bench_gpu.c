@@ -7,7 +7,9 @@
  * the KV of B x C positions; over the device-to-device copy bandwidth.
  * Each shape runs four ways in one run: CUDA graphs, eager launches, graphs
  * downloading token ids only, graphs without programmatic dependent launch.
- * Usage: bench_gpu MODEL_DIR [label]   (env DS_BENCH_STEPS, default 10) */
+ * Usage: bench_gpu MODEL_DIR [label]   (env DS_BENCH_STEPS, default 10;
+ * DS_BENCH_BATCHES, DS_BENCH_CTXS: comma lists instead of 1,8,64,256 and
+ * 1024,8192; DS_BENCH_NO_PREFILL=1 skips the prefill) */
 #include <cuda_profiler_api.h>
 #include <cuda_runtime_api.h>
 #include <math.h>
@@ -101,6 +103,20 @@ static int ncu_step(ds_backend *b, ds_model *m, const char *spec, int bt, int bl
 	return rc ? 1 : 0;
 }
 
+/* "1,8,64" -> out (at most cap positive values); the count. */
+static int parse_list(const char *s, int *out, int cap)
+{
+	int n = 0;
+	for (char *end; *s && n < cap; s = *end ? end + 1 : end) {
+		long v = strtol(s, &end, 10);
+		if (end == s)
+			break;
+		if (v > 0)
+			out[n++] = (int)v;
+	}
+	return n;
+}
+
 int main(int argc, char **argv)
 {
 	if (argc < 2) {
@@ -158,14 +174,19 @@ int main(int argc, char **argv)
 	const int V = c->vocab_size;
 	if (getenv("DS_BENCH_NCU"))
 		return ncu_step(b, m, getenv("DS_BENCH_NCU"), bt, blocks);
-	const int batches[] = { 1, 8, 64, 256 }, ctxs[] = { 1024, 8192 };
+	/* DS_BENCH_BATCHES / DS_BENCH_CTXS: comma lists narrowing the table */
+	int batches[8] = { 1, 8, 64, 256 }, ctxs[8] = { 1024, 8192 }, nbat = 4, nctx = 2;
+	if (getenv("DS_BENCH_BATCHES"))
+		nbat = parse_list(getenv("DS_BENCH_BATCHES"), batches, 8);
+	if (getenv("DS_BENCH_CTXS"))
+		nctx = parse_list(getenv("DS_BENCH_CTXS"), ctxs, 8);
 	printf("%-14s %6s %6s %10s %10s %10s %10s %10s %9s %10s %8s %9s\n", "model", "batch", "ctx", "step ms", "eager ms",
 	       "ids ms", "no-pdl ms", "tok/s", "GB/step", "GB/s", "% roof", "TFLOP/s");
 	int32_t *amax = malloc(sizeof(int32_t) * 256);
 	uint8_t *none = calloc(256, 1);
 	float *logits = malloc(sizeof(float) * (size_t)256 * V);
-	for (size_t ci = 0; ci < 2; ci++)
-		for (size_t bi = 0; bi < 4; bi++) {
+	for (int ci = 0; ci < nctx; ci++)
+		for (int bi = 0; bi < nbat; bi++) {
 			const int B = batches[bi], C = ctxs[ci], per = (C + bt) / bt;
 			if ((long)B * per > blocks) {
 				printf("%-14s %6d %6d  does not fit (%d KV blocks needed, %d in the pool)\n", label, B, C, B * per,
@@ -242,7 +263,7 @@ int main(int argc, char **argv)
 	 * at 1024 and the 4096-token prefill. */
 	const int prof = getenv("DS_BENCH_PROFILE") && atoi(getenv("DS_BENCH_PROFILE"));
 	/* Prefill: one 4096-token prompt. */
-	{
+	if (!getenv("DS_BENCH_NO_PREFILL") || !atoi(getenv("DS_BENCH_NO_PREFILL"))) {
 		const int P = 4096, per = (P + bt - 1) / bt;
 		int32_t *tab = malloc(sizeof(int32_t) * per), *tok = malloc(sizeof(int32_t) * P);
 		for (int i = 0; i < per; i++)

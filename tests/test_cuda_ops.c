@@ -5,7 +5,8 @@
  * the permutation + combine, and split-KV MLA attention over a paged cache;
  * the fused launches (two projections, gate+up+SiLU, MLA prep with the W_UK
  * absorption) against the separate ones they replace.
- * `test_cuda_ops --bench` times the GEMMs at DeepSeek-V3 shapes.
+ * `test_cuda_ops --bench` times the GEMMs at DeepSeek-V3 shapes, `--bench-attn`
+ * the decode attention by split count.
  * Exits 77 without a GPU. */
 #include <math.h>
 #include <setjmp.h>
@@ -765,6 +766,94 @@ static int bench(void)
 	return 0;
 }
 
+/* --bench-attn: decode attention (V2-Lite/V3 latent shapes, 16 heads) per
+ * call, launches back to back, by split count: T tokens each at context C
+ * (median of 5 runs of 50 calls). */
+static int bench_attn(void)
+{
+	ds_err e = { { 0 } };
+	const int nh = 16, kvl = 512, rope = 64, nope = 128, kvd = kvl + rope, qk = nope + rope, bt = 64;
+	const int shapes[][2] = { { 1, 1024 }, { 1, 8192 }, { 8, 1024 }, { 16, 1024 }, { 64, 1024 }, { 64, 8192 } };
+	printf("%4s %6s %6s %10s %s\n", "T", "ctx", "splits", "us/call", "(default split count marked *)");
+	for (size_t k = 0; k < sizeof(shapes) / sizeof(shapes[0]); k++) {
+		const int T = shapes[k][0], C = shapes[k][1], nb = C / bt;
+		void *pool;
+		int32_t *tab, *seq, *pos;
+		float *q, *qabs, *ws;
+		void *lat;
+				cudaMalloc(&pool, 2 * (size_t)T * nb * bt * kvd);
+		cudaMemset(pool, 0x3c, 2 * (size_t)T * nb * bt * kvd);
+		int32_t *ht = malloc(sizeof(int32_t) * (size_t)T * nb), *hs = malloc(sizeof(int32_t) * T),
+			*hp = malloc(sizeof(int32_t) * T);
+		for (int i = 0; i < T * nb; i++)
+			ht[i] = (i * 7) % (T * nb);
+		for (int t = 0; t < T; t++) {
+			hs[t] = t;
+			hp[t] = C - 1;
+		}
+		cudaMalloc((void **)&tab, sizeof(int32_t) * (size_t)T * nb);
+		cudaMemcpy(tab, ht, sizeof(int32_t) * (size_t)T * nb, cudaMemcpyHostToDevice);
+		cudaMalloc((void **)&seq, sizeof(int32_t) * T);
+		cudaMemcpy(seq, hs, sizeof(int32_t) * T, cudaMemcpyHostToDevice);
+		cudaMalloc((void **)&pos, sizeof(int32_t) * T);
+		cudaMemcpy(pos, hp, sizeof(int32_t) * T, cudaMemcpyHostToDevice);
+		cudaMalloc((void **)&q, 4 * (size_t)T * nh * qk);
+		cudaMemset(q, 0, 4 * (size_t)T * nh * qk);
+		cudaMalloc((void **)&qabs, 4 * (size_t)T * nh * kvl);
+		cudaMemset(qabs, 0, 4 * (size_t)T * nh * kvl);
+		cudaMalloc((void **)&ws, 4 * dsk_attn_ws_floats(T, nh, kvl, 64));
+		cudaMalloc(&lat, 2 * (size_t)T * nh * kvl);
+		dsk_attn_args a = { .g = { .pool = pool, .block_stride = (long)bt * kvd, .layer_stride = (long)bt * kvd,
+					   .block_tokens = bt, .tables = tab, .max_blocks = nb },
+				    .layer = 0, .q = q, .qabs = qabs, .nh = nh, .nope = nope, .rope = rope, .kvl = kvl,
+				    .seq = seq, .pos = pos, .T = T, .max_len = C, .scale = 0.1f, .ws = ws, .lat = lat };
+		const int dflt = dsk_attn_splits(T, nh, C, 132);
+		cudaEvent_t e0, e1;
+		cudaEventCreate(&e0);
+		cudaEventCreate(&e1);
+		for (int ns = 1; ns <= 64; ns *= 2) {
+			float ms[5];
+			int rc = 0;
+			for (int i = 0; i < 5 && !rc; i++)
+				rc = dsk_mla_attention(&a, ns, NULL, &e);
+			for (int r = 0; r < 5 && !rc; r++) {
+				cudaEventRecord(e0, NULL);
+				for (int i = 0; i < 50 && !rc; i++)
+					rc = dsk_mla_attention(&a, ns, NULL, &e);
+				cudaEventRecord(e1, NULL);
+				cudaEventSynchronize(e1);
+				cudaEventElapsedTime(&ms[r], e0, e1);
+			}
+			if (rc) {
+				printf("%4d %6d %6d failed: %s\n", T, C, ns, e.msg);
+				continue;
+			}
+			for (int i = 0; i < 5; i++)
+				for (int j = i + 1; j < 5; j++)
+					if (ms[j] < ms[i]) {
+						float t = ms[i];
+						ms[i] = ms[j];
+						ms[j] = t;
+					}
+			printf("%4d %6d %6d %10.2f%s\n", T, C, ns, ms[2] * 1e3 / 50, ns == dflt ? " *" : "");
+		}
+		if (dflt & (dflt - 1)) /* not a power of two: time it too */
+			printf("%4d %6d %6d (default, not timed)\n", T, C, dflt);
+		cudaFree(pool);
+		cudaFree(tab);
+		cudaFree(seq);
+		cudaFree(pos);
+		cudaFree(q);
+		cudaFree(qabs);
+		cudaFree(ws);
+		cudaFree(lat);
+		free(ht);
+		free(hs);
+		free(hp);
+	}
+	return 0;
+}
+
 /* Draws on the GPU against the host sampler's distribution (model/sampler.c,
  * an independent implementation): R copies of one logits row drawn with
  * stratified u = (r + 0.5) / R must hit each token R * p +- 2 times; rows
@@ -870,6 +959,8 @@ int main(int argc, char **argv)
 	ds_dtype_init();
 	if (argc > 1 && !strcmp(argv[1], "--bench"))
 		return bench();
+	if (argc > 1 && !strcmp(argv[1], "--bench-attn"))
+		return bench_attn();
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_gemm_bf16),
 		cmocka_unit_test(test_gemm_fp8),
