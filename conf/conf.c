@@ -86,6 +86,10 @@ static const ds_conf_key keys[] = {
 	  "verifying drafts costs more than it saves); 0 = never draft (and keep no MTP KV); -1 = the backend's "
 	  "measured default (cpu 0, cuda 4)",
 	  NULL },
+	{ "scheduler", "mtp_chain", "mtp-chain", DS_CONF_T_INT, F(mtp_chain), -1, 1, "-1", 0,
+	  "greedy drafting sequences verify and draft in one engine call: -1 = where the backend runs both on the "
+	  "device (cuda), 1 = always (on the cpu the engine then runs the two steps: for testing), 0 = never",
+	  NULL },
 };
 
 const ds_conf_key *ds_conf_keys(size_t *n)

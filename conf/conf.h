@@ -57,6 +57,7 @@ typedef struct ds_conf {
 	int64_t prefix_cache;
 	int64_t mtp_depth;
 	int64_t mtp_max_batch;
+	int64_t mtp_chain;
 } ds_conf;
 
 enum ds_conf_type { DS_CONF_T_INT = 1, DS_CONF_T_SIZE, DS_CONF_T_DOUBLE, DS_CONF_T_STRING, DS_CONF_T_MODE };

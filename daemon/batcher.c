@@ -68,6 +68,7 @@ struct ds_batcher {
 	int32_t *ids; /* argmax of each logit row */
 	int32_t *mids; /* chained items' MTP argmax rows (ds_engine_step_chain) */
 	int n_chain;   /* items [0, n_chain) of a step are chained */
+	int chain;     /* chained steps in use (cfg.mtp_chain) */
 	/* Host-sampled rows, drawn before the step's tokens are emitted: per
 	 * item its logit row (-1: none) and token; one probs row a thread. */
 	int *pre_row;
@@ -769,9 +770,9 @@ static int is_decode(const ds_req *r)
 /* Verifying greedy requests without penalties or logprobs at depth 1 draft
  * in the same engine call (ds_engine_step_chain): no host round trip between
  * the main model and the MTP module. */
-static int chains(const ds_req *r, int verify)
+static int chains(const ds_batcher *b, const ds_req *r, int verify)
 {
-	return verify && r->spec.n_draft > 0 && is_decode(r) && r->spec.depth == 1 && r->mtp &&
+	return verify && b->chain && r->spec.n_draft > 0 && is_decode(r) && r->spec.depth == 1 && r->mtp &&
 	       ds_sampling_plain_greedy(&r->sp) && !r->logprobs && ds_seq_mtp_len(r->seq) == ds_seq_len(r->seq);
 }
 
@@ -786,7 +787,7 @@ static int build_items(ds_batcher *b, const ds_sched_plan *plan, int verify, siz
 			ds_req *r = plan->items[i]->user;
 			if (r->pend_head || r->finished || !r->seq)
 				continue; /* paused: its client has not read yet */
-			if (chains(r, verify) != !pass)
+			if (chains(b, r, verify) != !pass)
 				continue;
 			b->n_chain += !pass;
 			ds_sched_req *s = &r->sr;
@@ -1272,6 +1273,7 @@ int ds_batcher_start(ds_batcher *b, ds_engine *eng, const ds_tok *tok, const ds_
 		b->cfg.mtp_depth = 0;
 	if (b->cfg.mtp_depth > DS_SPEC_MAX_DEPTH)
 		b->cfg.mtp_depth = DS_SPEC_MAX_DEPTH;
+	b->chain = b->cfg.mtp_chain < 0 ? ds_engine_chains(eng) : b->cfg.mtp_chain > 0;
 	b->max_ctx = b->m->cfg.max_position_embeddings;
 	ds_kv_pool *pool = ds_engine_pool(eng);
 	ds_sched_config sc = {

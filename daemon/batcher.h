@@ -20,6 +20,7 @@ typedef struct ds_batcher_cfg {
 	long sock_budget;       /* socket bytes queued per connection before its streams pause */
 	int mtp_depth;          /* drafts per step from the MTP module; 0 = no speculative decoding */
 	int mtp_max_batch;      /* draft only while a step runs at most this many sequences */
+	int mtp_chain;          /* verify and draft in one engine call: -1 where the engine chains, 0 never, 1 always */
 } ds_batcher_cfg;
 
 enum { DS_OUT_BYTES = 1, /* append buf to conn's socket output */

@@ -793,6 +793,7 @@ static int finish_load(ds_srv *s)
 		.max_batch = (int)s->conf.max_batch, .step_tokens = (int)s->conf.step_tokens,
 		.uid_max_running = (int)s->conf.uid_max_running, .sock_budget = SOCK_BUDGET,
 		.prefix_cache = (int)s->conf.prefix_cache, .mtp_depth = (int)s->conf.mtp_depth,
+		.mtp_chain = (int)s->conf.mtp_chain,
 		.mtp_max_batch = s->conf.mtp_max_batch >= 0 ? (int)s->conf.mtp_max_batch
 			       : !strcmp(s->backend, "cuda") ? DS_MTP_MAX_BATCH_CUDA : DS_MTP_MAX_BATCH_CPU,
 	};

@@ -18,6 +18,7 @@ struct ds_engine {
 	uint8_t *need;  /* per logit row (at most one per token) */
 	ds_draw *draw;
 	int cap_seqs, cap_tokens;
+	int force_chain; /* ds_engine_force_chain */
 };
 
 struct ds_seq {
@@ -411,6 +412,9 @@ int ds_engine_step(ds_engine *eng, const ds_step_item *items, int n_items, float
 }
 
 int ds_engine_draws(const ds_engine *eng) { return eng->ops->draws; }
+
+int ds_engine_chains(const ds_engine *eng) { return eng->ops->chain || eng->force_chain; }
+void ds_engine_force_chain(ds_engine *eng, int on) { eng->force_chain = on != 0; }
 
 int ds_engine_step_ids(ds_engine *eng, const ds_step_item *items, int n_items, float *logits, int32_t *ids,
 		       float *hidden, ds_err *e)

@@ -99,6 +99,13 @@ int ds_engine_step_ids(ds_engine *eng, const ds_step_item *items, int n_items, f
  * states through the host): the same ids. */
 int ds_engine_step_chain(ds_engine *eng, const ds_step_item *items, int n_items, int n_chain, float *logits,
 			 int32_t *ids, int32_t *mtp_ids, float *hidden, ds_err *e);
+/* 1 when callers should chain (ds_engine_step_chain): the backend runs the
+ * MTP step on the device (CUDA). Elsewhere the engine's two steps do more
+ * work than the unchained path (the MTP layer over rejected positions, MTP
+ * logits for every row), so callers chain only when forced: tests of the
+ * chained path on the CPU. */
+int ds_engine_chains(const ds_engine *eng);
+void ds_engine_force_chain(ds_engine *eng, int on);
 /* 1 when the backend draws tokens itself (ds_step_item.draw): CUDA. */
 int ds_engine_draws(const ds_engine *eng);
 

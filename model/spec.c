@@ -395,9 +395,10 @@ int ds_spec_step(ds_engine *eng, ds_spec_req **reqs, int n, ds_err *e)
 	/* Chainable requests first: the engine drafts for them in the same
 	 * call (ds_engine_step_chain); the others draft below. */
 	int nc = 0, k = 0;
+	const int chain = ds_engine_chains(eng);
 	for (int pass = 0; pass < 2; pass++)
 		for (int i = 0; i < n; i++)
-			if (ds_spec_chainable(reqs[i]) == !pass) {
+			if ((chain && ds_spec_chainable(reqs[i])) == !pass) {
 				ord[k++] = i;
 				nc += !pass;
 			}

@@ -68,7 +68,8 @@ int ds_spec_verify(ds_spec_req *r, const float *logits, int vocab, float *probs)
  * are not needed): the same result. -EINVAL for other requests. */
 int ds_spec_verify_ids(ds_spec_req *r, const int32_t *ids);
 /* Greedy requests without penalties at depth 1 whose MTP KV is level with
- * the main KV verify and draft in one engine call (ds_engine_step_chain):
+ * the main KV verify and draft in one engine call (ds_engine_step_chain)
+ * where the engine chains (ds_engine_chains):
  * ds_spec_chainable says whether r can; ds_spec_verify_chained is
  * ds_spec_verify_ids for such a step, which keeps the MTP KV the step wrote
  * for the kept positions and drafts from mtp_ids (the MTP argmax rows of

@@ -147,12 +147,17 @@ static void greedy_identical(const char *name)
 	sp.temperature = 0;
 	const int want = 40;
 	uint64_t drafted = 0, accepted = 0;
-	for (int pen = 0; pen <= 1; pen++) {
-		sp.repetition_penalty = pen ? 1.3f : 1.0f;
-		for (int s = 0; s < v.ref.n_seqs; s++) {
-			const fx_seq *q = &v.ref.seqs[s];
-			if (q->n >= 7)
-				greedy_run(&v, &sp, q->ids, 6, want, &drafted, &accepted);
+	/* unchained (what the CPU does), then chained as on CUDA (the engine
+	 * runs the MTP step behind the main one itself) */
+	for (int chain = 0; chain <= 1; chain++) {
+		ds_engine_force_chain(v.eng, chain);
+		for (int pen = 0; pen <= 1; pen++) {
+			sp.repetition_penalty = pen ? 1.3f : 1.0f;
+			for (int s = 0; s < v.ref.n_seqs; s++) {
+				const fx_seq *q = &v.ref.seqs[s];
+				if (q->n >= 7)
+					greedy_run(&v, &sp, q->ids, 6, want, &drafted, &accepted);
+			}
 		}
 	}
 	assert_true(drafted > 0);
@@ -187,16 +192,22 @@ static void test_greedy_trained(void **st)
 	ds_sampling sp;
 	ds_sampling_default(&sp);
 	sp.temperature = 0;
-	uint64_t drafted[2] = { 0, 0 }, accepted[2] = { 0, 0 };
-	for (int pen = 0; pen <= 1; pen++) {
-		sp.repetition_penalty = pen ? 1.3f : 1.0f;
-		for (int i = 0; i < 3; i++)
-			greedy_run(&v, &sp, prompts[i], 6, 48, &drafted[pen], &accepted[pen]);
-		assert_true(accepted[pen] > 0);
+	/* [chained][penalized]: plain greedy chains when forced (the CUDA path,
+	 * here through the engine's two steps); penalized greedy never does */
+	uint64_t drafted[2][2] = { { 0 } }, accepted[2][2] = { { 0 } };
+	for (int chain = 0; chain <= 1; chain++) {
+		ds_engine_force_chain(v.eng, chain);
+		for (int pen = 0; pen <= 1; pen++) {
+			sp.repetition_penalty = pen ? 1.3f : 1.0f;
+			for (int i = 0; i < 3; i++)
+				greedy_run(&v, &sp, prompts[i], 6, 48, &drafted[chain][pen], &accepted[chain][pen]);
+			assert_true(accepted[chain][pen] > 0);
+		}
+		print_message("dsv3-tiny, %s: greedy identical; drafts accepted %llu of %llu (plain), %llu of %llu "
+			      "(penalized)\n", chain ? "chained" : "unchained", (unsigned long long)accepted[chain][0],
+			      (unsigned long long)drafted[chain][0], (unsigned long long)accepted[chain][1],
+			      (unsigned long long)drafted[chain][1]);
 	}
-	print_message("dsv3-tiny: greedy identical; drafts accepted %llu of %llu (plain), %llu of %llu (penalized)\n",
-		      (unsigned long long)accepted[0], (unsigned long long)drafted[0], (unsigned long long)accepted[1],
-		      (unsigned long long)drafted[1]);
 	assert_int_equal(ds_kv_pool_free_count(ds_engine_pool(v.eng)), ds_kv_pool_blocks(ds_engine_pool(v.eng)));
 	ds_engine_free(v.eng);
 	ds_model_free(v.m);

@@ -2,7 +2,8 @@
 # Speculative decoding in the daemon, on the default model (its MTP module is
 # trained, so drafts are accepted for real):
 # - greedy streams equal `dsd generate --no-mtp` alone, 8 at once with MTP on
-#   and off mixed, at depth 1 and 2, under a pool small enough to preempt;
+#   and off mixed, at depth 1 and 2, with chained verify+draft steps, under
+#   a pool small enough to preempt;
 # - drafting stops above mtp_max_batch and with mtp_depth 0;
 # - the prefix cache ends up holding the same blocks with and without MTP
 #   (rejected drafts never reach it), and a cached prompt still drafts;
@@ -113,6 +114,14 @@ d1=$(num drafted "$json")
 [ "${d1:-0}" -gt 0 ] && ok "final event: drafted $d1, accepted $(num accepted "$json")" || bad "final event drafted" "$json"
 json=$("$DSCTL" --socket "$SOCK" run --json --temperature 0 --max-tokens 20 --no-mtp "${PROMPTS[0]}" | tail -1)
 check "$(num drafted "$json")" 0 "--no-mtp: nothing drafted for that request"
+
+# --- verify and draft in one engine call (the CUDA default; on the CPU the
+# engine runs the two steps) ---
+start --mtp-max-batch 64 --mtp-chain 1 || bad "dsd serve --mtp-chain 1 started"
+check "$(concurrent --no-mtp)" 8 "greedy, 8 at once, chained steps, with --no-mtp mixed: 8/8 equal"
+st=$(stats_until '"live":0')
+[ "$(num accepted "$st")" -gt 0 ] 2>/dev/null && ok "chained steps: $(num accepted "$st") of $(num drafted "$st") drafts accepted" ||
+	bad "chained steps accept drafts" "$st"
 
 # --- a prompt served from the prefix cache still drafts, and equals offline ---
 start --mtp-max-batch 64 --block-tokens 16 || bad "dsd serve --block-tokens 16 started"
