@@ -765,18 +765,21 @@ static int is_decode(const ds_req *r)
 	return r->sr.n_sched == 1 && r->sr.n_cached + 1 == r->sr.n_tokens;
 }
 
-/* Builds the step's items; a decoding sequence with drafts verifies them
- * (its pending token and drafts, logits for all) when `verify` allows. */
+/* Greedy without penalties or logprobs: the step's argmax ids are all r needs. */
+static int ids_only(const ds_req *r) { return ds_sampling_plain_greedy(&r->sp) && !r->logprobs; }
+
 /* Verifying greedy requests without penalties or logprobs at depth 1 draft
  * in the same engine call (ds_engine_step_chain): no host round trip between
  * the main model and the MTP module. */
 static int chains(const ds_batcher *b, const ds_req *r, int verify)
 {
 	return verify && b->chain && r->spec.n_draft > 0 && is_decode(r) && r->spec.depth == 1 && r->mtp &&
-	       ds_sampling_plain_greedy(&r->sp) && !r->logprobs && ds_seq_mtp_len(r->seq) == ds_seq_len(r->seq);
+	       ids_only(r) && ds_seq_mtp_len(r->seq) == ds_seq_len(r->seq);
 }
 
-/* The step's items, chained ones first (b->n_chain of them). */
+/* Builds the step's items, chained ones first (b->n_chain of them); a
+ * decoding sequence with drafts verifies them (its pending token and drafts,
+ * logits for all) when `verify` allows. */
 static int build_items(ds_batcher *b, const ds_sched_plan *plan, int verify, size_t *rows, size_t *hrows)
 {
 	int n = 0;
@@ -797,7 +800,7 @@ static int build_items(ds_batcher *b, const ds_sched_plan *plan, int verify, siz
 				/* plain greedy without logprobs checks the drafts by ids */
 				b->items[n] = (ds_step_item){ .seq = r->seq, .tokens = r->vin, .n = 1 + r->spec.n_draft,
 							      .logits = DS_LOGITS_ALL,
-							      .argmax_only = ds_sampling_plain_greedy(&r->sp) && !r->logprobs };
+							      .argmax_only = ids_only(r) };
 			} else {
 				drop_drafts(r);
 				/* Greedy without penalties or logprobs needs the argmax only,
@@ -806,7 +809,7 @@ static int build_items(ds_batcher *b, const ds_sched_plan *plan, int verify, siz
 				b->items[n] = (ds_step_item){
 					.seq = r->seq, .tokens = r->tokens + s->n_cached, .n = s->n_sched,
 					.logits = s->n_cached + s->n_sched == s->n_tokens ? DS_LOGITS_LAST : DS_LOGITS_NONE,
-					.argmax_only = ds_sampling_plain_greedy(&r->sp) && !r->logprobs,
+					.argmax_only = ids_only(r),
 				};
 				if (b->items[n].logits == DS_LOGITS_LAST && !b->items[n].argmax_only && device_draw(b, r))
 					b->items[n].draw = &r->draw;

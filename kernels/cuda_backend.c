@@ -1145,6 +1145,16 @@ static void graphs_check(ds_backend *b)
 	}
 }
 
+/* A step's body, as the graph for key where it can be one, else eager. */
+static int run_body(ds_backend *b, struct step *st, int first, int last, const int key[DSK_GRAPH_KEY], ds_err *e)
+{
+	graphs_check(b);
+	int rc = graphable(b, st->T, first, last) ? dsk_graphs_run(b->graphs, key, b->s, step_body, st, e)
+						  : step_body(st, e);
+	graphs_check(b);
+	return rc;
+}
+
 /* MTP layer 0 over the first Tc tokens of the main step `main` just ran
  * (its chained sequences come first): tokens from the main step's argmax,
  * hidden input its final-normed rows; their MTP argmax rows go to ids. The
@@ -1159,15 +1169,8 @@ static int chain_step(ds_backend *b, const struct step *main, int Tc, int mb, in
 	const int n_pf = b->n_pf, n_short = b->n_short, li = b->m->n_layers;
 	b->n_pf = 0;
 	b->n_short = Tc;
-	int rc;
-	graphs_check(b);
-	if (graphable(b, Tc, li, li + 1)) {
-		const int key[DSK_GRAPH_KEY] = { 1, Tc, Tc, st.max_len, mb, 1 };
-		rc = dsk_graphs_run(b->graphs, key, b->s, step_body, &st, e);
-	} else {
-		rc = step_body(&st, e);
-	}
-	graphs_check(b);
+	const int key[DSK_GRAPH_KEY] = { 1, Tc, Tc, st.max_len, mb, 1 };
+	int rc = run_body(b, &st, li, li + 1, key, e);
 	b->n_pf = n_pf;
 	b->n_short = n_short;
 	cudaError_t err;
@@ -1325,15 +1328,8 @@ static int forward(ds_backend *b, const ds_batch *bt, ds_step_out *out, ds_err *
 				    .tables = b->tables, .max_blocks = mb },
 			   .tok = b->tok, .hin = b->hin };
 	const int first = bt->mtp ? m->n_layers + bt->mtp - 1 : 0, last = bt->mtp ? first + 1 : m->n_layers;
-	graphs_check(b);
-	if (graphable(b, T, first, last)) {
-		const int key[DSK_GRAPH_KEY] = { bt->mtp, T, rows, max_len, mb, 0 };
-		rc = dsk_graphs_run(b->graphs, key, b->s, step_body, &st, e);
-	} else {
-		rc = step_body(&st, e);
-	}
-	graphs_check(b);
-	if (rc)
+	const int key[DSK_GRAPH_KEY] = { bt->mtp, T, rows, max_len, mb, 0 };
+	if ((rc = run_body(b, &st, first, last, key, e)))
 		return rc;
 	if (out->hidden) {
 		const float *src = bt->mtp ? b->x : b->of;

@@ -419,20 +419,14 @@ void ds_engine_force_chain(ds_engine *eng, int on) { eng->force_chain = on != 0;
 int ds_engine_step_ids(ds_engine *eng, const ds_step_item *items, int n_items, float *logits, int32_t *ids,
 		       float *hidden, ds_err *e)
 {
-	if (!ids || !logits)
-		return ds_errf(e, -EINVAL, "ds_engine_step_ids needs logits and ids");
-	for (int i = 0; i < n_items; i++)
-		if (items[i].draw && (!eng->ops->draws || items[i].logits != DS_LOGITS_LAST))
-			return ds_errf(e, -EINVAL, "step item %d: a device draw needs a backend that draws and DS_LOGITS_LAST",
-				       i);
-	return run_step(eng, 0, items, n_items, NULL, logits, ids, hidden, 0, NULL, e);
+	return ds_engine_step_chain(eng, items, n_items, 0, logits, ids, NULL, hidden, e);
 }
 
 int ds_engine_step_chain(ds_engine *eng, const ds_step_item *items, int n_items, int n_chain, float *logits,
 			 int32_t *ids, int32_t *mtp_ids, float *hidden, ds_err *e)
 {
 	if (!ids || !logits || (n_chain && !mtp_ids))
-		return ds_errf(e, -EINVAL, "ds_engine_step_chain needs logits, ids and MTP ids");
+		return ds_errf(e, -EINVAL, "a step with ids needs logits and ids (and MTP ids to chain)");
 	if (n_chain < 0 || n_chain > n_items || (n_chain && eng->m->n_mtp < 1))
 		return ds_errf(e, -EINVAL, "cannot chain %d of %d items (the model has %d MTP layers)", n_chain, n_items,
 			       eng->m->n_mtp);

@@ -40,6 +40,13 @@ static int32_t pick(ds_spec_req *r, const float *p, int V)
  * engine returns as an id (on a GPU the rows then stay there). */
 static int plain(const ds_spec_req *r) { return ds_sampling_plain_greedy(ds_sampler_params(r->smp)); }
 
+/* r drafts now: it wants to, and the drafts fit the context (positions up
+ * to len + depth). */
+static int drafts_now(const ds_spec_req *r, int max_pos)
+{
+	return r->want && ds_seq_len(r->seq) + 1 + r->depth <= max_pos;
+}
+
 /* Step buffers, grown as needed; ds_spec_ws keeps one across calls. */
 typedef struct {
 	ds_step_item *items;
@@ -86,8 +93,7 @@ static int draft(ds_engine *eng, ds_spec_req **reqs, int n, const int32_t *const
 		r->n_draft = 0;
 		if (!r->depth || ntok[i] <= 0)
 			continue;
-		/* drafts must fit the context: positions up to len + depth */
-		int d = r->want && ds_seq_len(r->seq) + 1 + r->depth <= m->cfg.max_position_embeddings;
+		const int d = drafts_now(r, m->cfg.max_position_embeddings);
 		s->items[k] = (ds_step_item){ .seq = r->seq, .tokens = toks[i], .n = ntok[i],
 					      .logits = d ? DS_LOGITS_LAST : DS_LOGITS_NONE, .argmax_only = plain(r) };
 		memcpy(s->hidden2 + (size_t)rows * H, hid[i], sizeof(float) * (size_t)H * ntok[i]);
@@ -342,7 +348,7 @@ int ds_spec_verify_chained(ds_spec_req *r, const int32_t *ids, const int32_t *mt
 	/* MTP position L + j took x = ids[j], the token after it: its row
 	 * drafts the token after x */
 	int rc = settle(r, L, j, ids[j], L + 1 + j);
-	if (!rc && r->want && ds_seq_len(r->seq) + 1 + r->depth <= max_pos) {
+	if (!rc && drafts_now(r, max_pos)) {
 		r->draft[0] = mtp_ids[j];
 		r->n_draft = 1;
 		r->drafted++;

@@ -103,20 +103,6 @@ static int ncu_step(ds_backend *b, ds_model *m, const char *spec, int bt, int bl
 	return rc ? 1 : 0;
 }
 
-/* "1,8,64" -> out (at most cap positive values); the count. */
-static int parse_list(const char *s, int *out, int cap)
-{
-	int n = 0;
-	for (char *end; *s && n < cap; s = *end ? end + 1 : end) {
-		long v = strtol(s, &end, 10);
-		if (end == s)
-			break;
-		if (v > 0)
-			out[n++] = (int)v;
-	}
-	return n;
-}
-
 int main(int argc, char **argv)
 {
 	if (argc < 2) {
@@ -177,9 +163,9 @@ int main(int argc, char **argv)
 	/* DS_BENCH_BATCHES / DS_BENCH_CTXS: comma lists narrowing the table */
 	int batches[8] = { 1, 8, 64, 256 }, ctxs[8] = { 1024, 8192 }, nbat = 4, nctx = 2;
 	if (getenv("DS_BENCH_BATCHES"))
-		nbat = parse_list(getenv("DS_BENCH_BATCHES"), batches, 8);
+		nbat = parse_ints(getenv("DS_BENCH_BATCHES"), batches, 8);
 	if (getenv("DS_BENCH_CTXS"))
-		nctx = parse_list(getenv("DS_BENCH_CTXS"), ctxs, 8);
+		nctx = parse_ints(getenv("DS_BENCH_CTXS"), ctxs, 8);
 	printf("%-14s %6s %6s %10s %10s %10s %10s %10s %9s %10s %8s %9s\n", "model", "batch", "ctx", "step ms", "eager ms",
 	       "ids ms", "no-pdl ms", "tok/s", "GB/step", "GB/s", "% roof", "TFLOP/s");
 	int32_t *amax = malloc(sizeof(int32_t) * 256);

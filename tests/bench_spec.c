@@ -199,9 +199,7 @@ int main(int argc, char **argv)
 		case 'e': eager = 1; break;
 		case 'c': ctx = atoi(optarg); break;
 		case 'B':
-			nb = 0;
-			for (char *p = strtok(optarg, ","); p && nb < 16; p = strtok(NULL, ","))
-				batches[nb++] = atoi(p);
+			nb = parse_ints(optarg, batches, 16);
 			break;
 		default: return 2;
 		}

@@ -28,6 +28,7 @@
 #include "kernels/sample.h"
 #include "model/sampler.h"
 #include "model/cpu_ops.h"
+#include "tests/bench_util.h"
 
 static unsigned rng = 12345;
 static float frand(void)
@@ -726,7 +727,7 @@ static int bench(void)
 			cudaMemset(ds, 0x3c, 4 * (size_t)sr * sld);
 			cudaMalloc(&dout, 4 * (size_t)dsk_gemm_pad(M) * N);
 			dsk_weight w = { .type = fp8 ? DSK_W_FP8 : DSK_W_BF16, .rows = N, .cols = K, .w = dw, .scale = ds, .sld = sld };
-			float ms[20];
+			double ms[20];
 			cudaEvent_t a, b;
 			cudaEventCreate(&a);
 			cudaEventCreate(&b);
@@ -738,19 +739,14 @@ static int bench(void)
 				rc = dsk_gemm_run(g, dout, N, dx, M, &w, &e);
 				cudaEventRecord(b, NULL);
 				cudaEventSynchronize(b);
-				cudaEventElapsedTime(&ms[i], a, b);
+				float t;
+				cudaEventElapsedTime(&t, a, b);
+				ms[i] = t;
 			}
 			if (rc) {
 				printf("%-6s %6d %6d %6d  failed: %s\n", fp8 ? "fp8" : "bf16", M, N, K, e.msg);
 			} else {
-				for (int i = 0; i < 20; i++)
-					for (int j = i + 1; j < 20; j++)
-						if (ms[j] < ms[i]) {
-							float t = ms[i];
-							ms[i] = ms[j];
-							ms[j] = t;
-						}
-				double med = (ms[9] + ms[10]) / 2;
+				const double med = median(ms, 20);
 				printf("%-6s %6d %6d %6d %10.4f %10.1f %8.0f GB/s %s\n", fp8 ? "fp8" : "bf16", M, N, K, med,
 				       2.0 * M * N * K / (med * 1e-3) / 1e12,
 				       ((double)N * K * (fp8 ? 1 : 2) + 2.0 * M * K + 4.0 * M * N) / (med * 1e-3) / 1e9,
@@ -812,30 +808,25 @@ static int bench_attn(void)
 		cudaEventCreate(&e0);
 		cudaEventCreate(&e1);
 		for (int ns = 1; ns <= 64; ns *= 2) {
-			float ms[5];
+			double ms[5];
 			int rc = 0;
 			for (int i = 0; i < 5 && !rc; i++)
 				rc = dsk_mla_attention(&a, ns, NULL, &e);
 			for (int r = 0; r < 5 && !rc; r++) {
+				float t;
 				cudaEventRecord(e0, NULL);
 				for (int i = 0; i < 50 && !rc; i++)
 					rc = dsk_mla_attention(&a, ns, NULL, &e);
 				cudaEventRecord(e1, NULL);
 				cudaEventSynchronize(e1);
-				cudaEventElapsedTime(&ms[r], e0, e1);
+				cudaEventElapsedTime(&t, e0, e1);
+				ms[r] = t;
 			}
 			if (rc) {
 				printf("%4d %6d %6d failed: %s\n", T, C, ns, e.msg);
 				continue;
 			}
-			for (int i = 0; i < 5; i++)
-				for (int j = i + 1; j < 5; j++)
-					if (ms[j] < ms[i]) {
-						float t = ms[i];
-						ms[i] = ms[j];
-						ms[j] = t;
-					}
-			printf("%4d %6d %6d %10.2f%s\n", T, C, ns, ms[2] * 1e3 / 50, ns == dflt ? " *" : "");
+			printf("%4d %6d %6d %10.2f%s\n", T, C, ns, median(ms, 5) * 1e3 / 50, ns == dflt ? " *" : "");
 		}
 		if (dflt & (dflt - 1)) /* not a power of two: time it too */
 			printf("%4d %6d %6d (default, not timed)\n", T, C, dflt);
