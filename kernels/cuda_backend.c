@@ -44,7 +44,7 @@ typedef struct {
 	 * the grouped GEMV; dev_moe when every expert takes that path. */
 	const void **ew[3];
 	const float **es[3];
-	int esld[3], dev_moe, moe_fp8;
+	int esld[3], dev_moe, moe_fp8, moe_fp8_down;
 	dsk_bf16 *mtp_embed;
 } dlayer;
 
@@ -93,6 +93,11 @@ struct ds_backend {
 	size_t pf_cap;
 	uint8_t *qx;     /* quantized MoE activations (device MoE path) */
 	float *qxs;
+	/* The norms' FP8 copy of xn (or qan) for FP8 weights at decode sizes
+	 * (dsk_qout): xn_q says whether the last write of xn made one. */
+	uint8_t *qn;
+	float *qns;
+	int preq, xn_q;
 	int moe_rows;
 	size_t attn_ws_n;
 	int dev_moe_max_t; /* steps up to this many tokens skip the host round trip */
@@ -334,12 +339,17 @@ static int expert_tables(ds_backend *b, dlayer *d, int E, ds_err *e)
 {
 	const dsk_weight *mats[3] = { d->eg, d->eu, d->ed };
 	int rc = 0, ok = 1;
-	const int type = d->eg[0].type;
-	for (int k = 0; k < 3; k++)
+	/* Gate and up share one launch (one type); down is its own launch and
+	 * may differ: an FP8 checkpoint whose down projections are not a
+	 * multiple of 128 wide is dequantized for them only at load. */
+	for (int k = 0; k < 3; k++) {
+		const int type = mats[k == 2 ? 2 : 0][0].type;
 		for (int x = 0; x < E; x++)
 			ok &= mats[k][x].type == type && mats[k][x].cols % (type == DSK_W_FP8 ? 128 : 8) == 0;
+	}
 	d->dev_moe = ok;
-	d->moe_fp8 = type == DSK_W_FP8;
+	d->moe_fp8 = d->eg[0].type == DSK_W_FP8;
+	d->moe_fp8_down = d->ed[0].type == DSK_W_FP8;
 	if (!ok)
 		return 0;
 	const void **hw = malloc(sizeof(void *) * (size_t)E);
@@ -596,6 +606,12 @@ static int create(const ds_model *m, ds_backend_config *cfg, ds_backend **out, d
 		}
 	}
 	b->wl = ds_wload_cuda_free(b->wl); /* the arena stays: weights point into it */
+	/* FP8 weights reading normed rows: the norms write their FP8 copy. */
+	for (int li = 0; li < NL && !rc && H % 128 == 0; li++) {
+		const dlayer *d = &b->L[li];
+		b->preq |= d->kv_a.type == DSK_W_FP8 || d->moe_fp8 || d->sh_gate.type == DSK_W_FP8 ||
+			   d->gate.type == DSK_W_FP8;
+	}
 	if (!rc && c->n_routed_experts > 0) {
 		size_t nb = sizeof(unsigned long long) * (size_t)NL * c->n_routed_experts;
 		b->eload = dalloc(b, nb, e, &rc);
@@ -742,6 +758,9 @@ static int ensure_ws(ds_backend *b, int T, int n_seqs, int mb, ds_err *e)
 		const size_t rmax = (size_t)(P > Tp ? P : Tp);
 		CARVE(qx, uint8_t, rmax * wmax);
 		CARVE(qxs, float, rmax * (wmax / 128 + 1));
+		const size_t nmax = (size_t)(H > c->q_lora_rank ? H : c->q_lora_rank);
+		CARVE(qn, uint8_t, (size_t)Tp * nmax);
+		CARVE(qns, float, (size_t)Tp * (nmax / 128 + 1));
 	}
 #undef CARVE
 	cudaStreamSynchronize(b->s);
@@ -760,7 +779,8 @@ static int ensure_ws(ds_backend *b, int T, int n_seqs, int mb, ds_err *e)
 	FIX(x); FIX(y); FIX(hin); FIX(of); FIX(q); FIX(qa); FIX(kvx); FIX(qabs); FIX(g); FIX(u); FIX(logits_r);
 	FIX(moe_w); FIX(gp); FIX(up); FIX(yp); FIX(ysh); FIX(attn_ws); FIX(xn); FIX(qan); FIX(qb); FIX(lat); FIX(o);
 	FIX(h); FIX(xp); FIX(hp); FIX(sel); FIX(tok); FIX(pos); FIX(seq); FIX(sel_idx); FIX(tables); FIX(ids);
-	FIX(cnt); FIX(off); FIX(ppos); FIX(row_tok); FIX(qx); FIX(qxs); FIX(alist); FIX(act);
+	FIX(cnt); FIX(off); FIX(ppos); FIX(row_tok); FIX(qx); FIX(qxs); FIX(qn); FIX(qns); FIX(alist);
+	FIX(act);
 #undef FIX
 	b->moe_rows = P;
 	b->attn_ws_n = attn_n;
@@ -791,6 +811,40 @@ static int gemm(ds_backend *b, float *out, int ldo, const dsk_bf16 *x, int M, co
 {
 	return dsk_gemm_run(b->gemm, out, ldo, x, M, W, e);
 }
+
+/* Where a norm writes the FP8 copy of its rows (dim wide) for the FP8
+ * GEMVs and expert GEMVs that read them: steps of 1-2 tokens of FP8 models
+ * (one launch fewer per reader, 1-3 % at batch 1; at 8 tokens the expert
+ * path alone would read it and measured 3 % slower, docs/PERFORMANCE.md).
+ * NULL: no copy; the consumers quantize for themselves. */
+static const dsk_qout *norm_q(const ds_backend *b, int T, int dim, dsk_qout *qo)
+{
+	if (!b->preq || T > DSK_GEMV_MAX_M || T > b->dev_moe_max_t || dim % 128)
+		return NULL;
+	*qo = (dsk_qout){ b->qn, b->qns, dsk_gemm_pad(T) };
+	return qo;
+}
+
+/* A norm into xn (row stride H): its FP8 copy too, unless this is the final
+ * norm (of: the LM head reads bf16). */
+static int norm_xn(ds_backend *b, float *x, const float *y, const float *w, int T, float *of, ds_err *e)
+{
+	const ds_config *c = &b->m->cfg;
+	dsk_qout qo;
+	const dsk_qout *q = of ? NULL : norm_q(b, T, c->hidden_size, &qo);
+	b->xn_q = q != NULL;
+	return dsk_add_rmsnorm(x, y, w, T, c->hidden_size, c->rms_norm_eps, b->xn, c->hidden_size, of, q, b->s, e);
+}
+
+/* GEMMs on gm over x (M rows) read the norm's FP8 copy when there is one;
+ * forgotten right after, as x (xn) is rewritten by every block. */
+static void pre_on(ds_backend *b, dsk_gemm *gm, const dsk_bf16 *x, int M, int have)
+{
+	if (have)
+		dsk_gemm_prequant(gm, x, M, b->qn, b->qns);
+}
+
+static void pre_off(dsk_gemm *gm) { dsk_gemm_prequant(gm, NULL, 0, NULL, NULL); }
 
 /* A dense MLP on the GEMM handle gm (and its stream s): gate, up and SiLU in
  * one GEMV launch where it takes the shapes. */
@@ -872,13 +926,24 @@ static int attention(ds_backend *b, int li, int T, int max_len, const dsk_kv_geo
 	const int qk = nope + rope, vd = c->v_head_dim, kvl = c->kv_lora_rank, kvd = kvl + rope;
 	int rc;
 	/* The projections of xn share one GEMV launch at decode sizes. */
+	pre_on(b, b->gemm, b->xn, T, b->xn_q);
 	if (c->q_lora_rank > 0) {
-		TRY(dsk_gemm_run2(b->gemm, b->qa, c->q_lora_rank, &d->q_a, b->kvx, kvd, &d->kv_a, b->xn, T, e));
+		rc = dsk_gemm_run2(b->gemm, b->qa, c->q_lora_rank, &d->q_a, b->kvx, kvd, &d->kv_a, b->xn, T, e);
+		pre_off(b->gemm);
+		TRY(rc);
+		/* xn's FP8 copy is read by now (stream order): q_a's takes its place. */
+		dsk_qout qo;
+		const dsk_qout *q = d->q_b.type == DSK_W_FP8 ? norm_q(b, T, c->q_lora_rank, &qo) : NULL;
 		TRY(dsk_add_rmsnorm(b->qa, NULL, d->q_a_norm, T, c->q_lora_rank, c->rms_norm_eps, b->qan, c->q_lora_rank,
-				    NULL, b->s, e));
-		TRY(gemm(b, b->q, nh * qk, b->qan, T, &d->q_b, e));
+				    NULL, q, b->s, e));
+		pre_on(b, b->gemm, b->qan, T, q != NULL);
+		rc = gemm(b, b->q, nh * qk, b->qan, T, &d->q_b, e);
+		pre_off(b->gemm);
+		TRY(rc);
 	} else {
-		TRY(dsk_gemm_run2(b->gemm, b->q, nh * qk, &d->q_proj, b->kvx, kvd, &d->kv_a, b->xn, T, e));
+		rc = dsk_gemm_run2(b->gemm, b->q, nh * qk, &d->q_proj, b->kvx, kvd, &d->kv_a, b->xn, T, e);
+		pre_off(b->gemm);
+		TRY(rc);
 	}
 	/* Few tokens: the W_UK absorption rides in the prep launch (its weights
 	 * read once for all tokens); more: one batched GEMM per step. */
@@ -947,7 +1012,10 @@ static int moe(ds_backend *b, int li, int T, const struct next_norm *nn, ds_err 
 			err = cudaStreamWaitEvent(b->s2, b->ev_fork, 0);
 		if (err != cudaSuccess)
 			return cerr(e, err, "fork");
-		TRY(mlp(b->gemm2, b->s2, &d->sh_gate, &d->sh_up, &d->sh_down, b->xn, T, b->g, b->u, b->h, b->ysh, e));
+		pre_on(b, b->gemm2, b->xn, T, b->xn_q);
+		rc = mlp(b->gemm2, b->s2, &d->sh_gate, &d->sh_up, &d->sh_down, b->xn, T, b->g, b->u, b->h, b->ysh, e);
+		pre_off(b->gemm2);
+		TRY(rc);
 		if ((err = cudaEventRecord(b->ev_join, b->s2)) != cudaSuccess)
 			return cerr(e, err, "join");
 		shared = b->ysh;
@@ -972,7 +1040,10 @@ static int moe(ds_backend *b, int li, int T, const struct next_norm *nn, ds_err 
 					.wp = { (const void *const *)d->ew[0], (const void *const *)d->ew[1] },
 					.sp = { (const float *const *)d->es[0], (const float *const *)d->es[1] },
 					.sld = d->esld[0], .fp8 = d->moe_fp8, .glu = 1, .N = I, .K = H };
-		if (d->moe_fp8) {
+		if (d->moe_fp8 && b->xn_q) {
+			g.x = b->qn; /* the norm's copy (read by the shared experts too) */
+			g.xs = b->qns;
+		} else if (d->moe_fp8) {
 			TRY(dsk_quant_fp8(b->qx, b->qxs, b->xn, Tp, H, b->s, e));
 			g.x = b->qx;
 		}
@@ -981,6 +1052,7 @@ static int moe(ds_backend *b, int li, int T, const struct next_norm *nn, ds_err 
 		g.out = b->yp;
 		g.ldo = H;
 		g.x = b->hp;
+		g.xs = b->qxs;
 		g.xs_ld = Pn;
 		g.row_src = NULL;
 		g.wp[0] = (const void *const *)d->ew[2];
@@ -989,7 +1061,8 @@ static int moe(ds_backend *b, int li, int T, const struct next_norm *nn, ds_err 
 		g.glu = 0;
 		g.N = H;
 		g.K = I;
-		if (d->moe_fp8) {
+		g.fp8 = d->moe_fp8_down;
+		if (d->moe_fp8_down) {
 			/* Only the plan's rows (b->off[E] of at most Pn). */
 			TRY(dsk_quant_fp8_dev(b->qx, b->qxs, b->hp, b->off + E, Pn, I, b->s, e));
 			g.x = b->qx;
@@ -1005,8 +1078,11 @@ static int moe(ds_backend *b, int li, int T, const struct next_norm *nn, ds_err 
 			return cerr(e, err, "join");
 	}
 	/* The combine joins the residual and feeds the next norm (nn). */
+	dsk_qout qo;
+	const dsk_qout *q = nn->of ? NULL : norm_q(b, T, H, &qo);
+	b->xn_q = q != NULL;
 	rc = dsk_combine_add_rmsnorm(b->x, shared, b->yp, b->ppos, b->moe_w, K, nn->w, T, H, c->rms_norm_eps, b->xn, H,
-				     nn->of, b->s, e);
+				     nn->of, q, b->s, e);
 	mark(b, 6);
 	return rc;
 }
@@ -1045,16 +1121,17 @@ static int moe_host_planned(ds_backend *b, const dlayer *d, int T, ds_err *e)
 static int block(ds_backend *b, int li, int T, int max_len, const dsk_kv_geom *geo, const struct next_norm *nn,
 		 ds_err *e)
 {
-	const ds_config *c = &b->m->cfg;
 	const dlayer *d = &b->L[li];
-	const int H = c->hidden_size;
 	int rc;
 	TRY(attention(b, li, T, max_len, geo, e));
-	TRY(dsk_add_rmsnorm(b->x, b->y, d->post_norm, T, H, c->rms_norm_eps, b->xn, H, NULL, b->s, e));
+	TRY(norm_xn(b, b->x, b->y, d->post_norm, T, NULL, e));
 	if (b->m->layers[li].is_moe)
 		return moe(b, li, T, nn, e);
-	TRY(mlp(b->gemm, b->s, &d->gate, &d->up, &d->down, b->xn, T, b->g, b->u, b->h, b->y, e));
-	rc = dsk_add_rmsnorm(b->x, b->y, nn->w, T, H, c->rms_norm_eps, b->xn, H, nn->of, b->s, e);
+	pre_on(b, b->gemm, b->xn, T, b->xn_q);
+	rc = mlp(b->gemm, b->s, &d->gate, &d->up, &d->down, b->xn, T, b->g, b->u, b->h, b->y, e);
+	pre_off(b->gemm);
+	TRY(rc);
+	rc = norm_xn(b, b->x, b->y, nn->w, T, nn->of, e);
 	mark(b, 6);
 	return rc;
 }
@@ -1098,8 +1175,10 @@ static int step_body(void *ctx, ds_err *e)
 		const dlayer *d = &b->L[li];
 		TRY(dsk_embed(b->x, d->mtp_embed, st->tok, T, H, b->s, e));
 		/* [T][2H]: normed embedding, then normed hidden state. */
-		TRY(dsk_add_rmsnorm(b->x, NULL, d->enorm, T, H, c->rms_norm_eps, b->xn, 2 * H, NULL, b->s, e));
-		TRY(dsk_add_rmsnorm(st->hin, NULL, d->hnorm, T, H, c->rms_norm_eps, b->xn + H, 2 * H, NULL, b->s, e));
+		b->xn_q = 0;
+		TRY(dsk_add_rmsnorm(b->x, NULL, d->enorm, T, H, c->rms_norm_eps, b->xn, 2 * H, NULL, NULL, b->s, e));
+		TRY(dsk_add_rmsnorm(st->hin, NULL, d->hnorm, T, H, c->rms_norm_eps, b->xn + H, 2 * H, NULL, NULL, b->s,
+				    e));
 		TRY(gemm(b, b->x, H, b->xn, T, &d->eh_proj, e));
 		first = li;
 		last = li + 1;
@@ -1107,7 +1186,7 @@ static int step_body(void *ctx, ds_err *e)
 	const float *fn = st->mtp ? b->L[m->n_layers + st->mtp - 1].head_norm : b->final_norm;
 	const dsk_weight *head = st->mtp ? &b->L[m->n_layers + st->mtp - 1].head : &b->lm_head;
 	mark(b, 0);
-	TRY(dsk_add_rmsnorm(b->x, NULL, b->L[first].input_norm, T, H, c->rms_norm_eps, b->xn, H, NULL, b->s, e));
+	TRY(norm_xn(b, b->x, NULL, b->L[first].input_norm, T, NULL, e));
 	/* Each block ends with the residual add of its MLP and the next norm:
 	 * the last one's is the final norm (x keeps the pre-norm state: MTP's
 	 * hidden output; of the normed rows in float). */

@@ -29,6 +29,10 @@ struct dsk_gemm {
 	void *ws;
 	uint8_t *q;     /* quantized activations */
 	float *qs;      /* their scales */
+	const dsk_bf16 *pre_x; /* dsk_gemm_prequant */
+	const uint8_t *pre_q;
+	const float *pre_s;
+	int pre_m;
 	size_t q_cap;   /* elements of q */
 	dsk_bf16 *tmp;  /* bf16 result widened to float32 */
 	size_t tmp_cap;
@@ -344,11 +348,28 @@ static dsk_gemv_job job(void *out, int ldo, const dsk_weight *W)
 	return j;
 }
 
-/* x's FP8 copy in g->q / g->qs. */
-static int quantize(dsk_gemm *g, const dsk_bf16 *x, int M, int K, ds_err *e)
+extern "C" void dsk_gemm_prequant(dsk_gemm *g, const dsk_bf16 *x, int M, const uint8_t *q, const float *sc)
 {
+	g->pre_x = x;
+	g->pre_m = M;
+	g->pre_q = q;
+	g->pre_s = sc;
+}
+
+/* x's FP8 copy into *q / *qs: the producer's (GEMV calls only: its rows past
+ * M are not written, and cuBLASLt reads the padded rows) or g->q / g->qs. */
+static int quantize(dsk_gemm *g, const dsk_bf16 *x, int M, int K, int gemv, const void **q, const float **qs,
+		    ds_err *e)
+{
+	if (gemv && x == g->pre_x && M == g->pre_m) {
+		*q = g->pre_q;
+		*qs = g->pre_s;
+		return 0;
+	}
 	const int Mp = dsk_gemm_pad(M);
 	int rc = grow_q(g, (size_t)Mp * K, Mp, K, e);
+	*q = g->q;
+	*qs = g->qs;
 	return rc ? rc : dsk_quant_fp8(g->q, g->qs, x, Mp, K, g->s, e);
 }
 
@@ -361,14 +382,17 @@ static int run(dsk_gemm *g, void *out, int ldo, int outbf, const dsk_bf16 *x, in
 	int rc;
 	if (fp8 && !dsk_gemm_fp8_ok(N, K))
 		return ds_errf(e, -EINVAL, "fp8 gemm: shape %dx%d needs the dequantized path", N, K);
-	if (fp8 && (rc = quantize(g, x, M, K, e)))
+	const int gemv = !outbf && gemv_ok(g, W, M);
+	const void *xq = x;
+	const float *xs = NULL;
+	if (fp8 && (rc = quantize(g, x, M, K, gemv, &xq, &xs, e)))
 		return rc;
 	*(fp8 ? &g->n_fp8 : &g->n_bf16) += 1;
-	if (!outbf && gemv_ok(g, W, M)) {
+	if (gemv) {
 		dsk_gemv_job j = job(out, ldo, W);
-		return dsk_gemv(&j, 1, 0, fp8 ? (const void *)g->q : x, g->qs, M, Mp, K, fp8, g->s, e);
+		return dsk_gemv(&j, 1, 0, xq, xs, M, Mp, K, fp8, g->s, e);
 	}
-	return matmul(g, out, ldo, outbf, fp8 ? (const void *)g->q : x, Mp, W, e);
+	return matmul(g, out, ldo, outbf, xq, Mp, W, e);
 }
 
 extern "C" int dsk_gemm_run(dsk_gemm *g, float *out, int ldo, const dsk_bf16 *x, int M, const dsk_weight *W, ds_err *e)
@@ -388,10 +412,12 @@ static int gemv_pair(dsk_gemm *g, const dsk_gemv_job *j, int glu, const dsk_bf16
 		     ds_err *e)
 {
 	int rc;
-	if (fp8 && (rc = quantize(g, x, M, K, e)))
+	const void *xq = x;
+	const float *xs = NULL;
+	if (fp8 && (rc = quantize(g, x, M, K, 1, &xq, &xs, e)))
 		return rc;
 	*(fp8 ? &g->n_fp8 : &g->n_bf16) += 2;
-	return dsk_gemv(j, 2, glu, fp8 ? (const void *)g->q : x, g->qs, M, dsk_gemm_pad(M), K, fp8, g->s, e);
+	return dsk_gemv(j, 2, glu, xq, xs, M, dsk_gemm_pad(M), K, fp8, g->s, e);
 }
 
 extern "C" int dsk_gemm_run2(dsk_gemm *g, float *out0, int ldo0, const dsk_weight *W0, float *out1, int ldo1,

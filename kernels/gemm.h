@@ -53,6 +53,12 @@ DSK_EXTERN_C int dsk_quant_fp8(uint8_t *q, float *sc, const dsk_bf16 *x, int M, 
 /* The same for *rows rows (device memory; scales still [K/128][max_rows]). */
 DSK_EXTERN_C int dsk_quant_fp8_dev(uint8_t *q, float *sc, const dsk_bf16 *x, const int32_t *rows, int max_rows,
 				   int K, dsk_stream s, ds_err *e);
+/* x's FP8 copy, q [M][K] e4m3 with scales sc[K/128][dsk_gemm_pad(M)], was
+ * written with x by the kernel that made x (dsk_add_rmsnorm's dsk_qout): the
+ * GEMV-sized FP8 calls on exactly this x and M read it instead of quantizing
+ * x again (the same bits, one launch fewer), until dsk_gemm_prequant(g, NULL,
+ * 0, NULL, NULL) forgets it. The caller forgets it before x is rewritten. */
+DSK_EXTERN_C void dsk_gemm_prequant(dsk_gemm *g, const dsk_bf16 *x, int M, const uint8_t *q, const float *sc);
 /* Dequantizes an FP8 weight into bf16 [rows][cols] (the fallback path). */
 DSK_EXTERN_C int dsk_dequant_fp8(dsk_bf16 *out, const dsk_weight *W, dsk_stream s, ds_err *e);
 /* Rows up to 2 go through the weight-streaming GEMV (kernels/gemv.h) unless off. */

@@ -1,4 +1,5 @@
 /* norm.cu — embedding, RMSNorm with the residual add, row gather. */
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 #include <errno.h>
 
@@ -37,9 +38,12 @@ static __device__ float block_sum(float v, float *red)
 	return v;
 }
 
-/* Row xr with sum of squares ss: o = w * xr / rms, to bf16 ob (and float of). */
+/* Row xr with sum of squares ss: o = w * xr / rms, to bf16 ob (and float of,
+ * and the FP8 copy q / s[kb * ld] of row t). The FP8 part recomputes o from
+ * xr, which block_sum's barrier made visible, rather than reading ob back
+ * (another barrier); each warp then does what quant_k does for a group. */
 static __device__ __forceinline__ void norm_out(const float *xr, float ss, const float *w, int dim, float eps,
-						dsk_bf16 *ob, float *of)
+						dsk_bf16 *ob, float *of, uint8_t *q, float *qs, int ld, int t)
 {
 	const float inv = (float)(1.0 / sqrt((double)ss / dim + eps));
 	for (int i = threadIdx.x; i < dim; i += blockDim.x) {
@@ -48,10 +52,33 @@ static __device__ __forceinline__ void norm_out(const float *xr, float ss, const
 		if (of)
 			of[i] = o;
 	}
+	if (!q)
+		return;
+	const int lane = threadIdx.x & 31;
+	for (int kb = threadIdx.x / 32; kb < dim / 128; kb += blockDim.x / 32) {
+		const int i0 = kb * 128 + lane * 4;
+		float v[4], amax = 0;
+		for (int i = 0; i < 4; i++) {
+			v[i] = __bfloat162float(__float2bfloat16(w[i0 + i] * (xr[i0 + i] * inv)));
+			amax = fmaxf(amax, fabsf(v[i]));
+		}
+		for (int o = 16; o; o >>= 1)
+			amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+		const float sc = fmaxf(amax, 1e-10f) / 448.0f;
+		const float r = 1.0f / sc;
+		uint32_t packed = 0;
+		for (int i = 0; i < 4; i++) {
+			__nv_fp8_e4m3 f(v[i] * r);
+			packed |= (uint32_t)f.__x << (8 * i);
+		}
+		*(uint32_t *)(q + i0) = packed;
+		if (lane == 0)
+			qs[(size_t)kb * ld + t] = sc;
+	}
 }
 
 static __global__ void add_rmsnorm_k(float *x, const float *y, const float *w, int dim, float eps, dsk_bf16 *ob,
-				     int ldo, float *of)
+				     int ldo, float *of, uint8_t *q, float *qs, int ld)
 {
 	__shared__ float red[32];
 	dsk_pdl_enter();
@@ -66,14 +93,15 @@ static __global__ void add_rmsnorm_k(float *x, const float *y, const float *w, i
 		}
 		ss += v * v;
 	}
-	norm_out(xr, block_sum(ss, red), w, dim, eps, ob + (size_t)t * ldo, of ? of + (size_t)t * dim : NULL);
+	norm_out(xr, block_sum(ss, red), w, dim, eps, ob + (size_t)t * ldo, of ? of + (size_t)t * dim : NULL,
+		 q ? q + (size_t)t * dim : NULL, qs, ld, t);
 }
 
 /* add_rmsnorm_k with y computed in place as the MoE combine: the same float
  * operations in the same order as dsk_moe_combine then dsk_add_rmsnorm. */
 static __global__ void combine_norm_k(float *x, const float *shared, const float *yp, const int32_t *pos,
 				      const float *wk, int K, const float *w, int dim, float eps, dsk_bf16 *ob, int ldo,
-				      float *of)
+				      float *of, uint8_t *q, float *qs, int ld)
 {
 	__shared__ float red[32];
 	dsk_pdl_enter();
@@ -88,26 +116,32 @@ static __global__ void combine_norm_k(float *x, const float *shared, const float
 		xr[i] = v;
 		ss += v * v;
 	}
-	norm_out(xr, block_sum(ss, red), w, dim, eps, ob + (size_t)t * ldo, of ? of + (size_t)t * dim : NULL);
+	norm_out(xr, block_sum(ss, red), w, dim, eps, ob + (size_t)t * ldo, of ? of + (size_t)t * dim : NULL,
+		 q ? q + (size_t)t * dim : NULL, qs, ld, t);
 }
 
 extern "C" int dsk_combine_add_rmsnorm(float *x, const float *shared, const float *yp, const int32_t *pos,
 				       const float *wk, int K, const float *w, int T, int dim, float eps, dsk_bf16 *ob,
-				       int ldo, float *of, dsk_stream s, ds_err *e)
+				       int ldo, float *of, const dsk_qout *qo, dsk_stream s, ds_err *e)
 {
 	if (T <= 0)
 		return 0;
+	if (qo && dim % 128)
+		return ds_errf(e, -EINVAL, "fp8 quantization: K=%d is not a multiple of 128", dim);
 	dsk_launch(combine_norm_k, T, dim >= 1024 ? 1024 : 256, 0, s, x, shared, yp, pos, wk, K, w, dim, eps, ob, ldo,
-		   of);
+		   of, qo ? qo->q : (uint8_t *)NULL, qo ? qo->s : (float *)NULL, qo ? qo->ld : 0);
 	return dsk_check(e, "combine_add_rmsnorm");
 }
 
 extern "C" int dsk_add_rmsnorm(float *x, const float *y, const float *w, int T, int dim, float eps, dsk_bf16 *ob,
-			       int ldo, float *of, dsk_stream s, ds_err *e)
+			       int ldo, float *of, const dsk_qout *qo, dsk_stream s, ds_err *e)
 {
 	if (T <= 0)
 		return 0;
-	dsk_launch(add_rmsnorm_k, T, dim >= 1024 ? 1024 : 256, 0, s, x, y, w, dim, eps, ob, ldo, of);
+	if (qo && dim % 128)
+		return ds_errf(e, -EINVAL, "fp8 quantization: K=%d is not a multiple of 128", dim);
+	dsk_launch(add_rmsnorm_k, T, dim >= 1024 ? 1024 : 256, 0, s, x, y, w, dim, eps, ob, ldo, of,
+		   qo ? qo->q : (uint8_t *)NULL, qo ? qo->s : (float *)NULL, qo ? qo->ld : 0);
 	return dsk_check(e, "add_rmsnorm");
 }
 

@@ -1,6 +1,7 @@
 /* The CUDA backend against the CPU reference backend (a second, float32 code
  * path) on random V3 (bf16, FP8, with MTP) and V2 models that
- * tools/make_bench_models.py --tiny writes into $DS_GPU_MODELS: logits of a
+ * tools/make_bench_models.py --tiny writes into $DS_GPU_MODELS, and the default
+ * model's FP8 copy (models/dsv3-tiny/fp8): logits of a
  * full prefill (relative error, top-1 agreement where the reference's top-2
  * margin exceeds 0.05), MTP logits, KV-cache decode equal to the full
  * forward, a batch equal to each sequence alone, copy-on-write of a block.
@@ -32,10 +33,11 @@ typedef struct {
 	int fp8;
 } env;
 
+/* A model of $DS_GPU_MODELS, or (a name with a '/') of this source tree. */
 static ds_model *open_model(const char *name)
 {
 	char dir[1024];
-	snprintf(dir, sizeof(dir), "%s/%s", models_dir, name);
+	snprintf(dir, sizeof(dir), "%s/%s", strchr(name, '/') ? fx_srcdir() : models_dir, name);
 	ds_model *m;
 	ds_err e = { { 0 } };
 	if (ds_model_open(dir, 0, &m, &e))
@@ -200,6 +202,10 @@ static void check_model(const char *name)
 static void test_v3_bf16(void **st) { (void)st; check_model("v3-bf16"); }
 static void test_v3_fp8(void **st) { (void)st; check_model("v3-fp8"); }
 static void test_v2_bf16(void **st) { (void)st; check_model("v2-bf16"); }
+/* The default model's FP8 copy: its expert down projections (96 wide) are
+ * dequantized at load while gate and up stay FP8 (a mixed expert path). */
+#define DEFAULT_FP8 "models/dsv3-tiny/fp8"
+static void test_default_fp8(void **st) { (void)st; check_model(DEFAULT_FP8); }
 
 /* On the GPU: token-by-token decode through the paged cache equals the full
  * forward (blocks of 16, so tables span several blocks); a batch of two
@@ -317,8 +323,8 @@ static double decode_vs_full(const ds_backend_ops *ops, ds_backend *b, const ds_
 static void test_paths(void **st)
 {
 	(void)st;
-	const char *names[] = { "v3-bf16", "v2-bf16", "v3-fp8" };
-	for (int k = 0; k < 3; k++) {
+	const char *names[] = { "v3-bf16", "v2-bf16", "v3-fp8", DEFAULT_FP8 };
+	for (int k = 0; k < 4; k++) {
 		ds_model *m = open_model(names[k]);
 		ds_err e = { { 0 } };
 		ds_backend_config bc = { .block_tokens = 16, .kv_blocks = 16 };
@@ -428,8 +434,8 @@ static void graph_script(const ds_model *m, ds_backend *b, fbuf *out)
 static void test_graphs(void **st)
 {
 	(void)st;
-	const char *names[] = { "v3-bf16", "v2-bf16", "v3-fp8" };
-	for (int k = 0; k < 3; k++) {
+	const char *names[] = { "v3-bf16", "v2-bf16", "v3-fp8", DEFAULT_FP8 };
+	for (int k = 0; k < 4; k++) {
 		ds_model *m = open_model(names[k]);
 		ds_err e = { { 0 } };
 		fbuf got[2] = { { 0 } };
@@ -706,6 +712,7 @@ int main(void)
 		cmocka_unit_test(test_v3_bf16),
 		cmocka_unit_test(test_v3_fp8),
 		cmocka_unit_test(test_v2_bf16),
+		cmocka_unit_test(test_default_fp8),
 		cmocka_unit_test(test_consistency_v3_fp8),
 		cmocka_unit_test(test_consistency_v3_bf16),
 		cmocka_unit_test(test_consistency_v2_bf16),

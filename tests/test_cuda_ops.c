@@ -22,6 +22,7 @@
 #include "kernels/act.h"
 #include "kernels/attn.h"
 #include "kernels/gemm.h"
+#include "kernels/gemv.h"
 #include "kernels/moe.h"
 #include "kernels/norm.h"
 #include "kernels/rope.h"
@@ -218,7 +219,7 @@ static void test_rmsnorm_silu(void **st)
 		w[i] = 1 + frand() * 0.2f;
 	float *dx = dup_up(x, 4 * T * D), *dy = dup_up(y, 4 * T * D), *dw = dup_up(w, 4 * D), *dof = dup_up(NULL, 4 * T * D);
 	uint16_t *dob = dup_up(NULL, 2 * T * D);
-	assert_int_equal(dsk_add_rmsnorm(dx, dy, dw, T, D, 1e-6f, (dsk_bf16 *)dob, D, dof, NULL, &e), 0);
+	assert_int_equal(dsk_add_rmsnorm(dx, dy, dw, T, D, 1e-6f, (dsk_bf16 *)dob, D, dof, NULL, NULL, &e), 0);
 	for (int i = 0; i < T * D; i++)
 		x[i] += y[i];
 	for (int t = 0; t < T; t++)
@@ -344,8 +345,8 @@ static void check_route(ds_config *c, int T, int fused)
 		float *of1 = dup_up(NULL, 4 * (size_t)T * D), *of2 = dup_up(NULL, 4 * (size_t)T * D);
 		dsk_bf16 *ob1 = dup_up(NULL, 2 * (size_t)T * D), *ob2 = dup_up(NULL, 2 * (size_t)T * D);
 		assert_int_equal(dsk_moe_combine(dy, dsh, dyp, dpos, dw, T, K, D, NULL, &e), 0);
-		assert_int_equal(dsk_add_rmsnorm(dx1, dy, dnw, T, D, 1e-6f, ob1, D, of1, NULL, &e), 0);
-		assert_int_equal(dsk_combine_add_rmsnorm(dx2, dsh, dyp, dpos, dw, K, dnw, T, D, 1e-6f, ob2, D, of2, NULL, &e), 0);
+		assert_int_equal(dsk_add_rmsnorm(dx1, dy, dnw, T, D, 1e-6f, ob1, D, of1, NULL, NULL, &e), 0);
+		assert_int_equal(dsk_combine_add_rmsnorm(dx2, dsh, dyp, dpos, dw, K, dnw, T, D, 1e-6f, ob2, D, of2, NULL, NULL, &e), 0);
 		float *a = malloc(4 * (size_t)T * D), *b = malloc(4 * (size_t)T * D);
 		down(a, dx1, 4 * (size_t)T * D);
 		down(b, dx2, 4 * (size_t)T * D);
@@ -389,6 +390,136 @@ static void check_route(ds_config *c, int T, int fused)
 	free(yp);
 	free(ref);
 	free(got);
+}
+
+/* The norms' FP8 copy (dsk_qout) against dsk_quant_fp8 over their bf16
+ * output: the same bytes and scales, plain and fused with the combine, for
+ * widths of one group, of fewer groups than warps and of more; then an FP8
+ * GEMV reading that copy (dsk_gemm_prequant) equals the one quantizing
+ * for itself, and a zeroed copy changes its output (the copy is read). */
+static void test_norm_fp8(void **st)
+{
+	(void)st;
+	ds_err e = { { 0 } };
+	const int dims[] = { 128, 2048, 7168 }, Ts[] = { 1, 2, 5 };
+	for (int di = 0; di < 3; di++)
+		for (int ti = 0; ti < 3; ti++) {
+			const int D = dims[di], T = Ts[ti], Tp = dsk_gemm_pad(T), G = D / 128, K = 2;
+			const size_t n = (size_t)T * D;
+			float *x = malloc(4 * n), *y = malloc(4 * n), *w = malloc(4 * (size_t)D), *wk = malloc(4 * (size_t)T * K);
+			int32_t *pos = malloc(4 * (size_t)T * K);
+			for (size_t i = 0; i < n; i++) {
+				x[i] = frand() * 4;
+				y[i] = frand() * (i % 97 == 0 ? 50 : 1); /* outliers set some groups' scales */
+			}
+			for (int i = 0; i < D; i++)
+				w[i] = 1 + frand() * 0.2f;
+			for (int i = 0; i < T * K; i++) {
+				wk[i] = frand();
+				pos[i] = (i * 7) % T;
+			}
+			float *dw = dup_up(w, 4 * (size_t)D), *dy = dup_up(y, 4 * n), *dwk = dup_up(wk, 4 * (size_t)T * K);
+			int32_t *dpos = dup_up(pos, 4 * (size_t)T * K);
+			for (int fused = 0; fused < 2; fused++) {
+				float *dx1 = dup_up(x, 4 * n), *dx2 = dup_up(x, 4 * n);
+				dsk_bf16 *ob1 = dup_up(NULL, 2 * (size_t)Tp * D), *ob2 = dup_up(NULL, 2 * (size_t)Tp * D);
+				assert_int_equal(cudaMemset(ob1, 0, 2 * (size_t)Tp * D), cudaSuccess);
+				uint8_t *q1 = dup_up(NULL, (size_t)Tp * D), *q2 = dup_up(NULL, (size_t)Tp * D);
+				float *s1 = dup_up(NULL, 4 * (size_t)G * Tp), *s2 = dup_up(NULL, 4 * (size_t)G * Tp);
+				const dsk_qout qo = { q2, s2, Tp };
+				if (fused) {
+					assert_int_equal(dsk_combine_add_rmsnorm(dx1, NULL, dy, dpos, dwk, K, dw, T, D, 1e-6f, ob1,
+										 D, NULL, NULL, NULL, &e), 0);
+					assert_int_equal(dsk_combine_add_rmsnorm(dx2, NULL, dy, dpos, dwk, K, dw, T, D, 1e-6f, ob2,
+										 D, NULL, &qo, NULL, &e), 0);
+				} else {
+					assert_int_equal(dsk_add_rmsnorm(dx1, dy, dw, T, D, 1e-6f, ob1, D, NULL, NULL, NULL, &e), 0);
+					assert_int_equal(dsk_add_rmsnorm(dx2, dy, dw, T, D, 1e-6f, ob2, D, NULL, &qo, NULL, &e), 0);
+				}
+				assert_int_equal(dsk_quant_fp8(q1, s1, ob1, Tp, D, NULL, &e), 0);
+				uint8_t *a = malloc((size_t)Tp * D * 4), *b = malloc((size_t)Tp * D * 4);
+				down(a, ob1, 2 * n);
+				down(b, ob2, 2 * n);
+				assert_memory_equal(a, b, 2 * n);
+				down(a, q1, n);
+				down(b, q2, n);
+				assert_memory_equal(a, b, n);
+				float *sa = (float *)a, *sb = (float *)b;
+				down(sa, s1, 4 * (size_t)G * Tp);
+				down(sb, s2, 4 * (size_t)G * Tp);
+				for (int g = 0; g < G; g++)
+					assert_memory_equal(sa + (size_t)g * Tp, sb + (size_t)g * Tp, 4 * (size_t)T);
+				if (fused == 0 && T <= DSK_GEMV_MAX_M) {
+					/* An FP8 GEMV and a gate+up pair over ob2 with and without the copy. */
+					const int N = 256, sr = N / 128, sld = (G + 3) & ~3;
+					uint8_t *wh = malloc((size_t)N * D);
+					float *sh = calloc((size_t)sr * G, 4), *shp = calloc((size_t)sr * sld, 4);
+					rand_host_weight(1, N, D, wh, sh, shp);
+					void *dwt = dup_up(wh, (size_t)N * D);
+					float *dsc = dup_up(shp, 4 * (size_t)sr * sld), *o1 = dup_up(NULL, 4 * (size_t)Tp * N);
+					float *o2 = dup_up(NULL, 4 * (size_t)Tp * N);
+					dsk_bf16 *h1 = dup_up(NULL, 2 * (size_t)Tp * N), *h2 = dup_up(NULL, 2 * (size_t)Tp * N);
+					const dsk_weight W = { .type = DSK_W_FP8, .rows = N, .cols = D, .w = dwt, .scale = dsc, .sld = sld };
+					dsk_gemm *gm;
+					assert_int_equal(dsk_gemm_create(NULL, &gm, &e), 0);
+					assert_int_equal(dsk_gemm_run(gm, o1, N, ob2, T, &W, &e), 0);
+					assert_int_equal(dsk_gemm_glu(gm, h1, N, ob2, T, &W, &W, &e), 0);
+					dsk_gemm_prequant(gm, ob2, T, q2, s2);
+					assert_int_equal(dsk_gemm_run(gm, o2, N, ob2, T, &W, &e), 0);
+					assert_int_equal(dsk_gemm_glu(gm, h2, N, ob2, T, &W, &W, &e), 0);
+					float *ga = malloc(4 * (size_t)T * N), *gb = malloc(4 * (size_t)T * N);
+					down(ga, o1, 4 * (size_t)T * N);
+					down(gb, o2, 4 * (size_t)T * N);
+					assert_memory_equal(ga, gb, 4 * (size_t)T * N);
+					down(ga, h1, 2 * (size_t)T * N);
+					down(gb, h2, 2 * (size_t)T * N);
+					assert_memory_equal(ga, gb, 2 * (size_t)T * N);
+					/* mutation: the registered copy zeroed -> all-zero output */
+					assert_int_equal(cudaMemset(q2, 0, (size_t)Tp * D), cudaSuccess);
+					assert_int_equal(dsk_gemm_run(gm, o2, N, ob2, T, &W, &e), 0);
+					down(gb, o2, 4 * (size_t)T * N);
+					for (int i = 0; i < T * N; i++)
+						assert_true(gb[i] == 0.0f);
+					/* forgotten: quantizes ob2 itself again */
+					dsk_gemm_prequant(gm, NULL, 0, NULL, NULL);
+					assert_int_equal(dsk_gemm_run(gm, o2, N, ob2, T, &W, &e), 0);
+					down(ga, o1, 4 * (size_t)T * N);
+					down(gb, o2, 4 * (size_t)T * N);
+					assert_memory_equal(ga, gb, 4 * (size_t)T * N);
+					dsk_gemm_free(gm);
+					void *dev[] = { dwt, dsc, o1, o2, h1, h2 };
+					for (size_t i = 0; i < sizeof(dev) / sizeof(dev[0]); i++)
+						cudaFree(dev[i]);
+					free(wh);
+					free(sh);
+					free(shp);
+					free(ga);
+					free(gb);
+				}
+				void *dev[] = { dx1, dx2, ob1, ob2, q1, q2, s1, s2 };
+				for (size_t i = 0; i < sizeof(dev) / sizeof(dev[0]); i++)
+					cudaFree(dev[i]);
+				free(a);
+				free(b);
+			}
+			void *dev[] = { dw, dy, dwk, dpos };
+			for (size_t i = 0; i < sizeof(dev) / sizeof(dev[0]); i++)
+				cudaFree(dev[i]);
+			free(x);
+			free(y);
+			free(w);
+			free(wk);
+			free(pos);
+		}
+	assert_int_equal(cudaDeviceSynchronize(), cudaSuccess);
+	dsk_bf16 *ob = dup_up(NULL, 2 * 100);
+	float *x1 = dup_up(NULL, 4 * 100);
+	const dsk_qout bad = { (uint8_t *)ob, x1, 1 };
+	assert_int_equal(dsk_add_rmsnorm(x1, NULL, x1, 1, 100, 1e-6f, ob, 100, NULL, &bad, NULL, &e), -EINVAL);
+	cudaFree(ob);
+	cudaFree(x1);
+	print_message("norm fp8 copy: bytes and scales of dsk_quant_fp8 at widths 128/2048/7168, 1-5 rows, plain and "
+		      "fused; GEMV and gate+up over it bit-identical\n");
 }
 
 static void test_route(void **st)
@@ -696,7 +827,9 @@ static void test_mla_prep(void **st)
 	check_prep(3, 4, 32, 16, 64, 32);
 }
 
-/* --bench: GEMM throughput at DeepSeek-V3 shapes (median of 20 after warm-up). */
+/* --bench: GEMM throughput at DeepSeek-V3 shapes (median of 20 after warm-up);
+ * FP8 calls include the activations' quantization, also timed alone, and
+ * "gemm TFLOP/s" is the throughput without it. */
 static int bench(void)
 {
 	ds_err e = { { 0 } };
@@ -705,7 +838,8 @@ static int bench(void)
 	dsk_gemm *g;
 	if (dsk_gemm_create(NULL, &g, &e))
 		return 1;
-	printf("%-6s %6s %6s %6s %10s %10s\n", "type", "M", "N", "K", "ms", "TFLOP/s");
+	printf("%-6s %6s %6s %6s %10s %10s %10s %10s\n", "type", "M", "N", "K", "ms", "TFLOP/s", "quant ms",
+	       "gemm TF/s");
 	for (int fp8 = 1; fp8 >= 0; fp8--)
 		for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]) + 2; s++) {
 			/* the last two: M=1 and 8 through cuBLASLt instead of the GEMV */
@@ -743,12 +877,34 @@ static int bench(void)
 				cudaEventElapsedTime(&t, a, b);
 				ms[i] = t;
 			}
+			double qmed = 0;
+			if (!rc && fp8 && M > 2) {
+				const int Mp = dsk_gemm_pad(M);
+				uint8_t *q;
+				float *qs;
+				cudaMalloc((void **)&q, (size_t)Mp * K);
+				cudaMalloc((void **)&qs, 4 * (size_t)Mp * (K / 128));
+				double qt[20];
+				for (int i = 0; i < 23 && !rc; i++) {
+					cudaEventRecord(a, NULL);
+					rc = dsk_quant_fp8(q, qs, dx, Mp, K, NULL, &e);
+					cudaEventRecord(b, NULL);
+					cudaEventSynchronize(b);
+					float t;
+					cudaEventElapsedTime(&t, a, b);
+					if (i >= 3)
+						qt[i - 3] = t;
+				}
+				qmed = rc ? 0 : median(qt, 20);
+				cudaFree(q);
+				cudaFree(qs);
+			}
 			if (rc) {
 				printf("%-6s %6d %6d %6d  failed: %s\n", fp8 ? "fp8" : "bf16", M, N, K, e.msg);
 			} else {
-				const double med = median(ms, 20);
-				printf("%-6s %6d %6d %6d %10.4f %10.1f %8.0f GB/s %s\n", fp8 ? "fp8" : "bf16", M, N, K, med,
-				       2.0 * M * N * K / (med * 1e-3) / 1e12,
+				const double med = median(ms, 20), gmed = med - qmed;
+				printf("%-6s %6d %6d %6d %10.4f %10.1f %10.4f %10.1f %8.0f GB/s %s\n", fp8 ? "fp8" : "bf16", M, N,
+				       K, med, 2.0 * M * N * K / (med * 1e-3) / 1e12, qmed, 2.0 * M * N * K / (gmed * 1e-3) / 1e12,
 				       ((double)N * K * (fp8 ? 1 : 2) + 2.0 * M * K + 4.0 * M * N) / (med * 1e-3) / 1e9,
 				       M <= 2 && !extra ? "gemv" : "cublasLt");
 			}
@@ -956,6 +1112,7 @@ int main(int argc, char **argv)
 		cmocka_unit_test(test_gemm_bf16),
 		cmocka_unit_test(test_gemm_fp8),
 		cmocka_unit_test(test_rmsnorm_silu),
+		cmocka_unit_test(test_norm_fp8),
 		cmocka_unit_test(test_route),
 		cmocka_unit_test(test_attention),
 		cmocka_unit_test(test_draw),
