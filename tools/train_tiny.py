@@ -7,6 +7,8 @@ on the corpus of tools/fetch_tiny_data.sh, and export it in the official layout.
       that the tiny tokenizer reuses: pre-tokenizer, decoder, special tokens, chat template.
   tools/train_tiny.py train --data .gpu/train --out DIR [--budget-s 540] [--smoke]
       (GPU machine) tokenizer + tokenization + training + export + checks, all in one run.
+  tools/train_tiny.py distill-mtp --model models/dsv3-tiny --data .gpu/train --out DIR
+      (GPU machine) retrain the shipped MTP module as a draft of the frozen main model.
 
 Model (plain PyTorch; the forward is transformers' DeepseekV3 math so that
 from_pretrained reproduces the logits): MLA with q_lora, interleaved RoPE on the
@@ -338,13 +340,25 @@ def build_model_classes():
             logits = self.lm_head(h)
             mtp_logits = None
             if next_ids is not None:
-                e = self.embed_tokens(next_ids)
-                m = self.eh_proj(torch.cat((self.enorm(e), self.hnorm(h)), dim=-1))
-                m, bal, load = self.mtp_block(m, cos, sin)
+                mtp_logits, bal, load = self.mtp(h, next_ids, cos, sin)
                 bals.append(bal)
                 loads.append(load)
-                mtp_logits = self.lm_head(self.mtp_norm(m))
             return logits, mtp_logits, torch.stack(bals).sum(), torch.stack(loads), h
+
+        def mtp(self, h, next_ids, cos=None, sin=None):
+            """h [B,T,H] after the final norm, next_ids [B,T] (tokens at p+1) -> MTP logits
+            [B,T,V] predicting p+2, balance term, load [E]."""
+            if cos is None:
+                cos, sin = self.rope(h.shape[1], h.device)
+            e = self.embed_tokens(next_ids)
+            m = self.eh_proj(torch.cat((self.enorm(e), self.hnorm(h)), dim=-1))
+            m, bal, load = self.mtp_block(m, cos, sin)
+            return self.lm_head(self.mtp_norm(m)), bal, load
+
+        def mtp_params(self):
+            """What the MTP module trains on its own (embedding and head are the main model's)."""
+            return [p for mod in (self.enorm, self.hnorm, self.eh_proj, self.mtp_block, self.mtp_norm)
+                    for p in mod.parameters()]
 
     def init_weights(model, std=0.02):
         for n, p in model.named_parameters():
@@ -805,9 +819,34 @@ def make_ref(args):
             n = sum(len(x) for x in old[key])
             res[f"{which}_{key}_vs_ref_json"] = {"max_abs_diff_top20_values": d, "argmax_same": f"{same}/{n}"}
             print(f"{which} {key}: vs ref.json max|diff| of top-20 values {d:.3g}, argmax same {same}/{n}")
+        ref["text"] = old.get("text")
         if which == "fp8":
-            ref["text"] = old.get("text")
             json.dump(ref, open(os.path.join(args.out, "ref_fp8.json"), "w", encoding="utf-8"), ensure_ascii=False)
+        elif args.write:  # after a change of weights (distill-mtp): the new ref.json and MTP rows
+            json.dump(ref, open(os.path.join(args.out, "ref.json"), "w", encoding="utf-8"), ensure_ascii=False)
+            import numpy as np
+            ids = torch.tensor(seqs, device=dev)
+            with torch.no_grad():
+                lg, ml, _, _, h = model(ids, torch.cat((ids[:, 1:], ids[:, :1]), 1))
+            np.save(os.path.join(args.out, "main_logits_seq0_pos0-7.npy"), lg[0, :8].float().cpu().numpy())
+            np.save(os.path.join(args.out, "mtp_logits_seq0_pos0-7.npy"), ml[0, :8].float().cpu().numpy())
+            try:
+                from transformers import AutoModelForCausalLM
+                bf = os.path.join(args.model, "bf16")
+                hf = AutoModelForCausalLM.from_pretrained(bf, dtype=torch.float32, attn_implementation="eager")
+                hf = hf.to(dev).eval()
+                with torch.no_grad():
+                    out = hf(ids)
+                    hN = hf.model(ids).last_hidden_state
+                res["hf_main_logits_max_abs_diff"] = (out.logits - lg).abs().max().item()
+                print(f"transformers main logits vs training code: max|diff| {res['hf_main_logits_max_abs_diff']:.3g}")
+                res.update(hf_mtp_check(bf, ids, h, ml, hN, dev))
+                print(f"transformers' decoder layer as the MTP module vs training code: max|diff| "
+                      f"{res['mtp_logits_max_abs_diff']:.3g}")
+            except Exception:
+                import traceback
+                res["hf_error"] = traceback.format_exc()
+                print(res["hf_error"])
     json.dump(res, open(os.path.join(args.out, "ref_check.json"), "w"), indent=1)
 
 
@@ -817,7 +856,6 @@ def hf_checks(bf_dir, model, tok, seqs, dev):
     import numpy as np
     import torch
     import transformers
-    from safetensors import safe_open
     from transformers import AutoModelForCausalLM, AutoTokenizer
     res = {"transformers": transformers.__version__}
     ids = torch.tensor(seqs, device=dev)
@@ -838,31 +876,7 @@ def hf_checks(bf_dir, model, tok, seqs, dev):
         log(f"CHECK from_pretrained(float32, eager) vs training code: main logits max|diff| {d:.3e} "
             f"(max|logit| {lg.abs().max().item():.2f}); missing {res['missing_keys']} "
             f"unexpected {res['unexpected_keys_n']} (the MTP layer)")
-        # MTP: transformers has no MTP module; run its decoder layer class on the
-        # MTP block's weights (loaded as an extra layer) with our enorm/hnorm/eh_proj.
-        L = CFG["num_hidden_layers"]
-        hf2 = AutoModelForCausalLM.from_pretrained(bf_dir, dtype=torch.float32, attn_implementation="eager",
-                                                   num_hidden_layers=L + 1).to(dev).eval()
-        w = {}
-        with safe_open(os.path.join(bf_dir, "model.safetensors"), "pt") as f:
-            for n in ("embed_tokens", "enorm", "hnorm", "eh_proj", "shared_head.norm", "shared_head.head"):
-                w[n] = f.get_tensor(f"model.layers.{L}.{n}.weight").float().to(dev)
-        eps = CFG["rms_norm_eps"]
-        rms = lambda x, g: g * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
-        with torch.no_grad():
-            res["mtp_input_h_max_abs_diff"] = (hN - h).abs().max().item()
-            nxt = torch.cat((ids[:, 1:], ids[:, :1]), 1)
-            x = torch.cat((rms(w["embed_tokens"][nxt], w["enorm"]), rms(hN, w["hnorm"])), -1) @ w["eh_proj"].T
-            T = ids.shape[1]
-            pos = torch.arange(T, device=dev)[None]
-            pe = hf2.model.rotary_emb(x, pos)
-            mask = torch.full((T, T), float("-inf"), device=dev).triu(1)[None, None]
-            y = hf2.model.layers[L](x, attention_mask=mask, position_ids=pos, position_embeddings=pe)
-            y = y[0] if isinstance(y, tuple) else y
-            mlg = rms(y, w["shared_head.norm"]) @ w["shared_head.head"].T
-        dm = (mlg[:, :-1] - ml[:, :-1]).abs().max().item()
-        res["mtp_logits_max_abs_diff"] = dm
-        log(f"CHECK MTP through transformers' DeepseekV3DecoderLayer vs training code: max|diff| {dm:.3e}")
+        res.update(hf_mtp_check(bf_dir, ids, h, ml, hN, dev))
         # greedy generations through transformers (PyTorch; the README's are from dsd)
         gens = []
         for p in ["The President said that", "In the beginning", "Knowledge is"]:
@@ -873,7 +887,7 @@ def hf_checks(bf_dir, model, tok, seqs, dev):
         res["hf_greedy"] = gens
         for s in gens:
             log("GEN(hf greedy): " + s.replace("\n", " / "))
-        del hf, hf2
+        del hf
     except Exception as e:  # report, do not lose the trained model
         import traceback
         res["hf_error"] = traceback.format_exc()
@@ -927,6 +941,249 @@ def hf_checks(bf_dir, model, tok, seqs, dev):
     return res
 
 
+def hf_mtp_check(bf_dir, ids, h, ml, hN, dev):
+    """transformers has no MTP module: run its decoder layer class on the MTP block's
+    weights (the checkpoint loaded with one more layer) with the stored enorm/hnorm/
+    eh_proj/shared_head, from transformers' own final hidden states hN; compare with
+    the training code's h (MTP input) and MTP logits ml."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+    res = {}
+    L = CFG["num_hidden_layers"]
+    hf2 = AutoModelForCausalLM.from_pretrained(bf_dir, dtype=torch.float32, attn_implementation="eager",
+                                               num_hidden_layers=L + 1).to(dev).eval()
+    w = {}
+    with safe_open(os.path.join(bf_dir, "model.safetensors"), "pt") as f:
+        for n in ("embed_tokens", "enorm", "hnorm", "eh_proj", "shared_head.norm", "shared_head.head"):
+            w[n] = f.get_tensor(f"model.layers.{L}.{n}.weight").float().to(dev)
+    eps = CFG["rms_norm_eps"]
+    rms = lambda x, g: g * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+    with torch.no_grad():
+        res["mtp_input_h_max_abs_diff"] = (hN - h).abs().max().item()
+        nxt = torch.cat((ids[:, 1:], ids[:, :1]), 1)
+        x = torch.cat((rms(w["embed_tokens"][nxt], w["enorm"]), rms(hN, w["hnorm"])), -1) @ w["eh_proj"].T
+        T = ids.shape[1]
+        pos = torch.arange(T, device=dev)[None]
+        pe = hf2.model.rotary_emb(x, pos)
+        mask = torch.full((T, T), float("-inf"), device=dev).triu(1)[None, None]
+        y = hf2.model.layers[L](x, attention_mask=mask, position_ids=pos, position_embeddings=pe)
+        y = y[0] if isinstance(y, tuple) else y
+        mlg = rms(y, w["shared_head.norm"]) @ w["shared_head.head"].T
+    dm = (mlg[:, :-1] - ml[:, :-1]).abs().max().item()
+    res["mtp_logits_max_abs_diff"] = dm
+    log(f"CHECK MTP through transformers' DeepseekV3DecoderLayer vs training code: max|diff| {dm:.3e}")
+    del hf2
+    return res
+
+
+# --------------------------------------------------------------------------- distill-mtp
+
+def distill_mtp(args):
+    """Retrain the shipped model's MTP module as a draft of the main model: its target
+    at p is the main model's own next-token distribution at p+1 (soft cross-entropy),
+    on corpus windows and on the main model's greedy and sampled continuations (what
+    it drafts for when serving). The main model is frozen: its weights, logits and
+    refs stay bit for bit; only the MTP layer's tensors are replaced."""
+    import shutil
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from safetensors.torch import load_file, save_file
+    from tokenizers import Tokenizer
+
+    dev = torch.device("cuda")
+    torch.manual_seed(4321)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    os.makedirs(args.out, exist_ok=True)
+    metrics = {"args": vars(args), "device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    tok = Tokenizer.from_file(os.path.join(args.model, "bf16", "tokenizer.json"))
+    tr = encode_docs(tok, load_docs(os.path.join(args.data, "train.jsonl.xz")))
+    va = encode_docs(tok, load_docs(os.path.join(args.data, "val.jsonl.xz")))
+    log(f"tokens: train {len(tr)}, val {len(va)}")
+    tr_g = torch.from_numpy(tr.astype(np.int64)).to(dev)
+    va_g = torch.from_numpy(va.astype(np.int64)).to(dev)
+    V, T, P = CFG["vocab_size"], args.seq, args.prefix
+
+    TinyV3, _ = build_model_classes()
+    model = TinyV3(CFG).to(dev)
+    import_state(model, {k: v.to(dev) for k, v in load_dir_state(os.path.join(args.model, "bf16")).items()})
+    for p in model.parameters():
+        p.requires_grad_(False)
+    train_p = model.mtp_params()
+    for p in train_p:
+        p.requires_grad_(True)
+    log(f"MTP parameters trained: {sum(p.numel() for p in train_p):,}; everything else frozen")
+    model.eval()  # no dropout anywhere; eval() only documents that the main model does not train
+
+    def windows(src, n, L, g=None):
+        st = torch.randint(0, len(src) - L, (n,), device=dev, generator=g)
+        return src[st[:, None] + torch.arange(L, device=dev)]
+
+    @torch.no_grad()
+    def generate(prefix, temp, g=None):
+        seq = prefix
+        while seq.shape[1] < T:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                lg = model(seq)[0][:, -1].float()
+            nxt = lg.argmax(-1) if temp == 0 else \
+                torch.multinomial(torch.softmax(lg / temp, -1), 1, generator=g)[:, 0]
+            seq = torch.cat((seq, nxt[:, None]), 1)
+        return seq
+
+    # held-out continuations for the before/after figures (validation prefixes)
+    ge = torch.Generator(device=dev)
+    ge.manual_seed(99)
+    ev_greedy = generate(windows(va_g, args.eval_seqs, P, ge), 0.0)
+    ev_sample = generate(windows(va_g, args.eval_seqs, P, ge), args.temp, ge)
+
+    @torch.no_grad()
+    def evaluate():
+        """Greedy acceptance = MTP argmax at p equals the main argmax at p+1; sampled
+        acceptance at temperature t = sum_x min(p_t(x), q_t(x)) (speculative sampling's
+        expected acceptance of one draft)."""
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        r = {}
+        n = (len(va_g) - 2) // T
+        sets = {"val_text": va_g[:n * T].view(n, T), "greedy_cont": ev_greedy, "sampled_cont": ev_sample}
+        for name, seqs in sets.items():
+            agree = soft = top1 = cnt = 0.0
+            for i in range(0, len(seqs), 32):
+                s_ = seqs[i:i + 32]
+                lg, _, _, _, h = model(s_)
+                ml = model.mtp(h[:, :-1], s_[:, 1:])[0]
+                lo = P if name != "val_text" else 0  # continuations: the generated part
+                tgt, q = lg[:, 1 + lo:].float(), ml[:, lo:].float()
+                agree += (q.argmax(-1) == tgt.argmax(-1)).sum().item()
+                pt, qt = torch.softmax(tgt / args.temp, -1), torch.softmax(q / args.temp, -1)
+                soft += torch.minimum(pt, qt).sum(-1).sum().item()
+                if name == "val_text":
+                    top1 += (q[:, :-1].argmax(-1) == s_[:, 2:]).sum().item()
+                cnt += tgt.shape[0] * tgt.shape[1]
+            r[name] = {"greedy_accept": agree / cnt, f"sampled_accept_t{args.temp}": soft / cnt, "positions": int(cnt)}
+            if name == "val_text":
+                r[name]["mtp_top1_t+2"] = top1 / (cnt - len(seqs))
+        torch.backends.cuda.matmul.allow_tf32 = tf32  # the refs below are float32 throughout
+        return r
+
+    before = evaluate()
+    log("BEFORE " + json.dumps(before))
+    metrics["before"] = before
+
+    # on-policy pool: the main model's own continuations of training prefixes
+    t0 = time.time()
+    pool = []
+    gp = torch.Generator(device=dev)
+    gp.manual_seed(7)
+    while time.time() - t0 < args.gen_s:
+        temp = 0.0 if len(pool) % 2 == 0 else args.temp
+        pool.append(generate(windows(tr_g, args.gen_batch, P, gp), temp, gp))
+    pool = torch.cat(pool)
+    log(f"generated {len(pool)} continuations of {T - P} tokens in {time.time() - t0:.0f} s "
+        f"(half greedy, half at temperature {args.temp})")
+
+    decay = [p for p in train_p if p.dim() >= 2]
+    no_decay = [p for p in train_p if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
+    mtp_moe = model.mtp_block.mlp
+    B = args.batch
+    t_start = time.time()
+    step = 0
+    hist = []
+    while True:
+        frac = (time.time() - t_start) / args.train_s
+        if frac >= 1.0:
+            break
+        lr = args.lr * (frac / 0.03 if frac < 0.03 else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (frac - 0.03) / 0.97)))
+        for gp_ in opt.param_groups:
+            gp_["lr"] = lr
+        nb = int(B * args.onpolicy)
+        seq = torch.cat((windows(tr_g, B - nb, T), pool[torch.randint(0, len(pool), (nb,), device=dev)]))
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.no_grad():
+                lg, _, _, _, h = model(seq)
+            ml, bal, load = model.mtp(h[:, :-1], seq[:, 1:])
+        teacher = torch.softmax(lg[:, 1:].float(), -1)
+        loss = -(teacher * torch.log_softmax(ml.float(), -1)).sum(-1).mean() + args.alpha * bal
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(train_p, 1.0)
+        opt.step()
+        with torch.no_grad():
+            mtp_moe.bias += args.gamma * torch.sign(load.mean() - load)
+            mtp_moe.bias -= mtp_moe.bias.min()
+        step += 1
+        if step % 200 == 0:
+            with torch.no_grad():
+                agree = (ml.argmax(-1) == lg[:, 1:].argmax(-1)).float().mean().item()
+            log(f"step {step} lr {lr:.2e} loss {loss.item():.4f} batch agree {agree:.3f}")
+            hist.append({"step": step, "loss": loss.item(), "agree": agree})
+    metrics["train"] = {"steps": step, "seconds": time.time() - t_start, "batch": B, "seq": T, "history": hist}
+    log(f"trained {step} steps in {time.time() - t_start:.0f} s")
+
+    # ---- export: the shipped files with the MTP layer's own tensors replaced
+    sd = export_state(model)
+    pre = f"model.layers.{mtp_index()}."
+    mine = [n for n in sd if n.startswith(pre) and not n.endswith(("embed_tokens.weight", "shared_head.head.weight"))]
+    root = os.path.join(args.out, NAME)
+    for which in ("bf16", "fp8"):
+        d = os.path.join(root, which)
+        shutil.copytree(os.path.join(args.model, which), d, dirs_exist_ok=True)
+        out = dict(load_file(os.path.join(args.model, which, "model.safetensors")))
+        for n in mine:
+            t = sd[n]
+            if n.endswith("e_score_correction_bias"):
+                out[n] = t.float().contiguous()
+            elif which == "fp8" and is_fp8_weight(n, t):
+                out[n], out[n + "_scale_inv"] = quant_fp8(t)
+            else:
+                out[n] = t.to(torch.bfloat16).contiguous()
+        save_file(out, os.path.join(d, "model.safetensors"), metadata={"format": "pt"})
+    log(f"replaced {len(mine)} MTP tensors in bf16/ and fp8/")
+
+    # ---- figures and refs on the exported weights, float32 math
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model.float()
+    old = json.load(open(os.path.join(args.model, "ref", "ref.json"), encoding="utf-8"))
+    ref_dir = os.path.join(root, "ref")
+    shutil.copytree(os.path.join(args.model, "ref"), ref_dir, dirs_exist_ok=True)
+    for which in ("bf16", "fp8"):
+        import_state(model, {k: v.to(dev) for k, v in load_dir_state(os.path.join(root, which)).items()})
+        ev = evaluate()
+        log(f"AFTER ({which} copy) " + json.dumps(ev))
+        metrics[f"after_{which}"] = ev
+        ref, lg, ml = top20_ref(model, old["sequences"], dev, which)
+        src = old if which == "bf16" else json.load(open(os.path.join(args.model, "ref", "ref_fp8.json")))
+        d = max(abs(a - b) for so, sn in zip(src["main_top20"], ref["main_top20"]) for po, pn in zip(so, sn)
+                for a, b in zip(po["logits"], pn["logits"]))
+        metrics[f"main_top20_vs_shipped_{which}"] = d
+        log(f"{which}: main top-20 against the shipped ref: max|diff| {d:.3g} (frozen main model)")
+        ref["text"] = old.get("text")
+        json.dump(ref, open(os.path.join(ref_dir, "ref.json" if which == "bf16" else "ref_fp8.json"), "w",
+                            encoding="utf-8"), ensure_ascii=False)
+        if which == "bf16":
+            np.save(os.path.join(ref_dir, "mtp_logits_seq0_pos0-7.npy"), ml[0, :8].float().cpu().numpy())
+            try:
+                from transformers import AutoModelForCausalLM
+                ids = torch.tensor(old["sequences"], device=dev)
+                with torch.no_grad():
+                    lg, ml, _, _, h = model(ids, torch.cat((ids[:, 1:], ids[:, :1]), 1))
+                    hf = AutoModelForCausalLM.from_pretrained(os.path.join(root, "bf16"), dtype=torch.float32,
+                                                              attn_implementation="eager").to(dev).eval()
+                    hN = hf.model(ids).last_hidden_state
+                metrics["checks"] = hf_mtp_check(os.path.join(root, "bf16"), ids, h, ml, hN, dev)
+                del hf
+            except Exception:
+                import traceback
+                metrics["checks"] = {"error": traceback.format_exc()}
+                log("CHECK failed: " + traceback.format_exc())
+    metrics["log"] = LOG
+    json.dump(metrics, open(os.path.join(args.out, "distill_metrics.json"), "w"), indent=1)
+    log("done")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -936,6 +1193,8 @@ def main():
     r = sub.add_parser("ref", help="check ref/ref.json against the shipped weights; write ref_fp8.json")
     r.add_argument("--model", default=f"models/{NAME}")
     r.add_argument("--out", required=True)
+    r.add_argument("--write", action="store_true",
+                   help="also write ref.json and the logits rows (after the weights changed), and check transformers")
     t = sub.add_parser("train")
     t.add_argument("--data", default=".gpu/train")
     t.add_argument("--out", required=True)
@@ -951,12 +1210,30 @@ def main():
     t.add_argument("--log-every", type=int, default=50)
     t.add_argument("--eval-every", type=int, default=100)
     t.add_argument("--smoke", action="store_true", help="4 MB of text, for catching bugs")
+    dm = sub.add_parser("distill-mtp", help="retrain the shipped MTP module as a draft of the main model")
+    dm.add_argument("--model", default=f"models/{NAME}")
+    dm.add_argument("--data", default=".gpu/train")
+    dm.add_argument("--out", required=True)
+    dm.add_argument("--seq", type=int, default=288, help="window length (prefix + continuation)")
+    dm.add_argument("--prefix", type=int, default=32, help="corpus tokens before a generated continuation")
+    dm.add_argument("--gen-s", type=float, default=45, help="seconds spent generating the on-policy pool")
+    dm.add_argument("--gen-batch", type=int, default=512)
+    dm.add_argument("--train-s", type=float, default=150)
+    dm.add_argument("--batch", type=int, default=128)
+    dm.add_argument("--onpolicy", type=float, default=0.5, help="share of each batch from the pool")
+    dm.add_argument("--lr", type=float, default=1e-3)
+    dm.add_argument("--temp", type=float, default=0.8, help="sampling temperature (pool and figures)")
+    dm.add_argument("--eval-seqs", type=int, default=256)
+    dm.add_argument("--alpha", type=float, default=1e-4)
+    dm.add_argument("--gamma", type=float, default=1e-3)
     a = ap.parse_args()
     if a.cmd == "prep-tok":
         prep_tok(a.src, a.out)
     elif a.cmd == "ref":
         os.makedirs(a.out, exist_ok=True)
         make_ref(a)
+    elif a.cmd == "distill-mtp":
+        distill_mtp(a)
     else:
         train(a)
 
