@@ -21,6 +21,7 @@
 #define TILE 32  /* positions per iteration */
 #define NW 4     /* warps */
 #define MAXNT 16 /* latent n-tiles of 8 per warp: kvl <= 512 */
+#define QLD 18   /* query float4 loads in flight a thread: 16 heads x 576 / 128 threads / 4 */
 
 static __device__ __forceinline__ void mma16816(float c[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
 						 uint32_t b0, uint32_t b1)
@@ -78,13 +79,31 @@ static __global__ void __launch_bounds__(NW * 32) attn_k(dsk_attn_args a, int ns
 	const int ntw = kvl / 8 / NW; /* n-tiles per warp */
 
 	dsk_pdl_enter();
-	/* The 16 heads' queries as float4s, 8 loads in flight a thread. */
+	const int vec = kvd / 8; /* uint4 per row */
+	/* The first tile's cache rows start arriving (cp.async) before the
+	 * queries load: at batch 1 a split is one tile, and the two round trips
+	 * overlap instead of following each other. */
+	if (tid < TILE) {
+		const int j = j0 + tid;
+		rowp[tid] = j < j1 ? a.g.pool + (size_t)table[j / a.g.block_tokens] * a.g.block_stride +
+					     (size_t)a.layer * a.g.layer_stride + (size_t)(j % a.g.block_tokens) * kvd
+				   : a.g.pool;
+	}
+	__syncthreads();
+	if (j0 < j1)
+		for (int i = tid; i < TILE * vec; i += NW * 32) {
+			const int r = i / vec, v = i % vec;
+			cp16(ks + (size_t)r * ld + v * 8, rowp[r] + v * 8, j0 + r < j1);
+		}
+	asm volatile("cp.async.commit_group;\n" ::);
+	/* The 16 heads' queries as float4s, QLD loads in flight a thread: one
+	 * round trip for the 576-wide MLA latent + rope. */
 	{
 		const int v4 = kvd / 4, total = HB * v4;
-		for (int i0 = tid; i0 < total; i0 += NW * 32 * 8) {
-			float4 v[8];
+		for (int i0 = tid; i0 < total; i0 += NW * 32 * QLD) {
+			float4 v[QLD];
 #pragma unroll
-			for (int u = 0; u < 8; u++) {
+			for (int u = 0; u < QLD; u++) {
 				const int i = i0 + u * NW * 32, h = i / v4, d = i % v4 * 4, hh = h0 + h;
 				v[u] = make_float4(0, 0, 0, 0);
 				if (i < total && hh < a.nh)
@@ -92,7 +111,7 @@ static __global__ void __launch_bounds__(NW * 32) attn_k(dsk_attn_args a, int ns
 						       : *(const float4 *)(a.q + ((size_t)t * a.nh + hh) * qk + a.nope + (d - kvl));
 			}
 #pragma unroll
-			for (int u = 0; u < 8; u++) {
+			for (int u = 0; u < QLD; u++) {
 				const int i = i0 + u * NW * 32, h = i / v4, d = i % v4 * 4;
 				if (i < total) {
 					split_bf16(v[u].x, &qs[h * ld + d], &ql[h * ld + d]);
@@ -111,20 +130,22 @@ static __global__ void __launch_bounds__(NW * 32) attn_k(dsk_attn_args a, int ns
 #pragma unroll
 	for (int j = 0; j < MAXNT; j++)
 		acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0;
-	const int vec = kvd / 8; /* uint4 per row */
 
 	for (int jt = j0; jt < j1; jt += TILE) {
-		__syncthreads(); /* the last tile's readers are done */
-		if (tid < TILE) {
-			const int j = jt + tid;
-			rowp[tid] = j < j1 ? a.g.pool + (size_t)table[j / a.g.block_tokens] * a.g.block_stride +
-						     (size_t)a.layer * a.g.layer_stride + (size_t)(j % a.g.block_tokens) * kvd
-					   : a.g.pool;
-		}
-		__syncthreads();
-		for (int i = tid; i < TILE * vec; i += NW * 32) {
-			const int r = i / vec, v = i % vec;
-			cp16(ks + (size_t)r * ld + v * 8, rowp[r] + v * 8, jt + r < j1);
+		if (jt > j0) { /* the first tile was issued above */
+			__syncthreads(); /* the last tile's readers are done */
+			if (tid < TILE) {
+				const int j = jt + tid;
+				rowp[tid] = j < j1 ? a.g.pool + (size_t)table[j / a.g.block_tokens] * a.g.block_stride +
+							     (size_t)a.layer * a.g.layer_stride +
+							     (size_t)(j % a.g.block_tokens) * kvd
+						   : a.g.pool;
+			}
+			__syncthreads();
+			for (int i = tid; i < TILE * vec; i += NW * 32) {
+				const int r = i / vec, v = i % vec;
+				cp16(ks + (size_t)r * ld + v * 8, rowp[r] + v * 8, jt + r < j1);
+			}
 		}
 		cp_wait_all();
 		__syncthreads();
@@ -224,6 +245,7 @@ static __global__ void __launch_bounds__(NW * 32) attn_k(dsk_attn_args a, int ns
 
 /* Each split's weight exp(m_s - M) / L once, by one warp; then every column
  * is an independent weighted sum over the splits. */
+#define MPRE 32
 static __global__ void merge_k(dsk_attn_args a, int nsplit)
 {
 	__shared__ float wgt[64];
@@ -232,6 +254,13 @@ static __global__ void merge_k(dsk_attn_args a, int nsplit)
 	const size_t base = ((size_t)t * a.nh + h) * nsplit;
 	const float *part = a.ws + base * kvl;
 	const float *ml = a.ws + (size_t)a.T * a.nh * nsplit * kvl + 2 * base;
+	/* This thread's first column of up to MPRE splits is loaded while the
+	 * weights are computed (the sum below keeps its order: same bits). */
+	const int c0 = blockIdx.z * blockDim.x + threadIdx.x;
+	float pre[MPRE];
+#pragma unroll
+	for (int s = 0; s < MPRE; s++)
+		pre[s] = s < nsplit && c0 < kvl ? part[(size_t)s * kvl + c0] : 0.0f;
 	if (threadIdx.x < 32) {
 		const int lane = threadIdx.x;
 		float M = -INFINITY;
@@ -252,10 +281,17 @@ static __global__ void merge_k(dsk_attn_args a, int nsplit)
 			wgt[s] *= inv;
 	}
 	__syncthreads();
-	for (int c = blockIdx.z * blockDim.x + threadIdx.x; c < kvl; c += gridDim.z * blockDim.x) {
+	for (int c = c0; c < kvl; c += gridDim.z * blockDim.x) {
 		float v = 0;
+		int s = 0;
+		if (c == c0) {
+#pragma unroll
+			for (; s < MPRE; s++)
+				if (s < nsplit)
+					v += pre[s] * wgt[s];
+		}
 #pragma unroll 8
-		for (int s = 0; s < nsplit; s++)
+		for (; s < nsplit; s++)
 			v += part[(size_t)s * kvl + c] * wgt[s];
 		a.lat[((size_t)t * a.nh + h) * kvl + c] = __float2bfloat16(v);
 	}
