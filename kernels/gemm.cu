@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels/fp8q.cuh"
 #include "kernels/gemm.h"
 #include "kernels/gemv.h"
 #include "kernels/launch.cuh"
@@ -107,22 +108,10 @@ static __global__ void quant_k(uint8_t *q, float *sc, const dsk_bf16 *x, int M, 
 		return;
 	const int m = (int)(gid / groups), kb = (int)(gid % groups);
 	const dsk_bf16 *src = x + (size_t)m * K + kb * 128 + lane * 4;
-	float v[4], amax = 0;
-	for (int i = 0; i < 4; i++) {
+	float v[4];
+	for (int i = 0; i < 4; i++)
 		v[i] = __bfloat162float(src[i]);
-		amax = fmaxf(amax, fabsf(v[i]));
-	}
-	for (int o = 16; o; o >>= 1)
-		amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-	const float s = fmaxf(amax, 1e-10f) / 448.0f;
-	const float inv = 1.0f / s;
-	uint8_t *dst = q + (size_t)m * K + kb * 128 + lane * 4;
-	uint32_t packed = 0;
-	for (int i = 0; i < 4; i++) {
-		__nv_fp8_e4m3 f(v[i] * inv);
-		packed |= (uint32_t)f.__x << (8 * i);
-	}
-	*(uint32_t *)dst = packed;
+	const float s = dsk_fp8_group(v, q + (size_t)m * K + kb * 128 + lane * 4);
 	if (lane == 0)
 		sc[(size_t)kb * M + m] = s;
 }

@@ -1,9 +1,9 @@
 /* norm.cu — embedding, RMSNorm with the residual add, row gather. */
-#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 #include <errno.h>
 
 #include "kernels/norm.h"
+#include "kernels/fp8q.cuh"
 #include "kernels/launch.cuh"
 
 static __global__ void embed_k(float *x, const dsk_bf16 *emb, const int32_t *tok, int dim)
@@ -57,21 +57,10 @@ static __device__ __forceinline__ void norm_out(const float *xr, float ss, const
 	const int lane = threadIdx.x & 31;
 	for (int kb = threadIdx.x / 32; kb < dim / 128; kb += blockDim.x / 32) {
 		const int i0 = kb * 128 + lane * 4;
-		float v[4], amax = 0;
-		for (int i = 0; i < 4; i++) {
+		float v[4];
+		for (int i = 0; i < 4; i++)
 			v[i] = __bfloat162float(__float2bfloat16(w[i0 + i] * (xr[i0 + i] * inv)));
-			amax = fmaxf(amax, fabsf(v[i]));
-		}
-		for (int o = 16; o; o >>= 1)
-			amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-		const float sc = fmaxf(amax, 1e-10f) / 448.0f;
-		const float r = 1.0f / sc;
-		uint32_t packed = 0;
-		for (int i = 0; i < 4; i++) {
-			__nv_fp8_e4m3 f(v[i] * r);
-			packed |= (uint32_t)f.__x << (8 * i);
-		}
-		*(uint32_t *)(q + i0) = packed;
+		const float sc = dsk_fp8_group(v, q + i0);
 		if (lane == 0)
 			qs[(size_t)kb * ld + t] = sc;
 	}
