@@ -415,8 +415,19 @@ extern "C" int dsk_gemm_run2(dsk_gemm *g, float *out0, int ldo0, const dsk_weigh
 	const int fp8 = W0->type == DSK_W_FP8, K = W0->cols;
 	if (M <= 0)
 		return 0;
-	if (W1->type != W0->type || W1->cols != K || !gemv_ok(g, W0, M) || !gemv_ok(g, W1, M) ||
-	    (fp8 && (!dsk_gemm_fp8_ok(W0->rows, K) || !dsk_gemm_fp8_ok(W1->rows, K)))) {
+	const int same = W1->type == W0->type && W1->cols == K;
+	const int fp8_ok = !fp8 || (dsk_gemm_fp8_ok(W0->rows, K) && dsk_gemm_fp8_ok(W1->rows, K));
+	if (same && fp8 && fp8_ok && !gemv_ok(g, W0, M)) {
+		/* Two cuBLASLt GEMMs on one quantization of x. */
+		const void *xq;
+		const float *xs;
+		int rc = quantize(g, x, M, K, 0, &xq, &xs, e);
+		g->n_fp8 += 2;
+		if (!rc)
+			rc = matmul(g, out0, ldo0, 0, xq, dsk_gemm_pad(M), W0, e);
+		return rc ? rc : matmul(g, out1, ldo1, 0, xq, dsk_gemm_pad(M), W1, e);
+	}
+	if (!same || !gemv_ok(g, W0, M) || !gemv_ok(g, W1, M) || !fp8_ok) {
 		int rc = run(g, out0, ldo0, 0, x, M, W0, e);
 		return rc ? rc : run(g, out1, ldo1, 0, x, M, W1, e);
 	}

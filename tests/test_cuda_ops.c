@@ -667,7 +667,7 @@ static void test_gemv_fused(void **st)
 	dsk_gemm *g;
 	assert_int_equal(dsk_gemm_create(NULL, &g, &e), 0);
 	for (int fp8 = 0; fp8 <= 1; fp8++)
-		for (int M = 1; M <= 2; M++) {
+		for (int M = 1; M <= 3; M++) { /* 3: cuBLASLt, both projections on one quantization */
 			const int K = 1024, N0 = 576, N1 = 208, I = 384, Mp = dsk_gemm_pad(M);
 			uint16_t *xh = calloc((size_t)Mp * K, 2);
 			for (int i = 0; i < M * K; i++)
@@ -682,7 +682,7 @@ static void test_gemv_fused(void **st)
 			assert_int_equal(dsk_gemm_run2(g, o0, N0, &w0, o1, N1, &w1, dx, M, &e), 0);
 			assert_int_equal(dsk_gemm_run(g, r0, N0, dx, M, &w0, &e), 0);
 			assert_int_equal(dsk_gemm_run(g, r1, N1, dx, M, &w1, &e), 0);
-			assert_int_equal(dsk_gemm_glu(g, h, I, dx, M, &wg, &wu, &e), 0);
+			assert_int_equal(dsk_gemm_glu(g, h, I, dx, M, &wg, &wu, &e), M <= 2 ? 0 : -ENOTSUP);
 			assert_int_equal(dsk_gemm_run(g, gb, I, dx, M, &wg, &e), 0);
 			assert_int_equal(dsk_gemm_run(g, ub, I, dx, M, &wu, &e), 0);
 			assert_int_equal(dsk_silu_mul(hr, gb, ub, M, I, NULL, &e), 0);
@@ -694,17 +694,19 @@ static void test_gemv_fused(void **st)
 			down(a, o1, 4 * (size_t)M * N1);
 			down(b, r1, 4 * (size_t)M * N1);
 			assert_memory_equal(a, b, 4 * (size_t)M * N1);
-			down(a, h, 2 * (size_t)M * I);
-			down(b, hr, 2 * (size_t)M * I);
-			assert_memory_equal(a, b, 2 * (size_t)M * I);
+			if (M <= 2) {
+				down(a, h, 2 * (size_t)M * I);
+				down(b, hr, 2 * (size_t)M * I);
+				assert_memory_equal(a, b, 2 * (size_t)M * I);
+			}
 			/* and the fused launch is not a copy of zeros */
 			down(a, gb, 4 * (size_t)M * I);
 			double ss = 0;
 			for (int i = 0; i < M * I; i++)
 				ss += (double)a[i] * a[i];
 			assert_true(ss > 0);
-			print_message("gemv %s M=%d: two projections and gate+up+SiLU in one launch: bit-identical\n",
-				      fp8 ? "fp8" : "bf16", M);
+			print_message("%s %s M=%d: two projections%s in one launch: bit-identical\n", M <= 2 ? "gemv" : "cublasLt",
+				      fp8 ? "fp8" : "bf16", M, M <= 2 ? " and gate+up+SiLU" : "");
 			/* more rows than the GEMV takes: the caller's fallback */
 			assert_int_equal(dsk_gemm_glu(g, h, I, dx, 3, &wg, &wu, &e), -ENOTSUP);
 			free(a);
