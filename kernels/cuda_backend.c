@@ -825,15 +825,21 @@ static const dsk_qout *norm_q(const ds_backend *b, int T, int dim, dsk_qout *qo)
 	return qo;
 }
 
-/* A norm into xn (row stride H): its FP8 copy too, unless this is the final
- * norm (of: the LM head reads bf16). */
+/* For a norm about to write xn: its FP8 copy too, unless this is the final
+ * norm (of: the LM head reads bf16); xn_q records which. */
+static const dsk_qout *xn_qout(ds_backend *b, int T, const float *of, dsk_qout *qo)
+{
+	const dsk_qout *q = of ? NULL : norm_q(b, T, b->m->cfg.hidden_size, qo);
+	b->xn_q = q != NULL;
+	return q;
+}
+
 static int norm_xn(ds_backend *b, float *x, const float *y, const float *w, int T, float *of, ds_err *e)
 {
 	const ds_config *c = &b->m->cfg;
 	dsk_qout qo;
-	const dsk_qout *q = of ? NULL : norm_q(b, T, c->hidden_size, &qo);
-	b->xn_q = q != NULL;
-	return dsk_add_rmsnorm(x, y, w, T, c->hidden_size, c->rms_norm_eps, b->xn, c->hidden_size, of, q, b->s, e);
+	return dsk_add_rmsnorm(x, y, w, T, c->hidden_size, c->rms_norm_eps, b->xn, c->hidden_size, of,
+			       xn_qout(b, T, of, &qo), b->s, e);
 }
 
 /* GEMMs on gm over x (M rows) read the norm's FP8 copy when there is one;
@@ -1079,10 +1085,8 @@ static int moe(ds_backend *b, int li, int T, const struct next_norm *nn, ds_err 
 	}
 	/* The combine joins the residual and feeds the next norm (nn). */
 	dsk_qout qo;
-	const dsk_qout *q = nn->of ? NULL : norm_q(b, T, H, &qo);
-	b->xn_q = q != NULL;
 	rc = dsk_combine_add_rmsnorm(b->x, shared, b->yp, b->ppos, b->moe_w, K, nn->w, T, H, c->rms_norm_eps, b->xn, H,
-				     nn->of, q, b->s, e);
+				     nn->of, xn_qout(b, T, nn->of, &qo), b->s, e);
 	mark(b, 6);
 	return rc;
 }

@@ -50,6 +50,24 @@ static void *dup_up(const void *h, size_t n)
 }
 static void down(void *h, const void *d, size_t n) { assert_int_equal(cudaMemcpy(h, d, n, cudaMemcpyDeviceToHost), cudaSuccess); }
 
+/* Two device buffers hold the same n bytes (bit-identity of two paths). */
+static void dev_equal(const void *d1, const void *d2, size_t n)
+{
+	unsigned char *a = malloc(n), *b = malloc(n);
+	down(a, d1, n);
+	down(b, d2, n);
+	assert_memory_equal(a, b, n);
+	free(a);
+	free(b);
+}
+
+static void free_all(void *const *d, size_t n)
+{
+	for (size_t i = 0; i < n; i++)
+		cudaFree(d[i]);
+}
+#define FREE_ALL(arr) free_all(arr, sizeof(arr) / sizeof(arr[0]))
+
 static double rel_err(const float *a, const float *b, size_t n)
 {
 	double num = 0, den = 0;
@@ -347,24 +365,14 @@ static void check_route(ds_config *c, int T, int fused)
 		assert_int_equal(dsk_moe_combine(dy, dsh, dyp, dpos, dw, T, K, D, NULL, &e), 0);
 		assert_int_equal(dsk_add_rmsnorm(dx1, dy, dnw, T, D, 1e-6f, ob1, D, of1, NULL, NULL, &e), 0);
 		assert_int_equal(dsk_combine_add_rmsnorm(dx2, dsh, dyp, dpos, dw, K, dnw, T, D, 1e-6f, ob2, D, of2, NULL, NULL, &e), 0);
-		float *a = malloc(4 * (size_t)T * D), *b = malloc(4 * (size_t)T * D);
-		down(a, dx1, 4 * (size_t)T * D);
-		down(b, dx2, 4 * (size_t)T * D);
-		assert_memory_equal(a, b, 4 * (size_t)T * D);
-		down(a, of1, 4 * (size_t)T * D);
-		down(b, of2, 4 * (size_t)T * D);
-		assert_memory_equal(a, b, 4 * (size_t)T * D);
-		down(a, ob1, 2 * (size_t)T * D);
-		down(b, ob2, 2 * (size_t)T * D);
-		assert_memory_equal(a, b, 2 * (size_t)T * D);
+		dev_equal(dx1, dx2, 4 * (size_t)T * D);
+		dev_equal(of1, of2, 4 * (size_t)T * D);
+		dev_equal(ob1, ob2, 2 * (size_t)T * D);
 		void *dev[] = { dx1, dx2, dnw, dsh, dy, of1, of2, ob1, ob2 };
-		for (size_t i = 0; i < sizeof(dev) / sizeof(dev[0]); i++)
-			cudaFree(dev[i]);
+		FREE_ALL(dev);
 		free(x0);
 		free(nw);
 		free(sh);
-		free(a);
-		free(b);
 	}
 	print_message("moe route%s (E=%d K=%d groups %d/%d): %d tokens identical; combine rel err %.3g (fused with the norm: bit-identical)\n",
 		      fused ? "+plan in one launch" : "", E, K, c->n_group, c->topk_group, T, r);
@@ -437,18 +445,10 @@ static void test_norm_fp8(void **st)
 					assert_int_equal(dsk_add_rmsnorm(dx2, dy, dw, T, D, 1e-6f, ob2, D, NULL, &qo, NULL, &e), 0);
 				}
 				assert_int_equal(dsk_quant_fp8(q1, s1, ob1, Tp, D, NULL, &e), 0);
-				uint8_t *a = malloc((size_t)Tp * D * 4), *b = malloc((size_t)Tp * D * 4);
-				down(a, ob1, 2 * n);
-				down(b, ob2, 2 * n);
-				assert_memory_equal(a, b, 2 * n);
-				down(a, q1, n);
-				down(b, q2, n);
-				assert_memory_equal(a, b, n);
-				float *sa = (float *)a, *sb = (float *)b;
-				down(sa, s1, 4 * (size_t)G * Tp);
-				down(sb, s2, 4 * (size_t)G * Tp);
-				for (int g = 0; g < G; g++)
-					assert_memory_equal(sa + (size_t)g * Tp, sb + (size_t)g * Tp, 4 * (size_t)T);
+				dev_equal(ob1, ob2, 2 * n);
+				dev_equal(q1, q2, n);
+				for (int g = 0; g < G; g++) /* rows t < T of each group's scales */
+					dev_equal(s1 + (size_t)g * Tp, s2 + (size_t)g * Tp, 4 * (size_t)T);
 				if (fused == 0 && T <= DSK_GEMV_MAX_M) {
 					/* An FP8 GEMV and a gate+up pair over ob2 with and without the copy. */
 					const int N = 256, sr = N / 128, sld = (G + 3) & ~3;
@@ -467,13 +467,9 @@ static void test_norm_fp8(void **st)
 					dsk_gemm_prequant(gm, ob2, T, q2, s2);
 					assert_int_equal(dsk_gemm_run(gm, o2, N, ob2, T, &W, &e), 0);
 					assert_int_equal(dsk_gemm_glu(gm, h2, N, ob2, T, &W, &W, &e), 0);
-					float *ga = malloc(4 * (size_t)T * N), *gb = malloc(4 * (size_t)T * N);
-					down(ga, o1, 4 * (size_t)T * N);
-					down(gb, o2, 4 * (size_t)T * N);
-					assert_memory_equal(ga, gb, 4 * (size_t)T * N);
-					down(ga, h1, 2 * (size_t)T * N);
-					down(gb, h2, 2 * (size_t)T * N);
-					assert_memory_equal(ga, gb, 2 * (size_t)T * N);
+					dev_equal(o1, o2, 4 * (size_t)T * N);
+					dev_equal(h1, h2, 2 * (size_t)T * N);
+					float *gb = malloc(4 * (size_t)T * N);
 					/* mutation: the registered copy zeroed -> all-zero output */
 					assert_int_equal(cudaMemset(q2, 0, (size_t)Tp * D), cudaSuccess);
 					assert_int_equal(dsk_gemm_run(gm, o2, N, ob2, T, &W, &e), 0);
@@ -483,28 +479,20 @@ static void test_norm_fp8(void **st)
 					/* forgotten: quantizes ob2 itself again */
 					dsk_gemm_prequant(gm, NULL, 0, NULL, NULL);
 					assert_int_equal(dsk_gemm_run(gm, o2, N, ob2, T, &W, &e), 0);
-					down(ga, o1, 4 * (size_t)T * N);
-					down(gb, o2, 4 * (size_t)T * N);
-					assert_memory_equal(ga, gb, 4 * (size_t)T * N);
+					dev_equal(o1, o2, 4 * (size_t)T * N);
 					dsk_gemm_free(gm);
 					void *dev[] = { dwt, dsc, o1, o2, h1, h2 };
-					for (size_t i = 0; i < sizeof(dev) / sizeof(dev[0]); i++)
-						cudaFree(dev[i]);
+					FREE_ALL(dev);
 					free(wh);
 					free(sh);
 					free(shp);
-					free(ga);
 					free(gb);
 				}
 				void *dev[] = { dx1, dx2, ob1, ob2, q1, q2, s1, s2 };
-				for (size_t i = 0; i < sizeof(dev) / sizeof(dev[0]); i++)
-					cudaFree(dev[i]);
-				free(a);
-				free(b);
+				FREE_ALL(dev);
 			}
 			void *dev[] = { dw, dy, dwk, dpos };
-			for (size_t i = 0; i < sizeof(dev) / sizeof(dev[0]); i++)
-				cudaFree(dev[i]);
+			FREE_ALL(dev);
 			free(x);
 			free(y);
 			free(w);
@@ -687,19 +675,12 @@ static void test_gemv_fused(void **st)
 			assert_int_equal(dsk_gemm_run(g, ub, I, dx, M, &wu, &e), 0);
 			assert_int_equal(dsk_silu_mul(hr, gb, ub, M, I, NULL, &e), 0);
 			assert_int_equal(cudaDeviceSynchronize(), cudaSuccess);
-			float *a = malloc(4 * (size_t)M * N0), *b = malloc(4 * (size_t)M * N0);
-			down(a, o0, 4 * (size_t)M * N0);
-			down(b, r0, 4 * (size_t)M * N0);
-			assert_memory_equal(a, b, 4 * (size_t)M * N0);
-			down(a, o1, 4 * (size_t)M * N1);
-			down(b, r1, 4 * (size_t)M * N1);
-			assert_memory_equal(a, b, 4 * (size_t)M * N1);
-			if (M <= 2) {
-				down(a, h, 2 * (size_t)M * I);
-				down(b, hr, 2 * (size_t)M * I);
-				assert_memory_equal(a, b, 2 * (size_t)M * I);
-			}
+			dev_equal(o0, r0, 4 * (size_t)M * N0);
+			dev_equal(o1, r1, 4 * (size_t)M * N1);
+			if (M <= 2)
+				dev_equal(h, hr, 2 * (size_t)M * I);
 			/* and the fused launch is not a copy of zeros */
+			float *a = malloc(4 * (size_t)M * I);
 			down(a, gb, 4 * (size_t)M * I);
 			double ss = 0;
 			for (int i = 0; i < M * I; i++)
@@ -710,7 +691,6 @@ static void test_gemv_fused(void **st)
 			/* more rows than the GEMV takes: the caller's fallback */
 			assert_int_equal(dsk_gemm_glu(g, h, I, dx, 3, &wg, &wu, &e), -ENOTSUP);
 			free(a);
-			free(b);
 			free_weight(&w0);
 			free_weight(&w1);
 			free_weight(&wg);
@@ -805,8 +785,7 @@ static void check_prep(int T, int nh, int nope, int rope, int kvl, int vd)
 	assert_int_equal(dsk_mla_prep(&geo, 0, dkv, dnw, 1e-6f, dq, dqb, nh, nope, rope, kvl, dinv, 0.9f, ds, dp,
 				      DSK_ABSORB_MAX_T + 1, dkvb, vd, dqabs, NULL, &e), -EINVAL);
 	void *dev[] = { pool, dt, ds, dp, dkv, dnw, dinv, dkvb, dq, dqabs, dqb };
-	for (size_t i = 0; i < sizeof(dev) / sizeof(dev[0]); i++)
-		cudaFree(dev[i]);
+	FREE_ALL(dev);
 	free(kv);
 	free(q);
 	free(nw);
