@@ -813,13 +813,16 @@ static int gemm(ds_backend *b, float *out, int ldo, const dsk_bf16 *x, int M, co
 }
 
 /* Where a norm writes the FP8 copy of its rows (dim wide) for the FP8
- * GEMVs and expert GEMVs that read them: steps of 1-2 tokens of FP8 models
- * (one launch fewer per reader, 1-3 % at batch 1; at 8 tokens the expert
- * path alone would read it and measured 3 % slower, docs/PERFORMANCE.md).
- * NULL: no copy; the consumers quantize for themselves. */
+ * GEMVs and expert GEMVs that read them: steps of FP8 models as many tokens
+ * as the GEMV takes (one launch fewer per reader: 1-3 % at batch 1, 5-7 %
+ * at batch 4-8 since the dense projections of up to 16 rows are GEMVs too,
+ * docs/PERFORMANCE.md). NULL: no copy; the consumers quantize for themselves. */
+#ifndef NORM_Q_MAX_T
+#define NORM_Q_MAX_T DSK_GEMV_MAX_M
+#endif
 static const dsk_qout *norm_q(const ds_backend *b, int T, int dim, dsk_qout *qo)
 {
-	if (!b->preq || T > DSK_GEMV_MAX_M || T > b->dev_moe_max_t || dim % 128)
+	if (!b->preq || T > NORM_Q_MAX_T || T > b->dev_moe_max_t || dim % 128)
 		return NULL;
 	*qo = (dsk_qout){ b->qn, b->qns, dsk_gemm_pad(T) };
 	return qo;

@@ -234,6 +234,176 @@ static void dense_launch(int M, const dense_args &a, int blocks, cudaStream_t s)
 #undef GEMV_CASE
 }
 
+/* 3-16 rows: the tensor cores. A warp takes 16 weight rows (lane (g, q)
+ * loads 16 bytes of rows g and g + 8) and the activations as the n8 operand
+ * of mma (lane (g, q) loads the same 16 bytes of token g's row): a k-order
+ * both operands share, so each lane's loads are its own fragment and no
+ * shuffle is needed. Per-lane arithmetic no longer grows with the rows, as
+ * it did in dot_rows (8 rows ran at 1.1 TB/s, cuBLASLt's 64x8 tiles 1.6).
+ * The K range is split over the block's warps (16 rows stream as 8-16
+ * warps' loads at once), summed in shared memory in warp order: a token's
+ * result does not depend on the other rows of the launch. */
+template <bool FP8>
+static __device__ __forceinline__ void mma_16x8(float *d, uint4 wg, uint4 wh, uint4 x)
+{
+	if (FP8) {
+		asm volatile("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+			     "{%8,%9}, {%0,%1,%2,%3};\n"
+			     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+			     : "r"(wg.x), "r"(wh.x), "r"(wg.y), "r"(wh.y), "r"(x.x), "r"(x.y));
+		asm volatile("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+			     "{%8,%9}, {%0,%1,%2,%3};\n"
+			     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+			     : "r"(wg.z), "r"(wh.z), "r"(wg.w), "r"(wh.w), "r"(x.z), "r"(x.w));
+	} else {
+		asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+			     "{%8,%9}, {%0,%1,%2,%3};\n"
+			     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+			     : "r"(wg.x), "r"(wh.x), "r"(wg.y), "r"(wh.y), "r"(x.x), "r"(x.y));
+		asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+			     "{%8,%9}, {%0,%1,%2,%3};\n"
+			     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+			     : "r"(wg.z), "r"(wh.z), "r"(wg.w), "r"(wh.w), "r"(x.z), "r"(x.w));
+	}
+}
+
+/* 16-byte loads a lane keeps in flight per weight row pair and chunk. */
+template <bool GLU>
+struct tc_unroll {
+	enum { U = GLU ? 2 : 4 };
+};
+#define TC_WARPS 8
+
+static __device__ __forceinline__ uint4 ld16(const char *p, bool in)
+{
+	return in ? *(const uint4 *)p : make_uint4(0, 0, 0, 0);
+}
+
+/* NT n8 tiles of tokens (M <= 8 NT); blockDim.x / 32 warps split K. */
+template <int NT, bool FP8, bool GLU>
+static __global__ void __launch_bounds__(32 * TC_WARPS) gemv_tc_k(dense_args a, int M)
+{
+	enum { U = tc_unroll<GLU>::U, NR = GLU ? 2 : 1, EB = FP8 ? 1 : 2, EL = 16 / EB, CK = 4 * EL * U };
+	__shared__ float red[TC_WARPS - 1][32][NR * NT * 4];
+	const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, S = blockDim.x >> 5, g = lane >> 2, q = lane & 3;
+	const bool second = !GLU && (int)blockIdx.x >= a.nb0;
+	const int N = second ? a.j[1].N : a.j[0].N, K = a.K;
+	const int n0 = ((int)blockIdx.x - (second ? a.nb0 : 0)) * 16;
+	const bool rg = n0 + g < N, rh = n0 + g + 8 < N;
+	const char *wr[NR];
+	const float *sr[NR];
+	wr[0] = (const char *)(second ? a.j[1].w : a.j[0].w) + (size_t)(n0 + g) * K * EB;
+	sr[0] = FP8 ? (second ? a.j[1].ws : a.j[0].ws) + (size_t)(n0 / 128) * (second ? a.j[1].sld : a.j[0].sld) : NULL;
+	if (GLU) {
+		wr[NR - 1] = (const char *)a.j[1].w + (size_t)(n0 + g) * K * EB;
+		sr[NR - 1] = FP8 ? a.j[1].ws + (size_t)(n0 / 128) * a.j[1].sld : NULL;
+	}
+	const size_t h8 = (size_t)8 * K * EB; /* row g + 8 */
+	const char *xb = (const char *)a.x;
+	float acc[NR][NT][4];
+#pragma unroll
+	for (int r = 0; r < NR; r++)
+#pragma unroll
+		for (int t = 0; t < NT; t++)
+#pragma unroll
+			for (int i = 0; i < 4; i++)
+				acc[r][t][i] = 0;
+	dsk_pdl_enter();
+	for (int kc = w * CK; kc < K; kc += S * CK) {
+		uint4 wv[NR][2][U], xv[NT][U];
+#pragma unroll
+		for (int u = 0; u < U; u++) {
+			const int p = kc + u * 4 * EL + q * EL;
+			const bool in = p < K;
+#pragma unroll
+			for (int r = 0; r < NR; r++) {
+				wv[r][0][u] = ld16(wr[r] + (size_t)p * EB, in && rg);
+				wv[r][1][u] = ld16(wr[r] + h8 + (size_t)p * EB, in && rh);
+			}
+#pragma unroll
+			for (int t = 0; t < NT; t++)
+				xv[t][u] = ld16(xb + ((size_t)(t * 8 + g) * K + p) * EB, in && t * 8 + g < M);
+		}
+#pragma unroll
+		for (int u = 0; u < U; u++) {
+			const int k = kc + u * 4 * EL;
+			if (k >= K)
+				break;
+			if (FP8) {
+				/* a chunk's 64 columns lie in one 128-column scale block */
+				const int kb = k / 128;
+#pragma unroll
+				for (int r = 0; r < NR; r++) {
+					const float sw = sr[r][kb];
+#pragma unroll
+					for (int t = 0; t < NT; t++) {
+						float d[4] = { 0, 0, 0, 0 };
+						mma_16x8<true>(d, wv[r][0][u], wv[r][1][u], xv[t][u]);
+						const int c0 = t * 8 + 2 * q;
+						const float x0 = c0 < M ? a.xs[(size_t)kb * a.Mp + c0] * sw : 0.0f;
+						const float x1 = c0 + 1 < M ? a.xs[(size_t)kb * a.Mp + c0 + 1] * sw : 0.0f;
+						acc[r][t][0] += d[0] * x0;
+						acc[r][t][1] += d[1] * x1;
+						acc[r][t][2] += d[2] * x0;
+						acc[r][t][3] += d[3] * x1;
+					}
+				}
+			} else {
+#pragma unroll
+				for (int r = 0; r < NR; r++)
+#pragma unroll
+					for (int t = 0; t < NT; t++)
+						mma_16x8<false>(acc[r][t], wv[r][0][u], wv[r][1][u], xv[t][u]);
+			}
+		}
+	}
+	if (w > 0) {
+#pragma unroll
+		for (int r = 0; r < NR; r++)
+#pragma unroll
+			for (int t = 0; t < NT; t++)
+#pragma unroll
+				for (int i = 0; i < 4; i++)
+					red[w - 1][lane][(r * NT + t) * 4 + i] = acc[r][t][i];
+	}
+	__syncthreads();
+	if (w > 0)
+		return;
+	for (int s = 1; s < S; s++)
+#pragma unroll
+		for (int r = 0; r < NR; r++)
+#pragma unroll
+			for (int t = 0; t < NT; t++)
+#pragma unroll
+				for (int i = 0; i < 4; i++)
+					acc[r][t][i] += red[s - 1][lane][(r * NT + t) * 4 + i];
+	/* d[0], d[1]: row g, tokens 2q, 2q + 1; d[2], d[3]: row g + 8 */
+#pragma unroll
+	for (int t = 0; t < NT; t++)
+#pragma unroll
+		for (int i = 0; i < 4; i++) {
+			const int m = t * 8 + 2 * q + (i & 1), n = n0 + g + (i >> 1) * 8;
+			if (m >= M || n >= N)
+				continue;
+			if (GLU) {
+				((dsk_bf16 *)a.j[0].out)[(size_t)m * a.j[0].ldo + n] =
+					__float2bfloat16(silu_mul(acc[0][t][i], acc[NR - 1][t][i]));
+			} else {
+				float *out = (float *)(second ? a.j[1].out : a.j[0].out);
+				out[(size_t)m * (second ? a.j[1].ldo : a.j[0].ldo) + n] = acc[0][t][i];
+			}
+		}
+}
+
+template <bool FP8, bool GLU>
+static void tc_launch(int M, const dense_args &a, int blocks, int warps, cudaStream_t s)
+{
+	if (M <= 8)
+		dsk_launch(gemv_tc_k<1, FP8, GLU>, blocks, 32 * warps, 0, s, a, M);
+	else
+		dsk_launch(gemv_tc_k<2, FP8, GLU>, blocks, 32 * warps, 0, s, a, M);
+}
+
 extern "C" int dsk_gemv(const dsk_gemv_job *jobs, int njobs, int glu, const void *x, const float *xs, int M, int Mp,
 			int K, int fp8, dsk_stream s, ds_err *e)
 {
@@ -248,6 +418,20 @@ extern "C" int dsk_gemv(const dsk_gemv_job *jobs, int njobs, int glu, const void
 	a.xs = xs;
 	a.Mp = Mp;
 	a.K = K;
+	if (M > 2) {
+		/* 16 rows a block; enough warps that each takes about two chunks */
+		a.nb0 = (jobs[0].N + 15) / 16;
+		const int blocks = glu ? a.nb0 : a.nb0 + (njobs > 1 ? (jobs[1].N + 15) / 16 : 0);
+		const int ck = (fp8 ? 64 : 32) * (glu ? (int)tc_unroll<true>::U : (int)tc_unroll<false>::U);
+		const int chunks = (K + ck - 1) / ck;
+		const int warps = chunks >= 2 * TC_WARPS ? TC_WARPS : (chunks + 1) / 2;
+		if (fp8)
+			glu ? tc_launch<true, true>(M, a, blocks, warps, s) : tc_launch<true, false>(M, a, blocks, warps, s);
+		else
+			glu ? tc_launch<false, true>(M, a, blocks, warps, s)
+			    : tc_launch<false, false>(M, a, blocks, warps, s);
+		return dsk_check(e, "gemv");
+	}
 	const int blocks = glu ? a.nb0 : a.nb0 + (njobs > 1 ? (jobs[1].N + 7) / 8 : 0);
 	if (fp8)
 		glu ? dense_launch<true, true>(M, a, blocks, s) : dense_launch<true, false>(M, a, blocks, s);

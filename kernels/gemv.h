@@ -11,9 +11,10 @@
 
 #include "kernels/dsk.h"
 
-/* The most rows the dense GEMV takes: from 8 rows on cuBLASLt is faster
- * (docs/PERFORMANCE.md), and 2 keeps the kernels few. */
-#define DSK_GEMV_MAX_M 2
+/* The most rows the dense GEMV takes: 1-2 rows a warp per weight row, 3-16
+ * on the tensor cores (16 weight rows a warp); above, cuBLASLt's tiles
+ * (docs/PERFORMANCE.md). */
+#define DSK_GEMV_MAX_M 16
 
 /* Dense: out_j[m][n] = x[m] . W_j[n] for j < njobs (1 or 2), m < M <= DSK_GEMV_MAX_M. */
 typedef struct dsk_gemv_job {

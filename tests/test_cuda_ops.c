@@ -160,7 +160,7 @@ static void check_gemm(int fp8, int M, int N, int K)
 	down(got, dout, 4 * (size_t)M * N);
 	double r = rel_err(got, ref, (size_t)M * N);
 	print_message("gemm %s M=%d N=%d K=%d (%s): rel err vs float32 CPU %.3g\n", fp8 ? "fp8" : "bf16", M, N, K,
-		      M <= 2 && gemv_on ? "gemv" : "cublasLt", r);
+		      M <= DSK_GEMV_MAX_M && gemv_on ? "gemv" : "cublasLt", r);
 	if (!(r < (fp8 ? 6e-2 : 1e-3)))
 		fail_msg("gemm rel err %g", r);
 	if (fp8) {
@@ -207,6 +207,11 @@ static void test_gemm_bf16(void **st)
 	for (gemv_on = 1; gemv_on >= 0; gemv_on--) {
 		check_gemm(0, 1, 576, 256);
 		check_gemm(0, 2, 200, 1032);
+		/* the tensor-core GEMV: one and two token tiles, rows past N */
+		check_gemm(0, 3, 200, 1032);
+		check_gemm(0, 8, 576, 2048);
+		check_gemm(0, 13, 72, 264);
+		check_gemm(0, 16, 1408, 2816);
 	}
 	gemv_on = 1;
 }
@@ -217,6 +222,10 @@ static void test_gemm_fp8(void **st)
 	for (gemv_on = 1; gemv_on >= 0; gemv_on--) {
 		check_gemm(1, 2, 576, 1024);
 		check_gemm(1, 1, 256, 384);
+		check_gemm(1, 3, 256, 384);
+		check_gemm(1, 8, 576, 2048);
+		check_gemm(1, 11, 1536, 7168);
+		check_gemm(1, 16, 208, 1024);
 	}
 	gemv_on = 1;
 }
@@ -647,22 +656,31 @@ static void free_weight(dsk_weight *w)
 }
 
 /* Two projections in one launch and gate+up+SiLU in one launch compute the
- * bits of the separate GEMVs (and dsk_silu_mul) they replace. */
+ * bits of the separate GEMVs (and dsk_silu_mul) they replace. On the
+ * tensor-core GEMV (3-16 rows) a token's result does not depend on the
+ * others: the first 3 rows of every such launch equal the 3-row launch's. */
 static void test_gemv_fused(void **st)
 {
 	(void)st;
 	ds_err e = { { 0 } };
 	dsk_gemm *g;
 	assert_int_equal(dsk_gemm_create(NULL, &g, &e), 0);
-	for (int fp8 = 0; fp8 <= 1; fp8++)
-		for (int M = 1; M <= 3; M++) { /* 3: cuBLASLt, both projections on one quantization */
+	const int Ms[] = { 1, 2, 3, 5, 8, 9, 16, 17 }; /* 17: cuBLASLt, both projections on one quantization */
+	for (int fp8 = 0; fp8 <= 1; fp8++) {
+		float *first = NULL; /* the 3-row launch's o0 */
+		for (size_t mi = 0; mi < sizeof(Ms) / sizeof(Ms[0]); mi++) {
+			const int M = Ms[mi], tc = M > 2 && M <= DSK_GEMV_MAX_M;
 			const int K = 1024, N0 = 576, N1 = 208, I = 384, Mp = dsk_gemm_pad(M);
 			uint16_t *xh = calloc((size_t)Mp * K, 2);
+			const unsigned keep = rng;
+			rng = 777; /* the same rows first at every M */
 			for (int i = 0; i < M * K; i++)
 				xh[i] = ds_f32_to_bf16(frand());
 			dsk_bf16 *dx = dup_up(xh, 2 * (size_t)Mp * K);
+			rng = 12345; /* and the same weights */
 			dsk_weight w0 = rand_weight(fp8, N0, K), w1 = rand_weight(fp8, N1, K);
 			dsk_weight wg = rand_weight(fp8, I, K), wu = rand_weight(fp8, I, K);
+			rng = keep;
 			float *o0 = dup_up(NULL, 4 * (size_t)Mp * N0), *o1 = dup_up(NULL, 4 * (size_t)Mp * N1);
 			float *r0 = dup_up(NULL, 4 * (size_t)Mp * N0), *r1 = dup_up(NULL, 4 * (size_t)Mp * N1);
 			float *gb = dup_up(NULL, 4 * (size_t)Mp * I), *ub = dup_up(NULL, 4 * (size_t)Mp * I);
@@ -670,15 +688,24 @@ static void test_gemv_fused(void **st)
 			assert_int_equal(dsk_gemm_run2(g, o0, N0, &w0, o1, N1, &w1, dx, M, &e), 0);
 			assert_int_equal(dsk_gemm_run(g, r0, N0, dx, M, &w0, &e), 0);
 			assert_int_equal(dsk_gemm_run(g, r1, N1, dx, M, &w1, &e), 0);
-			assert_int_equal(dsk_gemm_glu(g, h, I, dx, M, &wg, &wu, &e), M <= 2 ? 0 : -ENOTSUP);
+			assert_int_equal(dsk_gemm_glu(g, h, I, dx, M, &wg, &wu, &e), M <= DSK_GEMV_MAX_M ? 0 : -ENOTSUP);
 			assert_int_equal(dsk_gemm_run(g, gb, I, dx, M, &wg, &e), 0);
 			assert_int_equal(dsk_gemm_run(g, ub, I, dx, M, &wu, &e), 0);
 			assert_int_equal(dsk_silu_mul(hr, gb, ub, M, I, NULL, &e), 0);
 			assert_int_equal(cudaDeviceSynchronize(), cudaSuccess);
 			dev_equal(o0, r0, 4 * (size_t)M * N0);
 			dev_equal(o1, r1, 4 * (size_t)M * N1);
-			if (M <= 2)
+			if (M <= DSK_GEMV_MAX_M)
 				dev_equal(h, hr, 2 * (size_t)M * I);
+			if (M == 3) {
+				first = malloc(4 * (size_t)3 * N0);
+				down(first, o0, 4 * (size_t)3 * N0);
+			} else if (tc) {
+				float *o = malloc(4 * (size_t)3 * N0);
+				down(o, o0, 4 * (size_t)3 * N0);
+				assert_memory_equal(o, first, 4 * (size_t)3 * N0);
+				free(o);
+			}
 			/* and the fused launch is not a copy of zeros */
 			float *a = malloc(4 * (size_t)M * I);
 			down(a, gb, 4 * (size_t)M * I);
@@ -686,10 +713,9 @@ static void test_gemv_fused(void **st)
 			for (int i = 0; i < M * I; i++)
 				ss += (double)a[i] * a[i];
 			assert_true(ss > 0);
-			print_message("%s %s M=%d: two projections%s in one launch: bit-identical\n", M <= 2 ? "gemv" : "cublasLt",
-				      fp8 ? "fp8" : "bf16", M, M <= 2 ? " and gate+up+SiLU" : "");
-			/* more rows than the GEMV takes: the caller's fallback */
-			assert_int_equal(dsk_gemm_glu(g, h, I, dx, 3, &wg, &wu, &e), -ENOTSUP);
+			print_message("%s %s M=%d: two projections%s in one launch: bit-identical%s\n",
+				      M <= 2 ? "gemv" : tc ? "tensor-core gemv" : "cublasLt", fp8 ? "fp8" : "bf16", M,
+				      M <= DSK_GEMV_MAX_M ? " and gate+up+SiLU" : "", tc && M > 3 ? "; rows 0-2 = M=3's" : "");
 			free(a);
 			free_weight(&w0);
 			free_weight(&w1);
@@ -706,6 +732,12 @@ static void test_gemv_fused(void **st)
 			cudaFree(hr);
 			free(xh);
 		}
+		free(first);
+	}
+	/* more rows than the GEMV takes: the caller's fallback */
+	assert_int_equal(dsk_gemm_glu(g, NULL, 384, NULL, DSK_GEMV_MAX_M + 1, &(dsk_weight){ .type = DSK_W_BF16, .rows = 384, .cols = 1024 },
+				      &(dsk_weight){ .type = DSK_W_BF16, .rows = 384, .cols = 1024 }, &e),
+			 -ENOTSUP);
 	dsk_gemm_free(g);
 }
 
@@ -808,93 +840,106 @@ static void test_mla_prep(void **st)
 	check_prep(3, 4, 32, 16, 64, 32);
 }
 
-/* --bench: GEMM throughput at DeepSeek-V3 shapes (median of 20 after warm-up);
- * FP8 calls include the activations' quantization, also timed alone, and
- * "gemm TFLOP/s" is the throughput without it. */
+/* One row of --bench: dsk_gemm_run at M x N x K (median of 20 after
+ * warm-up), FP8 beyond the GEMV also timing the activations' quantization
+ * alone ("gemm TF/s" is the throughput without it). */
+static void bench_one(dsk_gemm *g, int fp8, int M, int N, int K, int gemv)
+{
+	ds_err e = { { 0 } };
+	dsk_gemm_set_gemv(g, gemv);
+	const int sr = (N + 127) / 128, sld = ((K / 128) + 3) & ~3;
+	void *dx, *dw, *dout;
+	float *ds;
+	uint16_t *hx = malloc(2 * (size_t)M * K);
+	for (size_t i = 0; i < (size_t)M * K; i++)
+		hx[i] = ds_f32_to_bf16(frand());
+	cudaMalloc(&dx, 2 * (size_t)dsk_gemm_pad(M) * K);
+	cudaMemcpy(dx, hx, 2 * (size_t)M * K, cudaMemcpyHostToDevice);
+	cudaMalloc(&dw, (size_t)N * K * (fp8 ? 1 : 2));
+	cudaMemset(dw, 0x3a, (size_t)N * K * (fp8 ? 1 : 2));
+	cudaMalloc((void **)&ds, 4 * (size_t)sr * sld);
+	cudaMemset(ds, 0x3c, 4 * (size_t)sr * sld);
+	cudaMalloc(&dout, 4 * (size_t)dsk_gemm_pad(M) * N);
+	dsk_weight w = { .type = fp8 ? DSK_W_FP8 : DSK_W_BF16, .rows = N, .cols = K, .w = dw, .scale = ds, .sld = sld };
+	double ms[20];
+	cudaEvent_t a, b;
+	cudaEventCreate(&a);
+	cudaEventCreate(&b);
+	int rc = 0;
+	for (int i = 0; i < 3 && !rc; i++)
+		rc = dsk_gemm_run(g, dout, N, dx, M, &w, &e);
+	for (int i = 0; i < 20 && !rc; i++) {
+		cudaEventRecord(a, NULL);
+		rc = dsk_gemm_run(g, dout, N, dx, M, &w, &e);
+		cudaEventRecord(b, NULL);
+		cudaEventSynchronize(b);
+		float t;
+		cudaEventElapsedTime(&t, a, b);
+		ms[i] = t;
+	}
+	const int on_gemv = gemv && M <= DSK_GEMV_MAX_M;
+	double qmed = 0;
+	if (!rc && fp8 && !on_gemv) {
+		const int Mp = dsk_gemm_pad(M);
+		uint8_t *q;
+		float *qs;
+		cudaMalloc((void **)&q, (size_t)Mp * K);
+		cudaMalloc((void **)&qs, 4 * (size_t)Mp * (K / 128));
+		double qt[20];
+		for (int i = 0; i < 23 && !rc; i++) {
+			cudaEventRecord(a, NULL);
+			rc = dsk_quant_fp8(q, qs, dx, Mp, K, NULL, &e);
+			cudaEventRecord(b, NULL);
+			cudaEventSynchronize(b);
+			float t;
+			cudaEventElapsedTime(&t, a, b);
+			if (i >= 3)
+				qt[i - 3] = t;
+		}
+		qmed = rc ? 0 : median(qt, 20);
+		cudaFree(q);
+		cudaFree(qs);
+	}
+	if (rc) {
+		printf("%-6s %6d %6d %6d  failed: %s\n", fp8 ? "fp8" : "bf16", M, N, K, e.msg);
+	} else {
+		const double med = median(ms, 20), gmed = med - qmed;
+		printf("%-6s %6d %6d %6d %10.4f %10.1f %10.4f %10.1f %8.0f GB/s %s\n", fp8 ? "fp8" : "bf16", M, N, K, med,
+		       2.0 * M * N * K / (med * 1e-3) / 1e12, qmed, 2.0 * M * N * K / (gmed * 1e-3) / 1e12,
+		       ((double)N * K * (fp8 ? 1 : 2) + 2.0 * M * K + 4.0 * M * N) / (med * 1e-3) / 1e9,
+		       !on_gemv ? "cublasLt" : M <= 2 ? "gemv" : "gemv-tc");
+	}
+	cudaEventDestroy(a);
+	cudaEventDestroy(b);
+	cudaFree(dx);
+	cudaFree(dw);
+	cudaFree(ds);
+	cudaFree(dout);
+	free(hx);
+}
+
+/* --bench: GEMM throughput at DeepSeek-V3 shapes, then decode-sized rows
+ * (V3's 7168x2048, V2-Lite's q 3072x2048) through the GEMV and through
+ * cuBLASLt in the same process. */
 static int bench(void)
 {
 	ds_err e = { { 0 } };
 	const int shapes[][3] = { { 4096, 7168, 2048 }, { 4096, 2048, 7168 }, { 4096, 24576, 1536 }, { 4096, 7168, 16384 },
-				  { 4096, 4096, 7168 }, { 1, 7168, 2048 }, { 8, 7168, 2048 }, { 64, 7168, 2048 } };
+				  { 4096, 4096, 7168 } };
+	const int small_m[] = { 1, 2, 4, 8, 16 }, small_nk[][2] = { { 7168, 2048 }, { 3072, 2048 } };
 	dsk_gemm *g;
 	if (dsk_gemm_create(NULL, &g, &e))
 		return 1;
 	printf("%-6s %6s %6s %6s %10s %10s %10s %10s\n", "type", "M", "N", "K", "ms", "TFLOP/s", "quant ms",
 	       "gemm TF/s");
-	for (int fp8 = 1; fp8 >= 0; fp8--)
-		for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]) + 2; s++) {
-			/* the last two: M=1 and 8 through cuBLASLt instead of the GEMV */
-			const int extra = s >= sizeof(shapes) / sizeof(shapes[0]);
-			const int M = extra ? (s == sizeof(shapes) / sizeof(shapes[0]) ? 1 : 8) : shapes[s][0];
-			const int N = extra ? 7168 : shapes[s][1], K = extra ? 2048 : shapes[s][2];
-			dsk_gemm_set_gemv(g, !extra);
-			const int sr = (N + 127) / 128, sld = ((K / 128) + 3) & ~3;
-			void *dx, *dw, *dout;
-			float *ds;
-			uint16_t *hx = malloc(2 * (size_t)M * K);
-			for (size_t i = 0; i < (size_t)M * K; i++)
-				hx[i] = ds_f32_to_bf16(frand());
-			cudaMalloc(&dx, 2 * (size_t)dsk_gemm_pad(M) * K);
-			cudaMemcpy(dx, hx, 2 * (size_t)M * K, cudaMemcpyHostToDevice);
-			cudaMalloc(&dw, (size_t)N * K * (fp8 ? 1 : 2));
-			cudaMemset(dw, 0x3a, (size_t)N * K * (fp8 ? 1 : 2));
-			cudaMalloc((void **)&ds, 4 * (size_t)sr * sld);
-			cudaMemset(ds, 0x3c, 4 * (size_t)sr * sld);
-			cudaMalloc(&dout, 4 * (size_t)dsk_gemm_pad(M) * N);
-			dsk_weight w = { .type = fp8 ? DSK_W_FP8 : DSK_W_BF16, .rows = N, .cols = K, .w = dw, .scale = ds, .sld = sld };
-			double ms[20];
-			cudaEvent_t a, b;
-			cudaEventCreate(&a);
-			cudaEventCreate(&b);
-			int rc = 0;
-			for (int i = 0; i < 3 && !rc; i++)
-				rc = dsk_gemm_run(g, dout, N, dx, M, &w, &e);
-			for (int i = 0; i < 20 && !rc; i++) {
-				cudaEventRecord(a, NULL);
-				rc = dsk_gemm_run(g, dout, N, dx, M, &w, &e);
-				cudaEventRecord(b, NULL);
-				cudaEventSynchronize(b);
-				float t;
-				cudaEventElapsedTime(&t, a, b);
-				ms[i] = t;
-			}
-			double qmed = 0;
-			if (!rc && fp8 && M > 2) {
-				const int Mp = dsk_gemm_pad(M);
-				uint8_t *q;
-				float *qs;
-				cudaMalloc((void **)&q, (size_t)Mp * K);
-				cudaMalloc((void **)&qs, 4 * (size_t)Mp * (K / 128));
-				double qt[20];
-				for (int i = 0; i < 23 && !rc; i++) {
-					cudaEventRecord(a, NULL);
-					rc = dsk_quant_fp8(q, qs, dx, Mp, K, NULL, &e);
-					cudaEventRecord(b, NULL);
-					cudaEventSynchronize(b);
-					float t;
-					cudaEventElapsedTime(&t, a, b);
-					if (i >= 3)
-						qt[i - 3] = t;
-				}
-				qmed = rc ? 0 : median(qt, 20);
-				cudaFree(q);
-				cudaFree(qs);
-			}
-			if (rc) {
-				printf("%-6s %6d %6d %6d  failed: %s\n", fp8 ? "fp8" : "bf16", M, N, K, e.msg);
-			} else {
-				const double med = median(ms, 20), gmed = med - qmed;
-				printf("%-6s %6d %6d %6d %10.4f %10.1f %10.4f %10.1f %8.0f GB/s %s\n", fp8 ? "fp8" : "bf16", M, N,
-				       K, med, 2.0 * M * N * K / (med * 1e-3) / 1e12, qmed, 2.0 * M * N * K / (gmed * 1e-3) / 1e12,
-				       ((double)N * K * (fp8 ? 1 : 2) + 2.0 * M * K + 4.0 * M * N) / (med * 1e-3) / 1e9,
-				       M <= 2 && !extra ? "gemv" : "cublasLt");
-			}
-			cudaFree(dx);
-			cudaFree(dw);
-			cudaFree(ds);
-			cudaFree(dout);
-			free(hx);
-		}
+	for (int fp8 = 1; fp8 >= 0; fp8--) {
+		for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++)
+			bench_one(g, fp8, shapes[s][0], shapes[s][1], shapes[s][2], 1);
+		for (size_t s = 0; s < sizeof(small_nk) / sizeof(small_nk[0]); s++)
+			for (size_t m = 0; m < sizeof(small_m) / sizeof(small_m[0]); m++)
+				for (int gemv = 1; gemv >= 0; gemv--)
+					bench_one(g, fp8, small_m[m], small_nk[s][0], small_nk[s][1], gemv);
+	}
 	dsk_gemm_free(g);
 	return 0;
 }
