@@ -149,44 +149,65 @@ static __global__ void __launch_bounds__(NW * 32) attn_k(dsk_attn_args a, int ns
 		}
 		cp_wait_all();
 		__syncthreads();
-		/* Scores of positions 8w..8w+7 for the 16 heads. */
+		/* Scores of positions 8w..8w+7 for the 16 heads: four independent
+		 * accumulators (hi/lo, even/odd k step), as one chain of 72
+		 * dependent mmas was the tile's longest latency. */
 		{
-			float c[4] = { 0, 0, 0, 0 };
+			float c[4][4] = {};
 			const dsk_bf16 *qa = qs + g * ld + q * 2, *qb = qs + (g + 8) * ld + q * 2;
 			const dsk_bf16 *la = ql + g * ld + q * 2, *lb = ql + (g + 8) * ld + q * 2;
 			const dsk_bf16 *kb = ks + (w * 8 + g) * ld + q * 2;
+#pragma unroll 4
 			for (int k0 = 0; k0 < kvd; k0 += 16) {
+				float *ch = c[(k0 >> 4) & 1], *cl = c[2 + ((k0 >> 4) & 1)];
 				const uint32_t b0 = ld32(kb + k0), b1 = ld32(kb + k0 + 8);
-				mma16816(c, ld32(qa + k0), ld32(qb + k0), ld32(qa + k0 + 8), ld32(qb + k0 + 8), b0, b1);
-				mma16816(c, ld32(la + k0), ld32(lb + k0), ld32(la + k0 + 8), ld32(lb + k0 + 8), b0, b1);
+				mma16816(ch, ld32(qa + k0), ld32(qb + k0), ld32(qa + k0 + 8), ld32(qb + k0 + 8), b0, b1);
+				mma16816(cl, ld32(la + k0), ld32(lb + k0), ld32(la + k0 + 8), ld32(lb + k0 + 8), b0, b1);
 			}
+#pragma unroll
+			for (int i = 0; i < 4; i++)
+				c[0][i] = (c[0][i] + c[1][i]) + (c[2][i] + c[3][i]);
 			const int p0 = w * 8 + q * 2;
-			sf[g * TILE + p0] = jt + p0 < j1 ? c[0] * a.scale : -INFINITY;
-			sf[g * TILE + p0 + 1] = jt + p0 + 1 < j1 ? c[1] * a.scale : -INFINITY;
-			sf[(g + 8) * TILE + p0] = jt + p0 < j1 ? c[2] * a.scale : -INFINITY;
-			sf[(g + 8) * TILE + p0 + 1] = jt + p0 + 1 < j1 ? c[3] * a.scale : -INFINITY;
+			sf[g * TILE + p0] = jt + p0 < j1 ? c[0][0] * a.scale : -INFINITY;
+			sf[g * TILE + p0 + 1] = jt + p0 + 1 < j1 ? c[0][1] * a.scale : -INFINITY;
+			sf[(g + 8) * TILE + p0] = jt + p0 < j1 ? c[0][2] * a.scale : -INFINITY;
+			sf[(g + 8) * TILE + p0 + 1] = jt + p0 + 1 < j1 ? c[0][3] * a.scale : -INFINITY;
 		}
 		__syncthreads();
-		/* Online softmax: warp w takes heads 4w..4w+3, a lane per position. */
-		for (int hh = 0; hh < HB / NW; hh++) {
-			const int h = w * (HB / NW) + hh;
-			const float sv = sf[h * TILE + lane];
-			float mt = sv;
+		/* Online softmax: warp w takes heads 4w..4w+3 side by side (their
+		 * shuffles interleave), a lane per position. */
+		{
+			enum { HW = HB / NW };
+			float sv[HW], mt[HW], mn[HW], sum[HW];
+#pragma unroll
+			for (int hh = 0; hh < HW; hh++)
+				mt[hh] = sv[hh] = sf[(w * HW + hh) * TILE + lane];
 			for (int o = 16; o; o >>= 1)
-				mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, o));
-			const float mo = mrow[h], mn = fmaxf(mo, mt);
-			const float pr = sv == -INFINITY ? 0.0f : expf(sv - mn);
-			float sum = pr;
-			for (int o = 16; o; o >>= 1)
-				sum += __shfl_xor_sync(0xffffffffu, sum, o);
-			split_bf16(pr, &ps[h * (TILE + 8) + lane], &pl[h * (TILE + 8) + lane]);
-			__syncwarp();
-			if (lane == 0) {
-				const float al = mn == -INFINITY ? 1.0f : expf(mo - mn);
-				alpha[h] = al;
-				lrow[h] = lrow[h] * al + sum;
-				mrow[h] = mn;
+#pragma unroll
+				for (int hh = 0; hh < HW; hh++)
+					mt[hh] = fmaxf(mt[hh], __shfl_xor_sync(0xffffffffu, mt[hh], o));
+#pragma unroll
+			for (int hh = 0; hh < HW; hh++) {
+				const int h = w * HW + hh;
+				mn[hh] = fmaxf(mrow[h], mt[hh]);
+				const float pr = sv[hh] == -INFINITY ? 0.0f : expf(sv[hh] - mn[hh]);
+				sum[hh] = pr;
+				split_bf16(pr, &ps[h * (TILE + 8) + lane], &pl[h * (TILE + 8) + lane]);
 			}
+			for (int o = 16; o; o >>= 1)
+#pragma unroll
+				for (int hh = 0; hh < HW; hh++)
+					sum[hh] += __shfl_xor_sync(0xffffffffu, sum[hh], o);
+			if (lane == 0)
+#pragma unroll
+				for (int hh = 0; hh < HW; hh++) {
+					const int h = w * HW + hh;
+					const float mo = mrow[h];
+					const float al = mn[hh] == -INFINITY ? 1.0f : expf(mo - mn[hh]);
+					alpha[h] = al;
+					lrow[h] = lrow[h] * al + sum[hh];
+					mrow[h] = mn[hh];
+				}
 		}
 		__syncthreads();
 		/* lat[16 heads][cols of warp w] = alpha * lat + P C. */

@@ -279,36 +279,16 @@ static __device__ __forceinline__ uint4 ld16(const char *p, bool in)
 	return in ? *(const uint4 *)p : make_uint4(0, 0, 0, 0);
 }
 
-/* NT n8 tiles of tokens (M <= 8 NT); blockDim.x / 32 warps split K. */
-template <int NT, bool FP8, bool GLU>
-static __global__ void __launch_bounds__(32 * TC_WARPS) gemv_tc_k(dense_args a, int M)
+/* The chunk loop of one warp: acc[r][t] += W_r rows (n0 + g, n0 + g + 8)
+ * . x rows of tokens t * 8 + (g; 2q, 2q + 1) over this warp's K chunks
+ * (chunk w, w + S, ...). xrow[t]: the x row of token t * 8 + g, -1 past
+ * the tokens; srow[t][2]: those of tokens t * 8 + 2q and + 1 (FP8 scales). */
+template <int NT, bool FP8, int NR, int U>
+static __device__ __forceinline__ void tc_dot(float (*acc)[NT][4], const char *const *wr, const float *const *sr,
+					      bool rg, bool rh, size_t h8, const char *xb, const float *xs, int xs_ld,
+					      const int *xrow, const int (*srow)[2], int K, int w, int S, int q)
 {
-	enum { U = tc_unroll<GLU>::U, NR = GLU ? 2 : 1, EB = FP8 ? 1 : 2, EL = 16 / EB, CK = 4 * EL * U };
-	__shared__ float red[TC_WARPS - 1][32][NR * NT * 4];
-	const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, S = blockDim.x >> 5, g = lane >> 2, q = lane & 3;
-	const bool second = !GLU && (int)blockIdx.x >= a.nb0;
-	const int N = second ? a.j[1].N : a.j[0].N, K = a.K;
-	const int n0 = ((int)blockIdx.x - (second ? a.nb0 : 0)) * 16;
-	const bool rg = n0 + g < N, rh = n0 + g + 8 < N;
-	const char *wr[NR];
-	const float *sr[NR];
-	wr[0] = (const char *)(second ? a.j[1].w : a.j[0].w) + (size_t)(n0 + g) * K * EB;
-	sr[0] = FP8 ? (second ? a.j[1].ws : a.j[0].ws) + (size_t)(n0 / 128) * (second ? a.j[1].sld : a.j[0].sld) : NULL;
-	if (GLU) {
-		wr[NR - 1] = (const char *)a.j[1].w + (size_t)(n0 + g) * K * EB;
-		sr[NR - 1] = FP8 ? a.j[1].ws + (size_t)(n0 / 128) * a.j[1].sld : NULL;
-	}
-	const size_t h8 = (size_t)8 * K * EB; /* row g + 8 */
-	const char *xb = (const char *)a.x;
-	float acc[NR][NT][4];
-#pragma unroll
-	for (int r = 0; r < NR; r++)
-#pragma unroll
-		for (int t = 0; t < NT; t++)
-#pragma unroll
-			for (int i = 0; i < 4; i++)
-				acc[r][t][i] = 0;
-	dsk_pdl_enter();
+	enum { EB = FP8 ? 1 : 2, EL = 16 / EB, CK = 4 * EL * U };
 	for (int kc = w * CK; kc < K; kc += S * CK) {
 		uint4 wv[NR][2][U], xv[NT][U];
 #pragma unroll
@@ -322,7 +302,7 @@ static __global__ void __launch_bounds__(32 * TC_WARPS) gemv_tc_k(dense_args a, 
 			}
 #pragma unroll
 			for (int t = 0; t < NT; t++)
-				xv[t][u] = ld16(xb + ((size_t)(t * 8 + g) * K + p) * EB, in && t * 8 + g < M);
+				xv[t][u] = ld16(xb + ((size_t)(xrow[t] < 0 ? 0 : xrow[t]) * K + p) * EB, in && xrow[t] >= 0);
 		}
 #pragma unroll
 		for (int u = 0; u < U; u++) {
@@ -339,9 +319,8 @@ static __global__ void __launch_bounds__(32 * TC_WARPS) gemv_tc_k(dense_args a, 
 					for (int t = 0; t < NT; t++) {
 						float d[4] = { 0, 0, 0, 0 };
 						mma_16x8<true>(d, wv[r][0][u], wv[r][1][u], xv[t][u]);
-						const int c0 = t * 8 + 2 * q;
-						const float x0 = c0 < M ? a.xs[(size_t)kb * a.Mp + c0] * sw : 0.0f;
-						const float x1 = c0 + 1 < M ? a.xs[(size_t)kb * a.Mp + c0 + 1] * sw : 0.0f;
+						const float x0 = srow[t][0] >= 0 ? xs[(size_t)kb * xs_ld + srow[t][0]] * sw : 0.0f;
+						const float x1 = srow[t][1] >= 0 ? xs[(size_t)kb * xs_ld + srow[t][1]] * sw : 0.0f;
 						acc[r][t][0] += d[0] * x0;
 						acc[r][t][1] += d[1] * x1;
 						acc[r][t][2] += d[2] * x0;
@@ -357,32 +336,68 @@ static __global__ void __launch_bounds__(32 * TC_WARPS) gemv_tc_k(dense_args a, 
 			}
 		}
 	}
-	if (w > 0) {
+}
+
+/* Sums the block's warps' acc (n floats a lane) into warp 0's, in warp
+ * order; true in warp 0. The caller syncs before red is written again. */
+template <int n>
+static __device__ __forceinline__ bool tc_reduce(float *acc, float (*red)[32][n], int w, int S, int lane)
+{
+	if (w > 0)
 #pragma unroll
-		for (int r = 0; r < NR; r++)
-#pragma unroll
-			for (int t = 0; t < NT; t++)
-#pragma unroll
-				for (int i = 0; i < 4; i++)
-					red[w - 1][lane][(r * NT + t) * 4 + i] = acc[r][t][i];
-	}
+		for (int i = 0; i < n; i++)
+			red[w - 1][lane][i] = acc[i];
 	__syncthreads();
 	if (w > 0)
-		return;
+		return false;
 	for (int s = 1; s < S; s++)
 #pragma unroll
-		for (int r = 0; r < NR; r++)
+		for (int i = 0; i < n; i++)
+			acc[i] += red[s - 1][lane][i];
+	return true;
+}
+
+/* acc fragment i of token tile t: token t * 8 + 2q + (i & 1), weight row
+ * n0 + g + 8 (i >> 1). */
+static __device__ __forceinline__ int tc_tok(int t, int q, int i) { return t * 8 + 2 * q + (i & 1); }
+static __device__ __forceinline__ int tc_row(int n0, int g, int i) { return n0 + g + (i >> 1) * 8; }
+
+/* NT n8 tiles of tokens (M <= 8 NT); blockDim.x / 32 warps split K. */
+template <int NT, bool FP8, bool GLU>
+static __global__ void __launch_bounds__(32 * TC_WARPS) gemv_tc_k(dense_args a, int M)
+{
+	enum { NR = GLU ? 2 : 1, EB = FP8 ? 1 : 2 };
+	__shared__ float red[TC_WARPS - 1][32][NR * NT * 4];
+	const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, S = blockDim.x >> 5, g = lane >> 2, q = lane & 3;
+	const bool second = !GLU && (int)blockIdx.x >= a.nb0;
+	const int N = second ? a.j[1].N : a.j[0].N, K = a.K;
+	const int n0 = ((int)blockIdx.x - (second ? a.nb0 : 0)) * 16;
+	const char *wr[NR];
+	const float *sr[NR];
+	wr[0] = (const char *)(second ? a.j[1].w : a.j[0].w) + (size_t)(n0 + g) * K * EB;
+	sr[0] = FP8 ? (second ? a.j[1].ws : a.j[0].ws) + (size_t)(n0 / 128) * (second ? a.j[1].sld : a.j[0].sld) : NULL;
+	if (GLU) {
+		wr[NR - 1] = (const char *)a.j[1].w + (size_t)(n0 + g) * K * EB;
+		sr[NR - 1] = FP8 ? a.j[1].ws + (size_t)(n0 / 128) * a.j[1].sld : NULL;
+	}
+	int xrow[NT], srow[NT][2];
 #pragma unroll
-			for (int t = 0; t < NT; t++)
-#pragma unroll
-				for (int i = 0; i < 4; i++)
-					acc[r][t][i] += red[s - 1][lane][(r * NT + t) * 4 + i];
-	/* d[0], d[1]: row g, tokens 2q, 2q + 1; d[2], d[3]: row g + 8 */
+	for (int t = 0; t < NT; t++) {
+		xrow[t] = t * 8 + g < M ? t * 8 + g : -1;
+		srow[t][0] = t * 8 + 2 * q < M ? t * 8 + 2 * q : -1;
+		srow[t][1] = t * 8 + 2 * q + 1 < M ? t * 8 + 2 * q + 1 : -1;
+	}
+	float acc[NR][NT][4] = {};
+	dsk_pdl_enter();
+	tc_dot<NT, FP8, NR, tc_unroll<GLU>::U>(acc, wr, sr, n0 + g < N, n0 + g + 8 < N, (size_t)8 * K * EB,
+						(const char *)a.x, a.xs, a.Mp, xrow, srow, K, w, S, q);
+	if (!tc_reduce<NR * NT * 4>(&acc[0][0][0], red, w, S, lane))
+		return;
 #pragma unroll
 	for (int t = 0; t < NT; t++)
 #pragma unroll
 		for (int i = 0; i < 4; i++) {
-			const int m = t * 8 + 2 * q + (i & 1), n = n0 + g + (i >> 1) * 8;
+			const int m = tc_tok(t, q, i), n = tc_row(n0, g, i);
 			if (m >= M || n >= N)
 				continue;
 			if (GLU) {
@@ -393,6 +408,14 @@ static __global__ void __launch_bounds__(32 * TC_WARPS) gemv_tc_k(dense_args a, 
 				out[(size_t)m * (second ? a.j[1].ldo : a.j[0].ldo) + n] = acc[0][t][i];
 			}
 		}
+}
+
+/* Warps a tensor-core block splits K over: about two chunks each. */
+static int tc_warps(int K, int fp8, int glu)
+{
+	const int ck = (fp8 ? 64 : 32) * (glu ? (int)tc_unroll<true>::U : (int)tc_unroll<false>::U);
+	const int chunks = (K + ck - 1) / ck;
+	return chunks >= 2 * TC_WARPS ? TC_WARPS : (chunks + 1) / 2;
 }
 
 template <bool FP8, bool GLU>
@@ -419,12 +442,10 @@ extern "C" int dsk_gemv(const dsk_gemv_job *jobs, int njobs, int glu, const void
 	a.Mp = Mp;
 	a.K = K;
 	if (M > 2) {
-		/* 16 rows a block; enough warps that each takes about two chunks */
+		/* 16 rows a block */
 		a.nb0 = (jobs[0].N + 15) / 16;
 		const int blocks = glu ? a.nb0 : a.nb0 + (njobs > 1 ? (jobs[1].N + 15) / 16 : 0);
-		const int ck = (fp8 ? 64 : 32) * (glu ? (int)tc_unroll<true>::U : (int)tc_unroll<false>::U);
-		const int chunks = (K + ck - 1) / ck;
-		const int warps = chunks >= 2 * TC_WARPS ? TC_WARPS : (chunks + 1) / 2;
+		const int warps = tc_warps(K, fp8, glu);
 		if (fp8)
 			glu ? tc_launch<true, true>(M, a, blocks, warps, s) : tc_launch<true, false>(M, a, blocks, warps, s);
 		else
@@ -497,6 +518,68 @@ static __global__ void __launch_bounds__(256) moe_gemv_k(dsk_moe_gemv_args a, in
 	}
 }
 
+/* Routed experts of more than 2 rows a pass on the tensor cores: block
+ * (16-row tile, active expert), the expert's rows 8 NT at a time. */
+template <int NT, bool FP8, bool GLU>
+static __global__ void __launch_bounds__(32 * TC_WARPS) moe_tc_k(dsk_moe_gemv_args a)
+{
+	enum { NR = GLU ? 2 : 1, EB = FP8 ? 1 : 2 };
+	__shared__ float red[TC_WARPS - 1][32][NR * NT * 4];
+	const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, S = blockDim.x >> 5, g = lane >> 2, q = lane & 3;
+	dsk_pdl_enter();
+	if ((int)blockIdx.y >= a.act[0])
+		return;
+	const int x = a.act[1 + blockIdx.y], c = a.cnt[x], r0 = a.off[x], n0 = blockIdx.x * 16, N = a.N, K = a.K;
+	const char *wr[NR];
+	const float *sr[NR];
+#pragma unroll
+	for (int r = 0; r < NR; r++) {
+		wr[r] = (const char *)a.wp[r][x] + (size_t)(n0 + g) * K * EB;
+		sr[r] = FP8 ? a.sp[r][x] + (size_t)(n0 / 128) * a.sld : NULL;
+	}
+	for (int c0 = 0; c0 < c; c0 += 8 * NT) {
+		int xrow[NT], srow[NT][2];
+#pragma unroll
+		for (int t = 0; t < NT; t++) {
+			const int i = c0 + t * 8 + g, j = c0 + t * 8 + 2 * q;
+			xrow[t] = i < c ? (a.row_src ? a.row_src[r0 + i] : r0 + i) : -1;
+			srow[t][0] = j < c ? (a.row_src ? a.row_src[r0 + j] : r0 + j) : -1;
+			srow[t][1] = j + 1 < c ? (a.row_src ? a.row_src[r0 + j + 1] : r0 + j + 1) : -1;
+		}
+		float acc[NR][NT][4] = {};
+		tc_dot<NT, FP8, NR, tc_unroll<GLU>::U>(acc, wr, sr, n0 + g < N, n0 + g + 8 < N, (size_t)8 * K * EB,
+							(const char *)a.x, a.xs, a.xs_ld, xrow, srow, K, w, S, q);
+		if (tc_reduce<NR * NT * 4>(&acc[0][0][0], red, w, S, lane)) {
+#pragma unroll
+			for (int t = 0; t < NT; t++)
+#pragma unroll
+				for (int i = 0; i < 4; i++) {
+					const int m = c0 + tc_tok(t, q, i), n = tc_row(n0, g, i);
+					if (m >= c || n >= N)
+						continue;
+					if (GLU)
+						((dsk_bf16 *)a.out)[(size_t)(r0 + m) * a.ldo + n] =
+							__float2bfloat16(silu_mul(acc[0][t][i], acc[NR - 1][t][i]));
+					else
+						((float *)a.out)[(size_t)(r0 + m) * a.ldo + n] = acc[0][t][i];
+				}
+		}
+		__syncthreads(); /* red is written again */
+	}
+}
+
+template <int NT>
+static void moe_tc_launch(const dsk_moe_gemv_args *a, cudaStream_t s)
+{
+	const dim3 grid((a->N + 15) / 16, a->max_active), block(32 * tc_warps(a->K, a->fp8, a->glu));
+	if (a->fp8)
+		a->glu ? dsk_launch(moe_tc_k<NT, true, true>, grid, block, 0, s, *a)
+		       : dsk_launch(moe_tc_k<NT, true, false>, grid, block, 0, s, *a);
+	else
+		a->glu ? dsk_launch(moe_tc_k<NT, false, true>, grid, block, 0, s, *a)
+		       : dsk_launch(moe_tc_k<NT, false, false>, grid, block, 0, s, *a);
+}
+
 template <int MR>
 static void moe_launch(const dsk_moe_gemv_args *a, dim3 grid, int R, cudaStream_t s)
 {
@@ -525,6 +608,10 @@ extern "C" int dsk_moe_gemv(const dsk_moe_gemv_args *a, dsk_stream s, ds_err *e)
 		return ds_errf(e, -EINVAL, "moe_gemv: K=%d", a->K);
 	if (a->max_active <= 0)
 		return 0;
+	if (a->max_rows > 2) {
+		a->max_rows > 8 ? moe_tc_launch<2>(a, s) : moe_tc_launch<1>(a, s);
+		return dsk_check(e, "moe_gemv");
+	}
 	/* Warp rows (1 or 2 outputs each) a warp takes in turn: up to 4, as far
 	 * as the grid stays above about two blocks an SM (what the registers of
 	 * these kernels let reside) — each block reads its expert's plan once. */
