@@ -2,14 +2,16 @@
  * A block of 4 warps serves one token, 16 heads and one KV range, on the
  * tensor cores (mma.sync m16n8k16, bf16 in, float32 accumulators): the 16
  * heads' absorbed queries are the A operand of both products, so the cache
- * is read once per 16 heads. Per tile of 32 positions: warp w scores
- * positions 8w..8w+7 for all heads (S = Q K^T over kv_lora_rank + rope),
- * the online softmax runs a head per lane group, and warp w accumulates
- * latent columns kvl/4 * w .. for all heads (lat += P C). Queries and
- * probabilities enter as a bf16 pair (hi + lo, two products each), which
- * keeps them to ~16 mantissa bits: single bf16 rounding doubled the
- * decode-vs-prefill difference on the random test models. Cache tiles
- * arrive by cp.async, all of a thread's rows in flight at once. */
+ * is read once per 16 heads. Per tile of 32 positions: warp w takes a
+ * quarter of the kv_lora_rank + rope columns for all 32 positions (its
+ * queries stay in registers) and the warps' partial scores are summed in
+ * shared memory; the online softmax runs a head per lane group, and warp w
+ * accumulates latent columns kvl/4 * w .. for all heads (lat += P C, the
+ * cache's fragments by ldmatrix.trans). Queries and probabilities enter as
+ * a bf16 pair (hi + lo, two products each), which keeps them to ~16
+ * mantissa bits: single bf16 rounding doubled the decode-vs-prefill
+ * difference on the random test models. Cache tiles arrive by cp.async
+ * into two buffers: the next tile streams in while one is used. */
 #include <cuda_runtime.h>
 #include <math.h>
 #include <stdint.h>
@@ -21,7 +23,8 @@
 #define TILE 32  /* positions per iteration */
 #define NW 4     /* warps */
 #define MAXNT 16 /* latent n-tiles of 8 per warp: kvl <= 512 */
-#define QLD 18   /* query float4 loads in flight a thread: 16 heads x 576 / 128 threads / 4 */
+#define MAXKS 9  /* k16 steps of the scores a warp holds queries for: kvl + rope <= 576 */
+#define RLD (TILE + 4) /* row stride of the partial scores */
 
 static __device__ __forceinline__ void mma16816(float c[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
 						 uint32_t b0, uint32_t b1)
@@ -41,11 +44,6 @@ static __device__ __forceinline__ void cp16(void *dst, const void *src, bool val
 	asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 16 : 0));
 }
 
-static __device__ __forceinline__ void cp_wait_all(void)
-{
-	asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::);
-}
-
 /* x = hi + lo, both bf16. */
 static __device__ __forceinline__ void split_bf16(float x, dsk_bf16 *hi, dsk_bf16 *lo)
 {
@@ -53,74 +51,96 @@ static __device__ __forceinline__ void split_bf16(float x, dsk_bf16 *hi, dsk_bf1
 	*lo = __float2bfloat16(x - __bfloat162float(*hi));
 }
 
-static __device__ __forceinline__ uint32_t pack2(const dsk_bf16 *lo, const dsk_bf16 *hi)
+/* Shared-memory 8x8 b16 matrices into mma B fragments, transposed: lanes
+ * 8m..8m+7 name the rows of matrix m. */
+static __device__ __forceinline__ void ldsm_x4_t(uint32_t r[4], const void *p)
 {
-	return (uint32_t)(*(const uint16_t *)lo) | ((uint32_t)(*(const uint16_t *)hi) << 16);
+	const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+	asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+		     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+		     : "r"(a));
+}
+static __device__ __forceinline__ void ldsm_x2_t(uint32_t r[2], const void *p)
+{
+	const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+	asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(a));
+}
+
+static __device__ __forceinline__ uint32_t bf2(dsk_bf16 lo, dsk_bf16 hi)
+{
+	return (uint32_t)(*(const uint16_t *)&lo) | ((uint32_t)(*(const uint16_t *)&hi) << 16);
+}
+
+/* Row pointers of one tile's cache positions (j >= j1: the pool's start,
+ * zero-filled by cp16). */
+static __device__ __forceinline__ const dsk_bf16 *tile_row(const dsk_attn_args &a, const int32_t *table, int j, int j1,
+							   int kvd)
+{
+	return j < j1 ? a.g.pool + (size_t)table[j / a.g.block_tokens] * a.g.block_stride +
+				(size_t)a.layer * a.g.layer_stride + (size_t)(j % a.g.block_tokens) * kvd
+		      : a.g.pool;
 }
 
 static __global__ void __launch_bounds__(NW * 32) attn_k(dsk_attn_args a, int nsplit, int chunk)
 {
 	extern __shared__ __align__(16) unsigned char smem_raw[];
 	const int kvl = a.kvl, kvd = a.kvl + a.rope, qk = a.nope + a.rope, ld = kvd + 8; /* +8: no bank conflicts */
-	dsk_bf16 *qs = (dsk_bf16 *)smem_raw;                 /* [HB][ld] queries, hi */
-	dsk_bf16 *ql = qs + HB * ld;                         /* [HB][ld] lo */
-	dsk_bf16 *ks = ql + HB * ld;                         /* [TILE][ld] cache rows */
-	float *sf = (float *)(ks + TILE * ld);               /* [HB][TILE] scores */
-	dsk_bf16 *ps = (dsk_bf16 *)(sf + HB * TILE);         /* [HB][TILE + 8] probabilities, hi */
+	dsk_bf16 *ks = (dsk_bf16 *)smem_raw;                 /* [2][TILE][ld] cache rows, double-buffered */
+	float *red = (float *)(ks + 2 * TILE * ld);          /* [NW][HB][RLD] partial scores */
+	dsk_bf16 *ps = (dsk_bf16 *)(red + NW * HB * RLD);    /* [HB][TILE + 8] probabilities, hi */
 	dsk_bf16 *pl = ps + HB * (TILE + 8);                 /* lo */
 	float *mrow = (float *)(pl + HB * (TILE + 8));       /* [HB] running max, sum, rescale */
 	float *lrow = mrow + HB, *alpha = lrow + HB;
-	const dsk_bf16 **rowp = (const dsk_bf16 **)(alpha + HB + 2); /* [TILE] (8-byte aligned) */
+	const dsk_bf16 **rowp = (const dsk_bf16 **)(alpha + HB + 2); /* [2][TILE] (8-byte aligned) */
 	const int t = a.list ? a.list[blockIdx.x] : blockIdx.x, h0 = blockIdx.y * HB, split = blockIdx.z;
 	const int tid = threadIdx.x, w = tid / 32, lane = tid & 31, g = lane >> 2, q = lane & 3;
 	const int n = a.pos[t] + 1;
 	const int j0 = split * chunk, j1 = min(n, j0 + chunk);
 	const int32_t *table = a.g.tables + (size_t)a.seq[t] * a.g.max_blocks;
-	const int ntw = kvl / 8 / NW; /* n-tiles per warp */
+	const int ntw = kvl / 8 / NW; /* latent n-tiles per warp */
+	/* The scores' k dimension is split over the warps (warp w: k16 steps
+	 * w*pw ..), each holding its slice of the 16 heads' queries in
+	 * registers as mma A fragments: read once, not once a tile per warp
+	 * from shared memory (that traffic bounded a tile at ~2,000 cycles). */
+	const int nks = kvd / 16, pw = (nks + NW - 1) / NW;
 
 	dsk_pdl_enter();
 	const int vec = kvd / 8; /* uint4 per row */
-	/* The first tile's cache rows start arriving (cp.async) before the
-	 * queries load: at batch 1 a split is one tile, and the two round trips
-	 * overlap instead of following each other. */
 	if (tid < TILE) {
-		const int j = j0 + tid;
-		rowp[tid] = j < j1 ? a.g.pool + (size_t)table[j / a.g.block_tokens] * a.g.block_stride +
-					     (size_t)a.layer * a.g.layer_stride + (size_t)(j % a.g.block_tokens) * kvd
-				   : a.g.pool;
+		rowp[tid] = tile_row(a, table, j0 + tid, j1, kvd);
+		rowp[TILE + tid] = tile_row(a, table, j0 + TILE + tid, j1, kvd);
 	}
 	__syncthreads();
+	/* The first tile starts arriving before the queries load. */
 	if (j0 < j1)
 		for (int i = tid; i < TILE * vec; i += NW * 32) {
 			const int r = i / vec, v = i % vec;
 			cp16(ks + (size_t)r * ld + v * 8, rowp[r] + v * 8, j0 + r < j1);
 		}
 	asm volatile("cp.async.commit_group;\n" ::);
-	/* The 16 heads' queries as float4s, QLD loads in flight a thread: one
-	 * round trip for the 576-wide MLA latent + rope. */
+	uint32_t qh[MAXKS][4], qlo[MAXKS][4];
 	{
-		const int v4 = kvd / 4, total = HB * v4;
-		for (int i0 = tid; i0 < total; i0 += NW * 32 * QLD) {
-			float4 v[QLD];
+		float2 v[MAXKS][4];
 #pragma unroll
-			for (int u = 0; u < QLD; u++) {
-				const int i = i0 + u * NW * 32, h = i / v4, d = i % v4 * 4, hh = h0 + h;
-				v[u] = make_float4(0, 0, 0, 0);
-				if (i < total && hh < a.nh)
-					v[u] = d < kvl ? *(const float4 *)(a.qabs + ((size_t)t * a.nh + hh) * kvl + d)
-						       : *(const float4 *)(a.q + ((size_t)t * a.nh + hh) * qk + a.nope + (d - kvl));
+		for (int s = 0; s < MAXKS; s++)
+#pragma unroll
+			for (int r = 0; r < 4; r++) {
+				const int k = (w * pw + s) * 16 + 2 * q + (r >> 1) * 8, hh = h0 + g + (r & 1) * 8;
+				v[s][r] = make_float2(0, 0);
+				if (s < pw && k < kvd && hh < a.nh)
+					v[s][r] = k < kvl ? *(const float2 *)(a.qabs + ((size_t)t * a.nh + hh) * kvl + k)
+							  : *(const float2 *)(a.q + ((size_t)t * a.nh + hh) * qk + a.nope + (k - kvl));
 			}
 #pragma unroll
-			for (int u = 0; u < QLD; u++) {
-				const int i = i0 + u * NW * 32, h = i / v4, d = i % v4 * 4;
-				if (i < total) {
-					split_bf16(v[u].x, &qs[h * ld + d], &ql[h * ld + d]);
-					split_bf16(v[u].y, &qs[h * ld + d + 1], &ql[h * ld + d + 1]);
-					split_bf16(v[u].z, &qs[h * ld + d + 2], &ql[h * ld + d + 2]);
-					split_bf16(v[u].w, &qs[h * ld + d + 3], &ql[h * ld + d + 3]);
-				}
+		for (int s = 0; s < MAXKS; s++)
+#pragma unroll
+			for (int r = 0; r < 4; r++) {
+				dsk_bf16 h0b, l0b, h1b, l1b;
+				split_bf16(v[s][r].x, &h0b, &l0b);
+				split_bf16(v[s][r].y, &h1b, &l1b);
+				qh[s][r] = bf2(h0b, h1b);
+				qlo[s][r] = bf2(l0b, l1b);
 			}
-		}
 	}
 	if (tid < HB) {
 		mrow[tid] = -INFINITY;
@@ -131,57 +151,64 @@ static __global__ void __launch_bounds__(NW * 32) attn_k(dsk_attn_args a, int ns
 	for (int j = 0; j < MAXNT; j++)
 		acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0;
 
-	for (int jt = j0; jt < j1; jt += TILE) {
-		if (jt > j0) { /* the first tile was issued above */
-			__syncthreads(); /* the last tile's readers are done */
-			if (tid < TILE) {
-				const int j = jt + tid;
-				rowp[tid] = j < j1 ? a.g.pool + (size_t)table[j / a.g.block_tokens] * a.g.block_stride +
-							     (size_t)a.layer * a.g.layer_stride +
-							     (size_t)(j % a.g.block_tokens) * kvd
-						   : a.g.pool;
-			}
-			__syncthreads();
+	for (int jt = j0, it = 0; jt < j1; jt += TILE, it++) {
+		const int buf = it & 1;
+		const dsk_bf16 *kt = ks + (size_t)buf * TILE * ld;
+		/* the next tile streams in while this one is used */
+		if (jt + TILE < j1) {
+			dsk_bf16 *kn = ks + (size_t)(buf ^ 1) * TILE * ld;
+			const dsk_bf16 *const *rp = rowp + (buf ^ 1) * TILE;
 			for (int i = tid; i < TILE * vec; i += NW * 32) {
 				const int r = i / vec, v = i % vec;
-				cp16(ks + (size_t)r * ld + v * 8, rowp[r] + v * 8, jt + r < j1);
+				cp16(kn + (size_t)r * ld + v * 8, rp[r] + v * 8, jt + TILE + r < j1);
 			}
 		}
-		cp_wait_all();
+		asm volatile("cp.async.commit_group;\ncp.async.wait_group 1;\n" ::);
 		__syncthreads();
-		/* Scores of positions 8w..8w+7 for the 16 heads: four independent
-		 * accumulators (hi/lo, even/odd k step), as one chain of 72
-		 * dependent mmas was the tile's longest latency. */
+		/* rowp[buf] was this tile's: the tile after next's now */
+		if (tid < TILE && jt + 2 * TILE < j1)
+			rowp[buf * TILE + tid] = tile_row(a, table, jt + 2 * TILE + tid, j1, kvd);
+		/* Partial scores of warp w's k slice, all 32 positions. */
 		{
-			float c[4][4] = {};
-			const dsk_bf16 *qa = qs + g * ld + q * 2, *qb = qs + (g + 8) * ld + q * 2;
-			const dsk_bf16 *la = ql + g * ld + q * 2, *lb = ql + (g + 8) * ld + q * 2;
-			const dsk_bf16 *kb = ks + (w * 8 + g) * ld + q * 2;
-#pragma unroll 4
-			for (int k0 = 0; k0 < kvd; k0 += 16) {
-				float *ch = c[(k0 >> 4) & 1], *cl = c[2 + ((k0 >> 4) & 1)];
-				const uint32_t b0 = ld32(kb + k0), b1 = ld32(kb + k0 + 8);
-				mma16816(ch, ld32(qa + k0), ld32(qb + k0), ld32(qa + k0 + 8), ld32(qb + k0 + 8), b0, b1);
-				mma16816(cl, ld32(la + k0), ld32(lb + k0), ld32(la + k0 + 8), ld32(lb + k0 + 8), b0, b1);
-			}
+			float c[TILE / 8][2][4] = {};
 #pragma unroll
-			for (int i = 0; i < 4; i++)
-				c[0][i] = (c[0][i] + c[1][i]) + (c[2][i] + c[3][i]);
-			const int p0 = w * 8 + q * 2;
-			sf[g * TILE + p0] = jt + p0 < j1 ? c[0][0] * a.scale : -INFINITY;
-			sf[g * TILE + p0 + 1] = jt + p0 + 1 < j1 ? c[0][1] * a.scale : -INFINITY;
-			sf[(g + 8) * TILE + p0] = jt + p0 < j1 ? c[0][2] * a.scale : -INFINITY;
-			sf[(g + 8) * TILE + p0 + 1] = jt + p0 + 1 < j1 ? c[0][3] * a.scale : -INFINITY;
+			for (int s = 0; s < MAXKS; s++) {
+				const int k = (w * pw + s) * 16;
+				if (s >= pw || k >= kvd)
+					break;
+#pragma unroll
+				for (int nt = 0; nt < TILE / 8; nt++) {
+					const dsk_bf16 *kb = kt + (nt * 8 + g) * ld + k + q * 2;
+					const uint32_t b0 = ld32(kb), b1 = ld32(kb + 8);
+					mma16816(c[nt][0], qh[s][0], qh[s][1], qh[s][2], qh[s][3], b0, b1);
+					mma16816(c[nt][1], qlo[s][0], qlo[s][1], qlo[s][2], qlo[s][3], b0, b1);
+				}
+			}
+			float *rw = red + (size_t)w * HB * RLD;
+#pragma unroll
+			for (int nt = 0; nt < TILE / 8; nt++) {
+				const int p0 = nt * 8 + q * 2;
+				*(float2 *)(rw + g * RLD + p0) = make_float2(c[nt][0][0] + c[nt][1][0], c[nt][0][1] + c[nt][1][1]);
+				*(float2 *)(rw + (g + 8) * RLD + p0) =
+					make_float2(c[nt][0][2] + c[nt][1][2], c[nt][0][3] + c[nt][1][3]);
+			}
 		}
 		__syncthreads();
 		/* Online softmax: warp w takes heads 4w..4w+3 side by side (their
-		 * shuffles interleave), a lane per position. */
+		 * shuffles interleave), a lane per position; the warps' partial
+		 * scores summed in warp order. */
 		{
 			enum { HW = HB / NW };
 			float sv[HW], mt[HW], mn[HW], sum[HW];
 #pragma unroll
-			for (int hh = 0; hh < HW; hh++)
-				mt[hh] = sv[hh] = sf[(w * HW + hh) * TILE + lane];
+			for (int hh = 0; hh < HW; hh++) {
+				const int h = w * HW + hh;
+				float d = 0;
+#pragma unroll
+				for (int x = 0; x < NW; x++)
+					d += red[((size_t)x * HB + h) * RLD + lane];
+				mt[hh] = sv[hh] = jt + lane < j1 ? d * a.scale : -INFINITY;
+			}
 			for (int o = 16; o; o >>= 1)
 #pragma unroll
 				for (int hh = 0; hh < HW; hh++)
@@ -210,7 +237,8 @@ static __global__ void __launch_bounds__(NW * 32) attn_k(dsk_attn_args a, int ns
 				}
 		}
 		__syncthreads();
-		/* lat[16 heads][cols of warp w] = alpha * lat + P C. */
+		/* lat[16 heads][cols of warp w] = alpha * lat + P C; C's fragments
+		 * by ldmatrix.trans, two n-tiles a load. */
 		const float al0 = alpha[g], al1 = alpha[g + 8];
 #pragma unroll
 		for (int j = 0; j < MAXNT; j++) {
@@ -225,18 +253,30 @@ static __global__ void __launch_bounds__(NW * 32) attn_k(dsk_attn_args a, int ns
 			const uint32_t a0 = ld32(pa), a1 = ld32(pb), a2 = ld32(pa + 8), a3 = ld32(pb + 8);
 			const int lo = HB * (TILE + 8); /* pl - ps */
 			const uint32_t l0 = ld32(pa + lo), l1 = ld32(pb + lo), l2 = ld32(pa + lo + 8), l3 = ld32(pb + lo + 8);
-			const dsk_bf16 *kr = ks + (size_t)(kk + q * 2) * ld + g;
+			/* lane L names row L % 8 of matrix L / 8: positions +8 for
+			 * odd matrices, the next n-tile for matrices 2 and 3 */
+			const dsk_bf16 *kr = kt + (size_t)(kk + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + (lane >> 4) * 8;
 #pragma unroll
-			for (int j = 0; j < MAXNT; j++) {
-				if (j < ntw) {
-					const int col = (w * ntw + j) * 8;
-					const uint32_t b0 = pack2(kr + col, kr + ld + col);
-					const uint32_t b1 = pack2(kr + 8 * ld + col, kr + 9 * ld + col);
-					mma16816(acc[j], a0, a1, a2, a3, b0, b1);
-					mma16816(acc[j], l0, l1, l2, l3, b0, b1);
+			for (int j = 0; j < MAXNT; j += 2) {
+				if (j >= ntw)
+					break;
+				const int col = (w * ntw + j) * 8;
+				uint32_t b[4];
+				if (j + 1 < ntw) {
+					ldsm_x4_t(b, kr + col);
+				} else {
+					ldsm_x2_t(b, kr + col);
+					b[2] = b[3] = 0;
+				}
+				mma16816(acc[j], a0, a1, a2, a3, b[0], b[1]);
+				mma16816(acc[j], l0, l1, l2, l3, b[0], b[1]);
+				if (j + 1 < ntw) {
+					mma16816(acc[j + 1], a0, a1, a2, a3, b[2], b[3]);
+					mma16816(acc[j + 1], l0, l1, l2, l3, b[2], b[3]);
 				}
 			}
 		}
+		__syncthreads(); /* this buffer is refilled next iteration */
 	}
 	float *part = a.ws;
 	float *ml = a.ws + (size_t)a.T * a.nh * nsplit * kvl;
@@ -245,18 +285,13 @@ static __global__ void __launch_bounds__(NW * 32) attn_k(dsk_attn_args a, int ns
 		if (j >= ntw)
 			break;
 		const int col = (w * ntw + j) * 8 + q * 2;
-		if (h0 + g < a.nh) {
-			float *o = part + (((size_t)t * a.nh + h0 + g) * nsplit + split) * kvl + col;
-			o[0] = acc[j][0];
-			o[1] = acc[j][1];
-		}
-		if (h0 + g + 8 < a.nh) {
-			float *o = part + (((size_t)t * a.nh + h0 + g + 8) * nsplit + split) * kvl + col;
-			o[0] = acc[j][2];
-			o[1] = acc[j][3];
-		}
+		if (h0 + g < a.nh)
+			*(float2 *)(part + (((size_t)t * a.nh + h0 + g) * nsplit + split) * kvl + col) =
+				make_float2(acc[j][0], acc[j][1]);
+		if (h0 + g + 8 < a.nh)
+			*(float2 *)(part + (((size_t)t * a.nh + h0 + g + 8) * nsplit + split) * kvl + col) =
+				make_float2(acc[j][2], acc[j][3]);
 	}
-	__syncthreads();
 	if (tid < HB && h0 + tid < a.nh) {
 		const size_t base = (((size_t)t * a.nh + h0 + tid) * nsplit + split);
 		ml[2 * base] = mrow[tid];
@@ -320,10 +355,14 @@ static __global__ void merge_k(dsk_attn_args a, int nsplit)
 
 extern "C" int dsk_attn_splits(int T, int nh, int max_len, int sms)
 {
-	/* Enough blocks for several per SM (one is latency-bound), at least a
-	 * tile of positions a split. */
+	/* About two blocks an SM (what registers and shared memory let
+	 * reside), at least a tile of positions a split: since a split's tiles
+	 * stream double-buffered, fewer, longer splits beat more blocks
+	 * (`test_cuda_ops --bench-attn`, docs/PERFORMANCE.md: batch 16 / 1024
+	 * 16 splits 20.3 us against 28.6 at 32, batch 64 4-5 splits 56 against
+	 * 65 at 8-9). */
 	const int blocks = T * ((nh + HB - 1) / HB);
-	int s = (4 * sms + blocks - 1) / blocks;
+	int s = (2 * sms + blocks - 1) / blocks;
 	const int most = (max_len + TILE - 1) / TILE;
 	if (s > most)
 		s = most;
@@ -340,7 +379,8 @@ extern "C" size_t dsk_attn_ws_floats(int T, int nh, int kvl, int nsplit)
 extern "C" int dsk_mla_attention(const dsk_attn_args *a, int nsplit, dsk_stream s, ds_err *e)
 {
 	const int kvd = a->kvl + a->rope;
-	if (a->kvl % (8 * NW) || a->kvl > 8 * NW * MAXNT || kvd % 16 || a->nope % 4 || a->rope % 4)
+	if (a->kvl % (8 * NW) || a->kvl > 8 * NW * MAXNT || kvd % 16 || kvd > 16 * NW * MAXKS || a->nope % 4 ||
+	    a->rope % 4)
 		return ds_errf(e, -EINVAL, "mla_attention: kv_lora_rank %d + rope %d unsupported", a->kvl, a->rope);
 	const int rows = a->list ? a->n_list : a->T;
 	if (a->T <= 0 || rows <= 0)
@@ -348,8 +388,8 @@ extern "C" int dsk_mla_attention(const dsk_attn_args *a, int nsplit, dsk_stream 
 	int chunk = (a->max_len + nsplit - 1) / nsplit;
 	chunk = (chunk + TILE - 1) / TILE * TILE;
 	const int ld = kvd + 8;
-	const size_t smem = sizeof(dsk_bf16) * (size_t)(2 * HB + TILE) * ld + sizeof(float) * HB * TILE +
-			    sizeof(dsk_bf16) * 2 * HB * (TILE + 8) + sizeof(float) * (3 * HB + 2) + sizeof(void *) * TILE;
+	const size_t smem = sizeof(dsk_bf16) * (size_t)2 * TILE * ld + sizeof(float) * NW * HB * RLD +
+			    sizeof(dsk_bf16) * 2 * HB * (TILE + 8) + sizeof(float) * (3 * HB + 2) + sizeof(void *) * 2 * TILE;
 	static int raised;
 	if (!raised) {
 		cudaFuncSetAttribute(attn_k, cudaFuncAttributeMaxDynamicSharedMemorySize, 96 * 1024);

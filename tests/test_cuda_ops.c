@@ -1090,9 +1090,15 @@ static int bench_attn(void)
 {
 	ds_err e = { { 0 } };
 	const int nh = 16, kvl = 512, rope = 64, nope = 128, kvd = kvl + rope, qk = nope + rope, bt = 64;
-	const int shapes[][2] = { { 1, 1024 }, { 1, 8192 }, { 8, 1024 }, { 16, 1024 }, { 64, 1024 }, { 64, 8192 } };
+	int shapes[][2] = { { 1, 1024 }, { 1, 8192 }, { 8, 1024 }, { 16, 1024 }, { 64, 1024 }, { 64, 8192 } };
+	size_t nshapes = sizeof(shapes) / sizeof(shapes[0]);
+	/* DS_BENCH_ATTN=T:ctx:splits times that one case (for a profiler) */
+	int only_ns = 0;
+	if (getenv("DS_BENCH_ATTN") &&
+	    sscanf(getenv("DS_BENCH_ATTN"), "%d:%d:%d", &shapes[0][0], &shapes[0][1], &only_ns) == 3)
+		nshapes = 1;
 	printf("%4s %6s %6s %10s %s\n", "T", "ctx", "splits", "us/call", "(default split count marked *)");
-	for (size_t k = 0; k < sizeof(shapes) / sizeof(shapes[0]); k++) {
+	for (size_t k = 0; k < nshapes; k++) {
 		const int T = shapes[k][0], C = shapes[k][1], nb = C / bt;
 		void *pool;
 		int32_t *tab, *seq, *pos;
@@ -1128,7 +1134,7 @@ static int bench_attn(void)
 		cudaEvent_t e0, e1;
 		cudaEventCreate(&e0);
 		cudaEventCreate(&e1);
-		for (int ns = 1; ns <= 64; ns *= 2) {
+		for (int ns = only_ns ? only_ns : 1; ns <= (only_ns ? only_ns : 64); ns *= 2) {
 			double ms[5];
 			int rc = 0;
 			for (int i = 0; i < 5 && !rc; i++)
