@@ -984,13 +984,20 @@ static int attention(ds_backend *b, int li, int T, int max_len, const dsk_kv_geo
 		TRY(dsk_mla_attention(&a, ns, b->s, e));
 	}
 	mark(b, 2);
-	/* o[t][h] = W_UV_h lat[t][h]: per head, (vd x kvl) * (kvl x T). (In the
-	 * merge kernel for few tokens this measured slower: 14.7 us against
-	 * 6.0 + 5.2 on V2-Lite at batch 1.) */
-	st = cublasGemmStridedBatchedEx(b->blas, CUBLAS_OP_T, CUBLAS_OP_N, vd, T, kvl, &one, d->kvb + (size_t)nope * kvl,
-					CUDA_R_16BF, kvl, (long long)(nope + vd) * kvl, b->lat, CUDA_R_16BF, nh * kvl, kvl,
-					&zero, b->o, CUDA_R_16BF, nh * vd, vd, nh, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
-	TRY(blas_err(e, st, "W_UV"));
+	/* o[t][h] = W_UV_h lat[t][h]: per head, (vd x kvl) * (kvl x T); for 1-2
+	 * tokens a GEMV whose weights stream while the merge finishes (cuBLAS's
+	 * kernels do not let the next launch start early). (In the merge kernel
+	 * for few tokens this measured slower: 14.7 us against 6.0 + 5.2 on
+	 * V2-Lite at batch 1.) */
+	rc = dsk_gemv_heads(b->o, d->kvb + (size_t)nope * kvl, (long)(nope + vd) * kvl, b->lat, T, nh, vd, kvl, b->s, e);
+	if (rc == -ENOTSUP) {
+		st = cublasGemmStridedBatchedEx(b->blas, CUBLAS_OP_T, CUBLAS_OP_N, vd, T, kvl, &one,
+						d->kvb + (size_t)nope * kvl, CUDA_R_16BF, kvl, (long long)(nope + vd) * kvl,
+						b->lat, CUDA_R_16BF, nh * kvl, kvl, &zero, b->o, CUDA_R_16BF, nh * vd, vd, nh,
+						CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+		rc = blas_err(e, st, "W_UV");
+	}
+	TRY(rc);
 	rc = gemm(b, b->y, c->hidden_size, b->o, T, &d->o_proj, e);
 	mark(b, 3);
 	return rc;

@@ -40,12 +40,28 @@ static __device__ __forceinline__ float fp8_dot_mma(uint4 w, uint4 x, int lane)
 	return (g & 1) ? c[1] + d[3] : c[0] + d[2];
 }
 
+/* The weight vectors of dot_rows' first pass: a kernel can load them
+ * before it waits for the one before it (weights are never written), so
+ * they stream while that one finishes. */
+template <int U, bool FP8, int NR>
+static __device__ __forceinline__ void first_pass(uint4 (&wv)[NR][U], const char *const *wrow, int K, int lane)
+{
+#pragma unroll
+	for (int r = 0; r < NR; r++)
+#pragma unroll
+		for (int u = 0; u < U; u++) {
+			const int k = FP8 ? lane * 16 + u * 512 : lane * 8 + u * 256;
+			wv[r][u] = k < K ? *(const uint4 *)(wrow[r] + (FP8 ? k : 2 * k)) : make_uint4(0, 0, 0, 0);
+		}
+}
+
 /* acc[r][i] += W_r row . x row src[i], for r < NR weight rows (a gate and
- * an up row share the activation loads) and i < m <= MR. */
-template <int MR, int U, bool FP8, int NR>
+ * an up row share the activation loads) and i < m <= MR; PRE: K is one
+ * pass and its weights are in pre (first_pass). */
+template <int MR, int U, bool FP8, int NR, bool PRE = false>
 static __device__ __forceinline__ void dot_rows(float (*acc)[MR], const char *const *wrow, const float *const *wsr,
 						const void *xv, const float *xs, int xs_ld, const int *src, int m, int K,
-						int lane)
+						int lane, const uint4 (*pre)[U] = NULL)
 {
 	if (FP8) {
 		/* 16 fp8 a lane; 8 lanes cover one 128-wide scale block. The loop
@@ -58,8 +74,9 @@ static __device__ __forceinline__ void dot_rows(float (*acc)[MR], const char *co
 			for (int r = 0; r < NR; r++)
 #pragma unroll
 				for (int u = 0; u < U; u++)
-					wv[r][u] = k0 + u * 512 < K ? *(const uint4 *)(wrow[r] + k0 + u * 512)
-								    : make_uint4(0, 0, 0, 0);
+					wv[r][u] = PRE ? pre[r][u]
+					: k0 + u * 512 < K ? *(const uint4 *)(wrow[r] + k0 + u * 512)
+							   : make_uint4(0, 0, 0, 0);
 			/* With few activation rows their loads and the scales go out
 			 * with the weights': one round trip a pass, not one per u. */
 			enum { HX = MR <= 2 ? MR : 1, HU = MR <= 2 ? U : 1 };
@@ -118,8 +135,9 @@ static __device__ __forceinline__ void dot_rows(float (*acc)[MR], const char *co
 			for (int r = 0; r < NR; r++)
 #pragma unroll
 				for (int u = 0; u < U; u++)
-					wv[r][u] = k0 + u * 256 < K ? *(const uint4 *)(wrow[r] + 2 * (k0 + u * 256))
-								    : make_uint4(0, 0, 0, 0);
+					wv[r][u] = PRE ? pre[r][u]
+					: k0 + u * 256 < K ? *(const uint4 *)(wrow[r] + 2 * (k0 + u * 256))
+							   : make_uint4(0, 0, 0, 0);
 #pragma unroll
 			for (int u = 0; u < U; u++) {
 				const int k = k0 + u * 256;
@@ -174,7 +192,10 @@ struct unroll {
 	enum { U = MR > 2 ? 2 : FP8 ? 4 : 8 };
 };
 
-template <int M, bool FP8, bool GLU>
+/* PRE: K is one pass (as V2-Lite's and V3's 2048-7168-wide rows of bf16
+ * up to 2048, FP8 up to 2048): its weights load before the wait for the
+ * previous kernel. Longer rows would hold a second pass's registers. */
+template <int M, bool FP8, bool GLU, bool PRE>
 static __global__ void __launch_bounds__(256) gemv_k(dense_args a)
 {
 	const int lane = threadIdx.x & 31, wb = FP8 ? 1 : 2;
@@ -189,6 +210,10 @@ static __global__ void __launch_bounds__(256) gemv_k(dense_args a)
 		return;
 	const size_t row = (size_t)n * a.K * wb;
 	const char *rows[2] = { w + row, GLU ? (const char *)a.j[1].w + row : NULL };
+	enum { U = unroll<M, FP8>::U, NR = GLU ? 2 : 1 };
+	uint4 pre[NR][PRE ? U : 1];
+	if (PRE)
+		first_pass<PRE ? U : 1, FP8, NR>(pre, rows, a.K, lane);
 	dsk_pdl_enter();
 	int src[M];
 #pragma unroll
@@ -200,7 +225,10 @@ static __global__ void __launch_bounds__(256) gemv_k(dense_args a)
 		acc[0][i] = acc[1][i] = 0;
 	const float *sr[2] = { FP8 ? ws + (size_t)(n / 128) * sld : NULL,
 			       FP8 && GLU ? a.j[1].ws + (size_t)(n / 128) * a.j[1].sld : NULL };
-	dot_rows<M, unroll<M, FP8>::U, FP8, GLU ? 2 : 1>(acc, rows, sr, a.x, a.xs, a.Mp, src, M, a.K, lane);
+	if (PRE)
+		dot_rows<M, PRE ? U : 1, FP8, NR, true>(acc, rows, sr, a.x, a.xs, a.Mp, src, M, a.K, lane, pre);
+	else
+		dot_rows<M, U, FP8, NR>(acc, rows, sr, a.x, a.xs, a.Mp, src, M, a.K, lane);
 	warp_sum<M>(acc[0]);
 	if (GLU)
 		warp_sum<M>(acc[1]);
@@ -220,12 +248,26 @@ static __global__ void __launch_bounds__(256) gemv_k(dense_args a)
 	}
 }
 
+/* Where gemv_k loads its weights before the wait: one pass, and no fewer
+ * blocks resident for it (bf16 rows held for two activation rows or a
+ * gate and an up row took 90-150 registers against 58-95). */
+static bool preload(int m, bool fp8, bool glu)
+{
+#ifdef DSK_GEMV_NO_PRELOAD
+	return false;
+#endif
+	return fp8 || (m == 1 && !glu);
+}
+
 template <bool FP8, bool GLU>
 static void dense_launch(int M, const dense_args &a, int blocks, cudaStream_t s)
 {
-#define GEMV_CASE(m)                                                   \
-	case m:                                                        \
-		dsk_launch(gemv_k<m, FP8, GLU>, blocks, 256, 0, s, a); \
+#define GEMV_CASE(m)                                                              \
+	case m:                                                                   \
+		if (preload(m, FP8, GLU) && a.K <= unroll<m, FP8>::U * (FP8 ? 512 : 256)) \
+			dsk_launch(gemv_k<m, FP8, GLU, true>, blocks, 256, 0, s, a);  \
+		else                                                              \
+			dsk_launch(gemv_k<m, FP8, GLU, false>, blocks, 256, 0, s, a); \
 		break;
 	switch (M) {
 		GEMV_CASE(1)
@@ -628,4 +670,66 @@ extern "C" int dsk_moe_gemv(const dsk_moe_gemv_args *a, dsk_stream s, ds_err *e)
 	else
 		moe_launch<8>(a, grid, R, s);
 	return dsk_check(e, "moe_gemv");
+}
+
+template <int U, int T>
+static __global__ void __launch_bounds__(256) heads_k(dsk_bf16 *out, const dsk_bf16 *W, long wstride,
+						      const dsk_bf16 *x, int nh, int rows, int K)
+{
+	const int lane = threadIdx.x & 31, r = blockIdx.x * 8 + threadIdx.x / 32;
+	if (r >= nh * rows)
+		return;
+	const int h = r / rows, i = r % rows;
+	const dsk_bf16 *wr = W + h * wstride + (size_t)i * K;
+	uint4 wv[U];
+#pragma unroll
+	for (int u = 0; u < U; u++) {
+		const int k = lane * 8 + u * 256;
+		wv[u] = k < K ? *(const uint4 *)(wr + k) : make_uint4(0, 0, 0, 0);
+	}
+	dsk_pdl_enter();
+	float acc[T];
+#pragma unroll
+	for (int t = 0; t < T; t++)
+		acc[t] = 0;
+#pragma unroll
+	for (int u = 0; u < U; u++) {
+		const int k = lane * 8 + u * 256;
+		if (k >= K)
+			break;
+		const __nv_bfloat162 *w2 = (const __nv_bfloat162 *)&wv[u];
+#pragma unroll
+		for (int t = 0; t < T; t++) {
+			const uint4 xq = *(const uint4 *)(x + ((size_t)t * nh + h) * K + k);
+			const __nv_bfloat162 *x2 = (const __nv_bfloat162 *)&xq;
+#pragma unroll
+			for (int j = 0; j < 4; j++) {
+				const float2 wf = __bfloat1622float2(w2[j]), xf = __bfloat1622float2(x2[j]);
+				acc[t] += wf.x * xf.x + wf.y * xf.y;
+			}
+		}
+	}
+	warp_sum<T>(acc);
+	if (lane == 0)
+#pragma unroll
+		for (int t = 0; t < T; t++)
+			out[((size_t)t * nh + h) * rows + i] = __float2bfloat16(acc[t]);
+}
+
+extern "C" int dsk_gemv_heads(dsk_bf16 *out, const dsk_bf16 *W, long wstride, const dsk_bf16 *x, int T, int nh,
+			      int rows, int K, dsk_stream s, ds_err *e)
+{
+#ifdef DSK_GEMV_NO_PRELOAD
+	return -ENOTSUP;
+#endif
+	if (T < 1 || T > 2 || K > 8 * 256 || K % 8)
+		return -ENOTSUP;
+	const int blocks = (nh * rows + 7) / 8;
+	if (K <= 2 * 256)
+		T == 1 ? dsk_launch(heads_k<2, 1>, blocks, 256, 0, s, out, W, wstride, x, nh, rows, K)
+		       : dsk_launch(heads_k<2, 2>, blocks, 256, 0, s, out, W, wstride, x, nh, rows, K);
+	else
+		T == 1 ? dsk_launch(heads_k<8, 1>, blocks, 256, 0, s, out, W, wstride, x, nh, rows, K)
+		       : dsk_launch(heads_k<8, 2>, blocks, 256, 0, s, out, W, wstride, x, nh, rows, K);
+	return dsk_check(e, "gemv_heads");
 }

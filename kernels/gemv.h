@@ -52,4 +52,12 @@ typedef struct dsk_moe_gemv_args {
 
 DSK_EXTERN_C int dsk_moe_gemv(const dsk_moe_gemv_args *a, dsk_stream s, ds_err *e);
 
+/* Per-head rows (MLA's value up-projection for 1-2 tokens): out[t][h][i] =
+ * bf16(W_h[i] . x[t][h]) for t < T <= 2, h < nh, i < rows, W_h = W + h *
+ * wstride ([rows][K] bf16), x[t][h] = x + (t * nh + h) * K (bf16). The
+ * weights load before the wait for the previous kernel (kernels/launch.cuh).
+ * -ENOTSUP (e untouched) above 2 tokens or K > 2048: the caller's GEMM. */
+DSK_EXTERN_C int dsk_gemv_heads(dsk_bf16 *out, const dsk_bf16 *W, long wstride, const dsk_bf16 *x, int T, int nh,
+				int rows, int K, dsk_stream s, ds_err *e);
+
 #endif

@@ -880,6 +880,54 @@ static void test_moe_gemv(void **st)
 	}
 }
 
+/* The per-head GEMV (MLA's W_UV for 1-2 tokens) against a float64 loop:
+ * bf16 outputs, so within a rounding; more tokens are the caller's GEMM. */
+static void test_gemv_heads(void **st)
+{
+	(void)st;
+	ds_err e = { { 0 } };
+	const int shapes[][3] = { { 16, 128, 512 }, { 3, 20, 128 }, { 5, 24, 1032 } }; /* nh, rows, K */
+	for (size_t c = 0; c < sizeof(shapes) / sizeof(shapes[0]); c++)
+		for (int T = 1; T <= 2; T++) {
+			const int nh = shapes[c][0], rows = shapes[c][1], K = shapes[c][2], pad = 40;
+			const long ws = (long)(rows + pad) * K; /* heads interleaved with other rows, as in kv_b */
+			uint16_t *w = malloc(2 * (size_t)nh * ws), *x = malloc(2 * (size_t)T * nh * K);
+			for (size_t i = 0; i < (size_t)nh * ws; i++)
+				w[i] = ds_f32_to_bf16(frand());
+			for (int i = 0; i < T * nh * K; i++)
+				x[i] = ds_f32_to_bf16(frand());
+			dsk_bf16 *dw = dup_up(w, 2 * (size_t)nh * ws), *dx = dup_up(x, 2 * (size_t)T * nh * K);
+			dsk_bf16 *dout = dup_up(NULL, 2 * (size_t)T * nh * rows);
+			assert_int_equal(dsk_gemv_heads(dout, dw + (size_t)pad * K, ws, dx, T, nh, rows, K, NULL, &e), 0);
+			uint16_t *o = malloc(2 * (size_t)T * nh * rows);
+			down(o, dout, 2 * (size_t)T * nh * rows);
+			float *got = malloc(4 * (size_t)T * nh * rows), *ref = malloc(4 * (size_t)T * nh * rows);
+			for (int t = 0; t < T; t++)
+				for (int h = 0; h < nh; h++)
+					for (int i = 0; i < rows; i++) {
+						double d = 0;
+						for (int k = 0; k < K; k++)
+							d += (double)ds_bf16_to_f32(w[h * ws + (size_t)(pad + i) * K + k]) *
+							     ds_bf16_to_f32(x[((size_t)t * nh + h) * K + k]);
+						const size_t j = ((size_t)t * nh + h) * rows + i;
+						ref[j] = (float)d;
+						got[j] = ds_bf16_to_f32(o[j]);
+					}
+			const double r = rel_err(got, ref, (size_t)T * nh * rows);
+			print_message("gemv_heads nh=%d rows=%d K=%d T=%d: rel err %.3g (bf16 out)\n", nh, rows, K, T, r);
+			assert_true(r < 4e-3);
+			assert_int_equal(dsk_gemv_heads(dout, dw, ws, dx, 3, nh, rows, K, NULL, &e), -ENOTSUP);
+			cudaFree(dw);
+			cudaFree(dx);
+			cudaFree(dout);
+			free(w);
+			free(x);
+			free(o);
+			free(got);
+			free(ref);
+		}
+}
+
 /* MLA prep with the W_UK absorption in the launch: the cache, q and its bf16
  * copy equal the plain launch's bits; qabs matches a float64 loop. */
 static void check_prep(int T, int nh, int nope, int rope, int kvl, int vd)
@@ -1289,6 +1337,7 @@ int main(int argc, char **argv)
 		cmocka_unit_test(test_draw),
 		cmocka_unit_test(test_gemv_fused),
 		cmocka_unit_test(test_moe_gemv),
+		cmocka_unit_test(test_gemv_heads),
 		cmocka_unit_test(test_mla_prep),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
