@@ -14,7 +14,9 @@
 /* The most rows the dense GEMV takes: 1-2 rows a warp per weight row, 3-16
  * on the tensor cores (16 weight rows a warp); above, cuBLASLt's tiles
  * (docs/PERFORMANCE.md). */
+#ifndef DSK_GEMV_MAX_M
 #define DSK_GEMV_MAX_M 16
+#endif
 
 /* Dense: out_j[m][n] = x[m] . W_j[n] for j < njobs (1 or 2), m < M <= DSK_GEMV_MAX_M. */
 typedef struct dsk_gemv_job {
