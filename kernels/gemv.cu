@@ -11,6 +11,10 @@
 #include "kernels/gemv.h"
 #include "kernels/launch.cuh"
 
+#if DSK_GEMV_MAX_M > 16
+#error "the tensor-core GEMV takes at most two n8 tiles of tokens"
+#endif
+
 
 static __device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
 
