@@ -38,7 +38,6 @@ struct dsk_gemm {
 	dsk_bf16 *tmp;  /* bf16 result widened to float32 */
 	size_t tmp_cap;
 	unsigned gen;   /* see dsk_gemm_generation */
-	long n_bf16, n_fp8;
 	int no_gemv;    /* force cuBLASLt for every M (tests, benchmarks) */
 	algo_slot cache[CACHE];
 };
@@ -91,13 +90,6 @@ extern "C" dsk_gemm *dsk_gemm_free(dsk_gemm *g)
 
 extern "C" void dsk_gemm_set_gemv(dsk_gemm *g, int on) { g->no_gemv = !on; }
 
-extern "C" void dsk_gemm_stats(const dsk_gemm *g, long *b, long *f)
-{
-	*b = g->n_bf16;
-	*f = g->n_fp8;
-}
-
-/* One warp per 1x128 group: amax, scale = amax/448, e4m3 with saturation. */
 /* A warp quantizes two 1x128 groups, a half warp each with one 16-byte
  * load a lane (4 values a lane in 2-byte loads ran at ~1.8 TB/s). */
 static __global__ void quant_k(uint8_t *q, float *sc, const dsk_bf16 *x, int M, int K, const int32_t *rows)
@@ -385,7 +377,6 @@ static int run(dsk_gemm *g, void *out, int ldo, int outbf, const dsk_bf16 *x, in
 	const float *xs = NULL;
 	if (fp8 && (rc = quantize(g, x, M, K, gemv, &xq, &xs, e)))
 		return rc;
-	*(fp8 ? &g->n_fp8 : &g->n_bf16) += 1;
 	if (gemv) {
 		dsk_gemv_job j = job(out, ldo, W);
 		return dsk_gemv(&j, 1, 0, xq, xs, M, Mp, K, fp8, g->s, e);
@@ -414,7 +405,6 @@ static int gemv_pair(dsk_gemm *g, const dsk_gemv_job *j, int glu, const dsk_bf16
 	const float *xs = NULL;
 	if (fp8 && (rc = quantize(g, x, M, K, 1, &xq, &xs, e)))
 		return rc;
-	*(fp8 ? &g->n_fp8 : &g->n_bf16) += 2;
 	return dsk_gemv(j, 2, glu, xq, xs, M, dsk_gemm_pad(M), K, fp8, g->s, e);
 }
 
@@ -431,7 +421,6 @@ extern "C" int dsk_gemm_run2(dsk_gemm *g, float *out0, int ldo0, const dsk_weigh
 		const void *xq;
 		const float *xs;
 		int rc = quantize(g, x, M, K, 0, &xq, &xs, e);
-		g->n_fp8 += 2;
 		if (!rc)
 			rc = matmul(g, out0, ldo0, 0, xq, dsk_gemm_pad(M), W0, e);
 		return rc ? rc : matmul(g, out1, ldo1, 0, xq, dsk_gemm_pad(M), W1, e);

@@ -66,7 +66,5 @@ DSK_EXTERN_C void dsk_gemm_set_gemv(dsk_gemm *g, int on);
 /* Bumped whenever scratch buffers the GEMMs launch with are reallocated
  * (graphs that captured them are stale then). */
 DSK_EXTERN_C unsigned dsk_gemm_generation(const dsk_gemm *g);
-/* Counters for the log: calls that used each path. */
-DSK_EXTERN_C void dsk_gemm_stats(const dsk_gemm *g, long *bf16_calls, long *fp8_calls);
 
 #endif
