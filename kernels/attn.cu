@@ -18,6 +18,7 @@
 
 #include "kernels/attn.h"
 #include "kernels/launch.cuh"
+#include "kernels/mma.cuh"
 
 #define HB 16    /* heads per block: the mma's M */
 #define TILE 32  /* positions per iteration */
@@ -25,15 +26,6 @@
 #define MAXNT 16 /* latent n-tiles of 8 per warp: kvl <= 512 */
 #define MAXKS 9  /* k16 steps of the scores a warp holds queries for: kvl + rope <= 576 */
 #define RLD (TILE + 4) /* row stride of the partial scores */
-
-static __device__ __forceinline__ void mma16816(float c[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-						 uint32_t b0, uint32_t b1)
-{
-	asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-		     "{%0,%1,%2,%3};\n"
-		     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-		     : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
 
 static __device__ __forceinline__ uint32_t ld32(const dsk_bf16 *p) { return *(const uint32_t *)p; }
 
@@ -180,8 +172,8 @@ static __global__ void __launch_bounds__(NW * 32) attn_k(dsk_attn_args a, int ns
 				for (int nt = 0; nt < TILE / 8; nt++) {
 					const dsk_bf16 *kb = kt + (nt * 8 + g) * ld + k + q * 2;
 					const uint32_t b0 = ld32(kb), b1 = ld32(kb + 8);
-					mma16816(c[nt][0], qh[s][0], qh[s][1], qh[s][2], qh[s][3], b0, b1);
-					mma16816(c[nt][1], qlo[s][0], qlo[s][1], qlo[s][2], qlo[s][3], b0, b1);
+					dsk_mma_bf16(c[nt][0], qh[s][0], qh[s][1], qh[s][2], qh[s][3], b0, b1);
+					dsk_mma_bf16(c[nt][1], qlo[s][0], qlo[s][1], qlo[s][2], qlo[s][3], b0, b1);
 				}
 			}
 			float *rw = red + (size_t)w * HB * RLD;
@@ -268,11 +260,11 @@ static __global__ void __launch_bounds__(NW * 32) attn_k(dsk_attn_args a, int ns
 					ldsm_x2_t(b, kr + col);
 					b[2] = b[3] = 0;
 				}
-				mma16816(acc[j], a0, a1, a2, a3, b[0], b[1]);
-				mma16816(acc[j], l0, l1, l2, l3, b[0], b[1]);
+				dsk_mma_bf16(acc[j], a0, a1, a2, a3, b[0], b[1]);
+				dsk_mma_bf16(acc[j], l0, l1, l2, l3, b[0], b[1]);
 				if (j + 1 < ntw) {
-					mma16816(acc[j + 1], a0, a1, a2, a3, b[2], b[3]);
-					mma16816(acc[j + 1], l0, l1, l2, l3, b[2], b[3]);
+					dsk_mma_bf16(acc[j + 1], a0, a1, a2, a3, b[2], b[3]);
+					dsk_mma_bf16(acc[j + 1], l0, l1, l2, l3, b[2], b[3]);
 				}
 			}
 		}

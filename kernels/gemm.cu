@@ -108,7 +108,7 @@ static __global__ void quant_k(uint8_t *q, float *sc, const dsk_bf16 *x, int M, 
 		v[2 * i] = f.x;
 		v[2 * i + 1] = f.y;
 	}
-	const float s = dsk_fp8_group8(v, in ? q + (size_t)m * K + kb * 128 + hl * 8 : NULL);
+	const float s = dsk_fp8_group<8>(v, in ? q + (size_t)m * K + kb * 128 + hl * 8 : NULL);
 	if (in && hl == 0)
 		sc[(size_t)kb * M + m] = s;
 }

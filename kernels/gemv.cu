@@ -10,6 +10,7 @@
 
 #include "kernels/gemv.h"
 #include "kernels/launch.cuh"
+#include "kernels/mma.cuh"
 
 #if DSK_GEMV_MAX_M > 16
 #error "the tensor-core GEMV takes at most two n8 tiles of tokens"
@@ -30,14 +31,8 @@ static __device__ __forceinline__ float silu_mul(float g, float u) { return g / 
 static __device__ __forceinline__ float fp8_dot_mma(uint4 w, uint4 x, int lane)
 {
 	float c[4] = { 0, 0, 0, 0 }, d[4] = { 0, 0, 0, 0 };
-	asm volatile("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-		     "{%0,%1,%2,%3};\n"
-		     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-		     : "r"(w.x), "r"(w.y), "r"(w.z), "r"(w.w), "r"(x.x), "r"(x.z));
-	asm volatile("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-		     "{%0,%1,%2,%3};\n"
-		     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-		     : "r"(w.x), "r"(w.y), "r"(w.z), "r"(w.w), "r"(x.y), "r"(x.w));
+	dsk_mma_e4m3(c, w.x, w.y, w.z, w.w, x.x, x.z);
+	dsk_mma_e4m3(d, w.x, w.y, w.z, w.w, x.y, x.w);
 	const int g = lane >> 2;
 	if ((lane & 3) != (g >> 1))
 		return 0.0f;
@@ -293,23 +288,11 @@ template <bool FP8>
 static __device__ __forceinline__ void mma_16x8(float *d, uint4 wg, uint4 wh, uint4 x)
 {
 	if (FP8) {
-		asm volatile("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-			     "{%8,%9}, {%0,%1,%2,%3};\n"
-			     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-			     : "r"(wg.x), "r"(wh.x), "r"(wg.y), "r"(wh.y), "r"(x.x), "r"(x.y));
-		asm volatile("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-			     "{%8,%9}, {%0,%1,%2,%3};\n"
-			     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-			     : "r"(wg.z), "r"(wh.z), "r"(wg.w), "r"(wh.w), "r"(x.z), "r"(x.w));
+		dsk_mma_e4m3(d, wg.x, wh.x, wg.y, wh.y, x.x, x.y);
+		dsk_mma_e4m3(d, wg.z, wh.z, wg.w, wh.w, x.z, x.w);
 	} else {
-		asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-			     "{%8,%9}, {%0,%1,%2,%3};\n"
-			     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-			     : "r"(wg.x), "r"(wh.x), "r"(wg.y), "r"(wh.y), "r"(x.x), "r"(x.y));
-		asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-			     "{%8,%9}, {%0,%1,%2,%3};\n"
-			     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-			     : "r"(wg.z), "r"(wh.z), "r"(wg.w), "r"(wh.w), "r"(x.z), "r"(x.w));
+		dsk_mma_bf16(d, wg.x, wh.x, wg.y, wh.y, x.x, x.y);
+		dsk_mma_bf16(d, wg.z, wh.z, wg.w, wh.w, x.z, x.w);
 	}
 }
 

@@ -60,7 +60,7 @@ static __device__ __forceinline__ void norm_out(const float *xr, float ss, const
 		float v[4];
 		for (int i = 0; i < 4; i++)
 			v[i] = __bfloat162float(__float2bfloat16(w[i0 + i] * (xr[i0 + i] * inv)));
-		const float sc = dsk_fp8_group(v, q + i0);
+		const float sc = dsk_fp8_group<4>(v, q + i0);
 		if (lane == 0)
 			qs[(size_t)kb * ld + t] = sc;
 	}
