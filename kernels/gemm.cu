@@ -113,19 +113,6 @@ static __global__ void quant_k(uint8_t *q, float *sc, const dsk_bf16 *x, int M, 
 		sc[(size_t)kb * M + m] = s;
 }
 
-extern "C" int dsk_quant_fp8(uint8_t *q, float *sc, const dsk_bf16 *x, int M, int K, dsk_stream s, ds_err *e)
-{
-	if ((uintptr_t)x % 16)
-		return ds_errf(e, -EINVAL, "fp8 quantization: rows not 16-byte aligned");
-	if (K % 128)
-		return ds_errf(e, -EINVAL, "fp8 quantization: K=%d is not a multiple of 128", K);
-	long groups = (long)M * (K / 128);
-	if (groups == 0)
-		return 0;
-	dsk_launch(quant_k, (unsigned)((groups + 15) / 16), 256, 0, s, q, sc, x, M, K, (const int32_t *)NULL);
-	return dsk_check(e, "quant_fp8");
-}
-
 extern "C" int dsk_quant_fp8_dev(uint8_t *q, float *sc, const dsk_bf16 *x, const int32_t *rows, int max_rows, int K,
 				 dsk_stream s, ds_err *e)
 {
@@ -138,6 +125,11 @@ extern "C" int dsk_quant_fp8_dev(uint8_t *q, float *sc, const dsk_bf16 *x, const
 		return 0;
 	dsk_launch(quant_k, (unsigned)((groups + 15) / 16), 256, 0, s, q, sc, x, max_rows, K, rows);
 	return dsk_check(e, "quant_fp8");
+}
+
+extern "C" int dsk_quant_fp8(uint8_t *q, float *sc, const dsk_bf16 *x, int M, int K, dsk_stream s, ds_err *e)
+{
+	return dsk_quant_fp8_dev(q, sc, x, NULL, M, K, s, e);
 }
 
 static __global__ void dequant_k(dsk_bf16 *out, const uint8_t *w, const float *sc, int rows, int cols, int sld)
