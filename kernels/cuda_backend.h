@@ -11,7 +11,7 @@ extern const ds_backend_ops ds_cuda_backend;
 
 int ds_cuda_backend_fallbacks(const ds_backend *b);
 int ds_cuda_backend_kv_blocks(const ds_backend *b);
-/* Steps of at most max_tokens tokens (default 64) route experts without a
+/* Steps of at most max_tokens tokens (default 1024) route experts without a
  * host round trip (grouped GEMVs; only such steps become CUDA graphs); 0
  * turns that path off. */
 void ds_cuda_backend_set_device_moe(ds_backend *b, int max_tokens);

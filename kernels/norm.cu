@@ -38,100 +38,138 @@ static __device__ float block_sum(float v, float *red)
 	return v;
 }
 
-/* Row xr with sum of squares ss: o = w * xr / rms, to bf16 ob (and float of,
- * and the FP8 copy q / s[kb * ld] of row t). The FP8 part recomputes o from
- * xr, which block_sum's barrier made visible, rather than reading ob back
- * (another barrier); each warp then does what quant_k does for a group. */
-static __device__ __forceinline__ void norm_out(const float *xr, float ss, const float *w, int dim, float eps,
-						dsk_bf16 *ob, float *of, uint8_t *q, float *qs, int ld, int t)
+/* Row elements a thread holds (blocks of up to 1024 threads). */
+#define NORM_NPT (DSK_NORM_MAX_DIM / 1024)
+#define NORM_MAX_K DSK_NORM_MAX_K
+
+/* One block per row t: x[t] += y[t] (add), or x[t] += shared[t] + sum_k
+ * wk[t][k] yp[pos[t][k]] (COMB: the MoE combine); then the RMSNorm of x[t]
+ * to bf16 ob (and float of, and the FP8 copy q / qs[kb * ld + t]). A kernel
+ * on the decode path's critical chain, so it is built for latency: the norm
+ * weights load before the wait for the previous kernel, the row stays in
+ * registers (one round trip for x, y and the combine's operands, then the
+ * expert rows), and the FP8 groups read the normed row from shared memory.
+ * Float operations in the order of the unfused dsk_moe_combine + RMSNorm. */
+template <bool COMB>
+static __global__ void __launch_bounds__(1024) norm_k(float *__restrict__ x, const float *__restrict__ y,
+						      const float *__restrict__ yp, const int32_t *__restrict__ pos,
+						      const float *__restrict__ wk, int K, const float *__restrict__ w,
+						      int dim, float eps, dsk_bf16 *__restrict__ ob, int ldo,
+						      float *__restrict__ of, uint8_t *__restrict__ q,
+						      float *__restrict__ qs, int ld)
 {
+	extern __shared__ float qrow[]; /* [dim] when q */
+	__shared__ float red[32], swk[NORM_MAX_K];
+	__shared__ int spk[NORM_MAX_K];
+	const int t = blockIdx.x, nt = blockDim.x, tid = threadIdx.x;
+	float wv[NORM_NPT], v[NORM_NPT], a[NORM_NPT];
+#pragma unroll
+	for (int j = 0; j < NORM_NPT; j++)
+		wv[j] = tid + j * nt < dim ? w[tid + j * nt] : 0.0f;
+	dsk_pdl_enter();
+	float *xr = x + (size_t)t * dim;
+	if (COMB && tid < K) {
+		spk[tid] = pos[(size_t)t * K + tid];
+		swk[tid] = wk[(size_t)t * K + tid];
+	}
+#pragma unroll
+	for (int j = 0; j < NORM_NPT; j++) {
+		const int i = tid + j * nt;
+		v[j] = i < dim ? xr[i] : 0.0f;
+		a[j] = i < dim && y ? y[(size_t)t * dim + i] : 0.0f;
+	}
+	if (COMB) {
+		__syncthreads();
+		for (int k = 0; k < K; k++) {
+			const float *r = yp + (size_t)spk[k] * dim;
+			const float wgt = swk[k];
+#pragma unroll
+			for (int j = 0; j < NORM_NPT; j++)
+				if (tid + j * nt < dim)
+					a[j] += wgt * r[tid + j * nt];
+		}
+	}
+	float ss = 0;
+#pragma unroll
+	for (int j = 0; j < NORM_NPT; j++) {
+		const int i = tid + j * nt;
+		if (i < dim) {
+			if (COMB || y) {
+				v[j] += a[j];
+				xr[i] = v[j];
+			}
+			ss += v[j] * v[j];
+		}
+	}
+	ss = block_sum(ss, red);
 	const float inv = (float)(1.0 / sqrt((double)ss / dim + eps));
-	for (int i = threadIdx.x; i < dim; i += blockDim.x) {
-		float o = w[i] * (xr[i] * inv);
-		ob[i] = __float2bfloat16(o);
-		if (of)
-			of[i] = o;
+	dsk_bf16 *orow = ob + (size_t)t * ldo;
+#pragma unroll
+	for (int j = 0; j < NORM_NPT; j++) {
+		const int i = tid + j * nt;
+		if (i < dim) {
+			const float o = wv[j] * (v[j] * inv);
+			const dsk_bf16 bo = __float2bfloat16(o);
+			orow[i] = bo;
+			if (of)
+				of[(size_t)t * dim + i] = o;
+			if (q)
+				qrow[i] = __bfloat162float(bo);
+		}
 	}
 	if (!q)
 		return;
-	const int lane = threadIdx.x & 31;
-	for (int kb = threadIdx.x / 32; kb < dim / 128; kb += blockDim.x / 32) {
+	__syncthreads();
+	const int lane = tid & 31;
+	uint8_t *qr = q + (size_t)t * dim;
+	for (int kb = tid / 32; kb < dim / 128; kb += nt / 32) {
 		const int i0 = kb * 128 + lane * 4;
-		float v[4];
-		for (int i = 0; i < 4; i++)
-			v[i] = __bfloat162float(__float2bfloat16(w[i0 + i] * (xr[i0 + i] * inv)));
-		const float sc = dsk_fp8_group<4>(v, q + i0);
+		const float g[4] = { qrow[i0], qrow[i0 + 1], qrow[i0 + 2], qrow[i0 + 3] };
+		const float sc = dsk_fp8_group<4>(g, qr + i0);
 		if (lane == 0)
 			qs[(size_t)kb * ld + t] = sc;
 	}
 }
 
-static __global__ void add_rmsnorm_k(float *x, const float *y, const float *w, int dim, float eps, dsk_bf16 *ob,
-				     int ldo, float *of, uint8_t *q, float *qs, int ld)
+static int norm_launch(int comb, float *x, const float *y, const float *yp, const int32_t *pos, const float *wk,
+		       int K, const float *w, int T, int dim, float eps, dsk_bf16 *ob, int ldo, float *of,
+		       const dsk_qout *qo, dsk_stream s, ds_err *e)
 {
-	__shared__ float red[32];
-	dsk_pdl_enter();
-	const int t = blockIdx.x;
-	float *xr = x + (size_t)t * dim;
-	float ss = 0;
-	for (int i = threadIdx.x; i < dim; i += blockDim.x) {
-		float v = xr[i];
-		if (y) {
-			v += y[(size_t)t * dim + i];
-			xr[i] = v;
-		}
-		ss += v * v;
-	}
-	norm_out(xr, block_sum(ss, red), w, dim, eps, ob + (size_t)t * ldo, of ? of + (size_t)t * dim : NULL,
-		 q ? q + (size_t)t * dim : NULL, qs, ld, t);
-}
-
-/* add_rmsnorm_k with y computed in place as the MoE combine: the same float
- * operations in the same order as dsk_moe_combine then dsk_add_rmsnorm. */
-static __global__ void combine_norm_k(float *x, const float *shared, const float *yp, const int32_t *pos,
-				      const float *wk, int K, const float *w, int dim, float eps, dsk_bf16 *ob, int ldo,
-				      float *of, uint8_t *q, float *qs, int ld)
-{
-	__shared__ float red[32];
-	dsk_pdl_enter();
-	const int t = blockIdx.x;
-	float *xr = x + (size_t)t * dim;
-	float ss = 0;
-	for (int i = threadIdx.x; i < dim; i += blockDim.x) {
-		float acc = shared ? shared[(size_t)t * dim + i] : 0.0f;
-		for (int k = 0; k < K; k++)
-			acc += wk[(size_t)t * K + k] * yp[(size_t)pos[(size_t)t * K + k] * dim + i];
-		const float v = xr[i] + acc;
-		xr[i] = v;
-		ss += v * v;
-	}
-	norm_out(xr, block_sum(ss, red), w, dim, eps, ob + (size_t)t * ldo, of ? of + (size_t)t * dim : NULL,
-		 q ? q + (size_t)t * dim : NULL, qs, ld, t);
+	if (T <= 0)
+		return 0;
+	/* As few threads as hold the row: the block becomes resident early
+	 * (kernels/launch.cuh) and holds its registers beside the kernel it
+	 * waits for. */
+	int nt = 128;
+	while (nt < 1024 && nt * NORM_NPT < dim)
+		nt *= 2;
+	if (dim > NORM_NPT * nt || (comb && (K < 0 || K > NORM_MAX_K)))
+		return ds_errf(e, -EINVAL, "rmsnorm: rows of %d (at most %d), %d experts a token (at most %d)", dim,
+			       DSK_NORM_MAX_DIM, K, NORM_MAX_K);
+	if (qo && dim % 128)
+		return ds_errf(e, -EINVAL, "fp8 quantization: K=%d is not a multiple of 128", dim);
+	uint8_t *q = qo ? qo->q : NULL;
+	float *qs = qo ? qo->s : NULL;
+	const int ld = qo ? qo->ld : 0;
+	const size_t smem = qo ? sizeof(float) * (size_t)dim : 0;
+	if (comb)
+		dsk_launch(norm_k<true>, T, nt, smem, s, x, y, yp, pos, wk, K, w, dim, eps, ob, ldo, of, q, qs, ld);
+	else
+		dsk_launch(norm_k<false>, T, nt, smem, s, x, y, yp, pos, wk, K, w, dim, eps, ob, ldo, of, q, qs, ld);
+	return dsk_check(e, comb ? "combine_add_rmsnorm" : "add_rmsnorm");
 }
 
 extern "C" int dsk_combine_add_rmsnorm(float *x, const float *shared, const float *yp, const int32_t *pos,
 				       const float *wk, int K, const float *w, int T, int dim, float eps, dsk_bf16 *ob,
 				       int ldo, float *of, const dsk_qout *qo, dsk_stream s, ds_err *e)
 {
-	if (T <= 0)
-		return 0;
-	if (qo && dim % 128)
-		return ds_errf(e, -EINVAL, "fp8 quantization: K=%d is not a multiple of 128", dim);
-	dsk_launch(combine_norm_k, T, dim >= 1024 ? 1024 : 256, 0, s, x, shared, yp, pos, wk, K, w, dim, eps, ob, ldo,
-		   of, qo ? qo->q : (uint8_t *)NULL, qo ? qo->s : (float *)NULL, qo ? qo->ld : 0);
-	return dsk_check(e, "combine_add_rmsnorm");
+	return norm_launch(1, x, shared, yp, pos, wk, K, w, T, dim, eps, ob, ldo, of, qo, s, e);
 }
 
 extern "C" int dsk_add_rmsnorm(float *x, const float *y, const float *w, int T, int dim, float eps, dsk_bf16 *ob,
 			       int ldo, float *of, const dsk_qout *qo, dsk_stream s, ds_err *e)
 {
-	if (T <= 0)
-		return 0;
-	if (qo && dim % 128)
-		return ds_errf(e, -EINVAL, "fp8 quantization: K=%d is not a multiple of 128", dim);
-	dsk_launch(add_rmsnorm_k, T, dim >= 1024 ? 1024 : 256, 0, s, x, y, w, dim, eps, ob, ldo, of,
-		   qo ? qo->q : (uint8_t *)NULL, qo ? qo->s : (float *)NULL, qo ? qo->ld : 0);
-	return dsk_check(e, "add_rmsnorm");
+	return norm_launch(0, x, y, NULL, NULL, NULL, 0, w, T, dim, eps, ob, ldo, of, qo, s, e);
 }
 
 static __global__ void gather_k(dsk_bf16 *out, const dsk_bf16 *in, const int32_t *idx, int dim)

@@ -20,6 +20,11 @@ typedef struct dsk_qout {
 	int ld;
 } dsk_qout;
 
+/* Rows of at most DSK_NORM_MAX_DIM, at most DSK_NORM_MAX_K experts a token
+ * in the combine (-EINVAL beyond). */
+#define DSK_NORM_MAX_DIM 8192
+#define DSK_NORM_MAX_K 16
+
 /* For each row t < T: if y, x[t] += y[t] (y row stride dim); then
  * ob[t*ldo ..] = bf16(w * x / rms), of[t*dim ..] = the same in float32 (if
  * of), and the FP8 copy of ob's row (if qo). */

@@ -9,7 +9,8 @@
  * downloading token ids only, graphs without programmatic dependent launch.
  * Usage: bench_gpu MODEL_DIR [label]   (env DS_BENCH_STEPS, default 10;
  * DS_BENCH_BATCHES, DS_BENCH_CTXS: comma lists instead of 1,8,64,256 and
- * 1024,8192; DS_BENCH_NO_PREFILL=1 skips the prefill) */
+ * 1024,8192; DS_BENCH_NO_PREFILL=1 skips the prefill, DS_BENCH_PREFILL=P
+ * prefills P <= 4096 tokens instead of 4096) */
 #include <cuda_profiler_api.h>
 #include <cuda_runtime_api.h>
 #include <math.h>
@@ -248,9 +249,10 @@ int main(int argc, char **argv)
 	/* Where a step's time goes (synchronizing after each phase): batch 1
 	 * at 1024 and the 4096-token prefill. */
 	const int prof = getenv("DS_BENCH_PROFILE") && atoi(getenv("DS_BENCH_PROFILE"));
-	/* Prefill: one 4096-token prompt. */
+	/* Prefill: one 4096-token prompt (DS_BENCH_PREFILL=P tokens). */
 	if (!getenv("DS_BENCH_NO_PREFILL") || !atoi(getenv("DS_BENCH_NO_PREFILL"))) {
-		const int P = 4096, per = (P + bt - 1) / bt;
+		const char *pv = getenv("DS_BENCH_PREFILL");
+		const int P = pv && atoi(pv) > 0 && atoi(pv) <= 4096 ? atoi(pv) : 4096, per = (P + bt - 1) / bt;
 		int32_t *tab = malloc(sizeof(int32_t) * per), *tok = malloc(sizeof(int32_t) * P);
 		for (int i = 0; i < per; i++)
 			tab[i] = i;
