@@ -10,7 +10,8 @@
  * Usage: bench_gpu MODEL_DIR [label]   (env DS_BENCH_STEPS, default 10;
  * DS_BENCH_BATCHES, DS_BENCH_CTXS: comma lists instead of 1,8,64,256 and
  * 1024,8192; DS_BENCH_NO_PREFILL=1 skips the prefill, DS_BENCH_PREFILL=P
- * prefills P <= 4096 tokens instead of 4096) */
+ * prefills P <= 4096 tokens instead of 4096; DS_BENCH_DEV_MOE=N: steps of
+ * up to N tokens on the device-planned experts instead of 1024) */
 #include <cuda_profiler_api.h>
 #include <cuda_runtime_api.h>
 #include <math.h>
@@ -159,6 +160,8 @@ int main(int argc, char **argv)
 		}
 	}
 	const int V = c->vocab_size;
+	if (getenv("DS_BENCH_DEV_MOE"))
+		ds_cuda_backend_set_device_moe(b, atoi(getenv("DS_BENCH_DEV_MOE")));
 	if (getenv("DS_BENCH_NCU"))
 		return ncu_step(b, m, getenv("DS_BENCH_NCU"), bt, blocks);
 	/* DS_BENCH_BATCHES / DS_BENCH_CTXS: comma lists narrowing the table */
