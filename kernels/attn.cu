@@ -419,27 +419,6 @@ extern "C" int dsk_kv_gather(const dsk_kv_geom *g, int layer, const int32_t *tab
 	return dsk_check(e, "kv_gather");
 }
 
-static __global__ void qcat_k(dsk_bf16 *qc, const float *qabs, const float *q, int nh, int h0, int hc, int nope,
-			      int rope, int kvl)
-{
-	dsk_pdl_enter();
-	const int i = blockIdx.x, kvd = kvl + rope, qk = nope + rope;
-	for (int x = threadIdx.x; x < hc * kvd; x += blockDim.x) {
-		const int hh = x / kvd, d = x % kvd, h = h0 + hh;
-		float v = d < kvl ? qabs[((size_t)i * nh + h) * kvl + d] : q[((size_t)i * nh + h) * qk + nope + d - kvl];
-		qc[(size_t)i * hc * kvd + x] = __float2bfloat16(v);
-	}
-}
-
-extern "C" int dsk_qcat(dsk_bf16 *qc, const float *qabs, const float *q, int n, int nh, int h0, int hc, int nope,
-			int rope, int kvl, dsk_stream s, ds_err *e)
-{
-	if (n <= 0)
-		return 0;
-	dsk_launch(qcat_k, n, 256, 0, s, qc, qabs, q, nh, h0, hc, nope, rope, kvl);
-	return dsk_check(e, "qcat");
-}
-
 #define SM_MAXE 32
 /* Row (h, i) of S [rows][len] float: softmax of scale*S over j <= p0+i,
  * written back as bf16 over the first half of the same row. */

@@ -32,15 +32,13 @@ DSK_EXTERN_C size_t dsk_attn_ws_floats(int T, int nh, int kvl, int nsplit);
 DSK_EXTERN_C int dsk_mla_attention(const dsk_attn_args *a, int nsplit, dsk_stream s, ds_err *e);
 
 /* Prefill of one long sequence through tensor-core GEMMs (the caller runs
- * them with cuBLAS): its cache rows gathered to kc[len][kvl+rope]; query rows
- * qc[n][hc][kvl+rope] = [qabs | q_pe] for heads h0..h0+hc; scores S[h][i][len]
- * = qc . kc; then a causal softmax in place (query i sits at position p0+i),
- * leaving bf16 probabilities in the first half of each row (row stride
- * 2*len bf16), for lat = P kc[:, :kvl]. len <= 8192. */
+ * them with cuBLAS: kernels/cuda_backend.c prefill_attention): its cache
+ * rows gathered to kc[len][kvl+rope]; scores S[h][i][len] of each query
+ * against the keys; then a causal softmax in place (query i sits at
+ * position p0+i), leaving bf16 probabilities in the first half of each row
+ * (row stride 2*len bf16), for lat = P kc[:, :kvl]. len <= 8192. */
 DSK_EXTERN_C int dsk_kv_gather(const dsk_kv_geom *g, int layer, const int32_t *table, int len, int kvd, dsk_bf16 *kc,
 			       dsk_stream s, ds_err *e);
-DSK_EXTERN_C int dsk_qcat(dsk_bf16 *qc, const float *qabs, const float *q, int n, int nh, int h0, int hc, int nope,
-			  int rope, int kvl, dsk_stream s, ds_err *e);
 DSK_EXTERN_C int dsk_causal_softmax(float *S, int rows, int len, int n, int p0, float scale, dsk_stream s, ds_err *e);
 
 #endif

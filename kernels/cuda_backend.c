@@ -890,16 +890,28 @@ static int blas_err(ds_err *e, cublasStatus_t st, const char *what)
 /* One long prefill chunk: scores, causal softmax and the latent sum as
  * tensor-core GEMMs over the sequence's gathered cache rows, a chunk of heads
  * at a time (scores take at most 512 MiB). */
+/* Queries per pass of the prefill attention: a pass scores only the keys up
+ * to its last query (causal), so smaller passes skip more of the masked
+ * half (512 of 4096: 56 % of the full square is computed). */
+#define PF_QCHUNK 512
+
+/* A long prompt chunk of one sequence through cuBLAS, heads in groups of
+ * hc: the keys' non-absorbed nope part k_h = W_UK_h c for the group, then
+ * per pass of queries the scores q_nope k_h + q_pe k_pe (192-wide dot
+ * products instead of the absorbed form's 576), the causal softmax, and the
+ * latent sum lat = P c as in decode (o = W_UV lat follows for all tokens). */
 static int prefill_attention(ds_backend *b, int li, const struct pf_seq *p, const dsk_kv_geom *geo, ds_err *e)
 {
 	const ds_config *c = &b->m->cfg;
+	const dlayer *d = &b->L[li];
 	const int nh = c->num_attention_heads, nope = c->qk_nope_head_dim, rope = c->qk_rope_head_dim;
-	const int qk = nope + rope, kvl = c->kv_lora_rank, kvd = kvl + rope;
-	const int n = p->n, len = p->p0 + p->n;
-	int hc = (int)(((size_t)512 << 20) / ((size_t)n * len * 4));
+	const int qk = nope + rope, kvl = c->kv_lora_rank, kvd = kvl + rope, vd = c->v_head_dim;
+	const int n = p->n, len = p->p0 + p->n, qn = n < PF_QCHUNK ? n : PF_QCHUNK;
+	int hc = (int)(((size_t)512 << 20) / ((size_t)qn * len * 4));
 	hc = hc < 1 ? 1 : hc > nh ? nh : hc;
-	const size_t s_bytes = (size_t)hc * n * len * 4, qc_bytes = (size_t)n * hc * kvd * 2, kc_bytes = (size_t)len * kvd * 2;
-	const size_t need = s_bytes + qc_bytes + kc_bytes + 1024;
+	const size_t s_bytes = (size_t)hc * qn * len * 4, kn_bytes = (size_t)hc * len * nope * 2,
+		     kc_bytes = (size_t)len * kvd * 2;
+	const size_t need = s_bytes + ((kn_bytes + 255) & ~(size_t)255) + kc_bytes + 1024;
 	int rc;
 	if (need > b->pf_cap) {
 		cudaStreamSynchronize(b->s);
@@ -913,27 +925,41 @@ static int prefill_attention(ds_backend *b, int li, const struct pf_seq *p, cons
 		b->pf_cap = need;
 	}
 	float *S = b->pf_buf;
-	dsk_bf16 *qc = (dsk_bf16 *)((char *)b->pf_buf + s_bytes);
-	dsk_bf16 *kc = (dsk_bf16 *)((char *)qc + ((qc_bytes + 255) & ~(size_t)255));
+	dsk_bf16 *kn = (dsk_bf16 *)((char *)b->pf_buf + s_bytes);
+	dsk_bf16 *kc = (dsk_bf16 *)((char *)kn + ((kn_bytes + 255) & ~(size_t)255));
 	TRY(dsk_kv_gather(geo, li, geo->tables + (size_t)p->s * geo->max_blocks, len, kvd, kc, b->s, e));
 	const float one = 1.0f, zero = 0.0f;
+	cublasStatus_t st;
 	for (int h0 = 0; h0 < nh; h0 += hc) {
 		const int hn = nh - h0 < hc ? nh - h0 : hc;
-		TRY(dsk_qcat(qc, b->qabs + (size_t)p->t0 * nh * kvl, b->q + (size_t)p->t0 * nh * qk, n, nh, h0, hn, nope,
-			     rope, kvl, b->s, e));
-		/* S_h^T (len x n) = kc (kvd x len)^T qc_h (kvd x n) */
-		cublasStatus_t st = cublasGemmStridedBatchedEx(
-			b->blas, CUBLAS_OP_T, CUBLAS_OP_N, len, n, kvd, &one, kc, CUDA_R_16BF, kvd, 0, qc, CUDA_R_16BF,
-			hn * kvd, kvd, &zero, S, CUDA_R_32F, len, (long long)len * n, hn, CUBLAS_COMPUTE_32F,
-			CUBLAS_GEMM_DEFAULT);
-		TRY(blas_err(e, st, "prefill scores"));
-		TRY(dsk_causal_softmax(S, hn * n, len, n, p->p0, b->softmax_scale, b->s, e));
-		/* lat_h (kvl x n) = kc[:, :kvl]^T (kvl x len) P_h (len x n) */
-		st = cublasGemmStridedBatchedEx(b->blas, CUBLAS_OP_N, CUBLAS_OP_N, kvl, n, len, &one, kc, CUDA_R_16BF, kvd,
-						0, (const dsk_bf16 *)S, CUDA_R_16BF, 2 * len, 2LL * len * n, &zero,
-						b->lat + ((size_t)p->t0 * nh + h0) * kvl, CUDA_R_16BF, nh * kvl, kvl, hn,
-						CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
-		TRY(blas_err(e, st, "prefill latent sum"));
+		/* kn_h [len][nope] = c [len][kvl] W_UK_h^T (W_UK_h: rows h (nope + vd) .. of kv_b) */
+		st = cublasGemmStridedBatchedEx(b->blas, CUBLAS_OP_T, CUBLAS_OP_N, nope, len, kvl, &one,
+						d->kvb + (size_t)h0 * (nope + vd) * kvl, CUDA_R_16BF, kvl,
+						(long long)(nope + vd) * kvl, kc, CUDA_R_16BF, kvd, 0, &zero, kn, CUDA_R_16BF,
+						nope, (long long)len * nope, hn, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+		TRY(blas_err(e, st, "prefill keys"));
+		for (int i0 = 0; i0 < n; i0 += qn) {
+			const int m = n - i0 < qn ? n - i0 : qn, lc = p->p0 + i0 + m;
+			const dsk_bf16 *qh = b->qb + ((size_t)(p->t0 + i0) * nh + h0) * qk;
+			/* S_h^T (lc x m) = kn_h (lc x nope) q_nope_h^T, then += k_pe (lc x rope) q_pe_h^T */
+			st = cublasGemmStridedBatchedEx(b->blas, CUBLAS_OP_T, CUBLAS_OP_N, lc, m, nope, &one, kn, CUDA_R_16BF,
+							nope, (long long)len * nope, qh, CUDA_R_16BF, nh * qk, qk, &zero, S,
+							CUDA_R_32F, lc, (long long)lc * m, hn, CUBLAS_COMPUTE_32F,
+							CUBLAS_GEMM_DEFAULT);
+			TRY(blas_err(e, st, "prefill scores"));
+			st = cublasGemmStridedBatchedEx(b->blas, CUBLAS_OP_T, CUBLAS_OP_N, lc, m, rope, &one, kc + kvl,
+							CUDA_R_16BF, kvd, 0, qh + nope, CUDA_R_16BF, nh * qk, qk, &one, S,
+							CUDA_R_32F, lc, (long long)lc * m, hn, CUBLAS_COMPUTE_32F,
+							CUBLAS_GEMM_DEFAULT);
+			TRY(blas_err(e, st, "prefill rope scores"));
+			TRY(dsk_causal_softmax(S, hn * m, lc, m, p->p0 + i0, b->softmax_scale, b->s, e));
+			/* lat_h (kvl x m) = c^T (kvl x lc) P_h (lc x m) */
+			st = cublasGemmStridedBatchedEx(b->blas, CUBLAS_OP_N, CUBLAS_OP_N, kvl, m, lc, &one, kc, CUDA_R_16BF,
+							kvd, 0, (const dsk_bf16 *)S, CUDA_R_16BF, 2 * lc, 2LL * lc * m, &zero,
+							b->lat + ((size_t)(p->t0 + i0) * nh + h0) * kvl, CUDA_R_16BF, nh * kvl,
+							kvl, hn, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+			TRY(blas_err(e, st, "prefill latent sum"));
+		}
 	}
 	return 0;
 }

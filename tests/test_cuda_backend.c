@@ -4,7 +4,8 @@
  * model's FP8 copy (models/dsv3-tiny/fp8): logits of a
  * full prefill (relative error, top-1 agreement where the reference's top-2
  * margin exceeds 0.05), MTP logits, KV-cache decode equal to the full
- * forward, a batch equal to each sequence alone, copy-on-write of a block.
+ * forward, a batch equal to each sequence alone, copy-on-write of a block,
+ * a long prompt in two steps (the prefill attention's query passes).
  * Also graphs vs eager steps, token ids and device draws through the
  * engine. DS_TEST_FILTER=pattern runs the matching tests only (cmocka).
  * Exits 77 without a GPU or without the models. */
@@ -149,8 +150,8 @@ static void check_model(const char *name)
 {
 	env v;
 	env_open(&v, name);
-	/* 80 tokens: more than the backend's device-MoE threshold (64), so this
-	 * covers the host-planned expert path; decode steps cover the other. */
+	/* 80 tokens: the GEMM prefill attention (>= 64 new tokens) and the
+	 * device-planned experts; test_paths covers the host-planned ones. */
 	const int V = v.m->cfg.vocab_size, H = v.m->cfg.hidden_size, n = 80;
 	int32_t ids[80];
 	prompt(ids, n, V, 7);
@@ -210,6 +211,45 @@ static void test_default_fp8(void **st) { (void)st; check_model(DEFAULT_FP8); }
 /* On the GPU: token-by-token decode through the paged cache equals the full
  * forward (blocks of 16, so tables span several blocks); a batch of two
  * sequences equals each alone. */
+/* A long prompt in two steps, CUDA against CPU: 600 tokens (the prefill
+ * attention's query passes of 512 and 88), then 500 more after them (a
+ * pass whose queries start at position 600): the second step's logits. */
+static void check_long_prefill(const char *name)
+{
+	env v;
+	env_open(&v, name);
+	const int V = v.m->cfg.vocab_size, n1 = 600, n2 = 500;
+	int32_t *ids = malloc(sizeof(int32_t) * (n1 + n2));
+	prompt(ids, n1 + n2, V, 23);
+	ds_seq *sc, *sg;
+	assert_int_equal(ds_seq_new(v.cpu, &sc), 0);
+	assert_int_equal(ds_seq_new(v.gpu, &sg), 0);
+	free(step_all(v.cpu, sc, ids, n1, NULL));
+	free(step_all(v.gpu, sg, ids, n1, NULL));
+	float *lc = step_all(v.cpu, sc, ids + n1, n2, NULL), *lg = step_all(v.gpu, sg, ids + n1, n2, NULL);
+	cmp r = compare(lg, lc, n2, V);
+	print_message("%s: tokens %d-%d after a %d-token step: logits rel err %.3g (rows: median %.3g, max %.3g), "
+		      "top-1 %d/%d where margin > 0.05\n",
+		      name, n1, n1 + n2 - 1, n1, r.rel, r.row_med, r.row_max, r.top1_agree, r.top1_checked);
+	if (!(r.row_med < 0.03))
+		fail_msg("%s: median row error %g", name, r.row_med);
+	if (r.top1_agree < r.top1_checked * 19 / 20)
+		fail_msg("%s: top-1 agrees at %d of %d positions", name, r.top1_agree, r.top1_checked);
+	ds_seq_free(sc);
+	ds_seq_free(sg);
+	free(lc);
+	free(lg);
+	free(ids);
+	env_close(&v);
+}
+
+static void test_long_prefill(void **st)
+{
+	(void)st;
+	check_long_prefill("v3-bf16");
+	check_long_prefill("v2-bf16");
+}
+
 static void check_consistency(const char *name)
 {
 	env v;
@@ -713,6 +753,7 @@ int main(void)
 		cmocka_unit_test(test_v3_fp8),
 		cmocka_unit_test(test_v2_bf16),
 		cmocka_unit_test(test_default_fp8),
+		cmocka_unit_test(test_long_prefill),
 		cmocka_unit_test(test_consistency_v3_fp8),
 		cmocka_unit_test(test_consistency_v3_bf16),
 		cmocka_unit_test(test_consistency_v2_bf16),
