@@ -60,16 +60,20 @@ static size_t wmat_bytes(const ds_wmat *w)
 
 /* DS_BENCH_NCU=B:C — for `ncu --profile-from-start off`: one decode step of
  * B sequences at context C, launched kernel by kernel, between
- * cudaProfilerStart and Stop (after two warm-up steps). */
+ * cudaProfilerStart and Stop (after two warm-up steps); DS_BENCH_NCU=pP: a
+ * prefill of one P-token prompt instead. */
 static int ncu_step(ds_backend *b, ds_model *m, const char *spec, int bt, int blocks)
 {
-	int B = 1, C = 1024;
-	if (sscanf(spec, "%d:%d", &B, &C) != 2 || B < 1 || C < 1 || (long)B * ((C + bt) / bt) > blocks) {
-		fprintf(stderr, "bench_gpu: DS_BENCH_NCU=%s: want B:C that fits the pool\n", spec);
+	int B = 1, C = 1024, P = 0;
+	if (spec[0] == 'p' ? sscanf(spec + 1, "%d", &P) != 1 || P < 1 || (P + bt) / bt > blocks
+			   : sscanf(spec, "%d:%d", &B, &C) != 2 || B < 1 || C < 1 || (long)B * ((C + bt) / bt) > blocks) {
+		fprintf(stderr, "bench_gpu: DS_BENCH_NCU=%s: want B:C or pP that fits the pool\n", spec);
 		return 2;
 	}
-	const int per = (C + bt) / bt, V = m->cfg.vocab_size;
-	int32_t *tab = malloc(sizeof(int32_t) * (size_t)B * per), *tok = malloc(sizeof(int32_t) * B);
+	if (P)
+		C = P;
+	const int per = (C + bt) / bt, V = m->cfg.vocab_size, NT = P ? P : B;
+	int32_t *tab = malloc(sizeof(int32_t) * (size_t)B * per), *tok = malloc(sizeof(int32_t) * NT);
 	const int32_t **tabs = malloc(sizeof(int32_t *) * B);
 	int *n_new = malloc(sizeof(int) * B), *pos0 = malloc(sizeof(int) * B), *lf = calloc(B, sizeof(int));
 	float *logits = malloc(sizeof(float) * (size_t)B * V);
@@ -77,10 +81,12 @@ static int ncu_step(ds_backend *b, ds_model *m, const char *spec, int bt, int bl
 		for (int i = 0; i < per; i++)
 			tab[(size_t)s * per + i] = s * per + i;
 		tabs[s] = tab + (size_t)s * per;
-		n_new[s] = 1;
-		pos0[s] = C - 1;
-		tok[s] = (s * 7919 + 13) % V;
+		n_new[s] = P ? P : 1;
+		pos0[s] = P ? 0 : C - 1;
+		lf[s] = P ? P - 1 : 0;
 	}
+	for (int i = 0; i < NT; i++)
+		tok[i] = (i * 7919 + 13) % V;
 	ds_batch batch = { .n_seqs = B, .n_new = n_new, .pos0 = pos0, .tokens = tok, .block_tables = tabs, .logits_from = lf };
 	ds_step_out out = { .logits = logits };
 	ds_err e = { { 0 } };
