@@ -11,13 +11,12 @@
 #include <string.h>
 #include <time.h>
 
-#include "kernels/act.h"
 #include "kernels/attn.h"
 #include "kernels/cuda_backend.h"
+#include "kernels/cuda_internal.h"
 #include "kernels/gemm.h"
 #include "kernels/gemv.h"
 #include "kernels/graph.h"
-#include "kernels/moe.h"
 #include "kernels/norm.h"
 #include "kernels/rope.h"
 #include "kernels/sample.h"
@@ -41,85 +40,6 @@
 /* Decode shapes kept as graphs: token counts x rounded lengths in use. */
 #define GRAPHS_KEPT 128
 
-typedef struct {
-	dsk_weight q_proj, q_a, q_b, kv_a, o_proj, gate, up, down, router, sh_gate, sh_up, sh_down, eh_proj, head;
-	dsk_weight *eg, *eu, *ed;
-	float *input_norm, *post_norm, *q_a_norm, *kv_a_norm, *router_bias, *enorm, *hnorm, *head_norm;
-	dsk_bf16 *kvb;     /* kv_b_proj in bf16 [nh*(nope+v)][kvl] */
-	/* Device arrays of the experts' gate/up/down weights and scales, for
-	 * the grouped GEMV; dev_moe when every expert takes that path. */
-	const void **ew[3];
-	const float **es[3];
-	int esld[3], dev_moe, moe_fp8, moe_fp8_down;
-	dsk_bf16 *mtp_embed;
-} dlayer;
-
-struct ds_backend {
-	const ds_model *m;
-	int dev, sms;
-	cudaStream_t s;
-	cublasHandle_t blas;
-	dsk_gemm *gemm;
-	/* The shared experts run beside the routed ones, on s2 with their own
-	 * GEMM scratch; fork/join by events (captured into graphs alike). */
-	cudaStream_t s2;
-	dsk_gemm *gemm2;
-	cudaEvent_t ev_fork, ev_join;
-	void **allocs;
-	int n_allocs, cap_allocs;
-	size_t weight_bytes;
-	int fallbacks;
-	/* Raw weight bytes streamed by io_uring (model/wload.h) into one device
-	 * arena; matrices used as stored point into it. NULL: mmap + upload. */
-	ds_wload_cuda *wl;
-	const ds_tensor_ref *ref0;
-	unsigned long long *eload; /* [layers incl. MTP][E] tokens routed to each expert */
-	dlayer *L;
-	dsk_bf16 *embed;
-	float *final_norm, *inv_freq;
-	dsk_weight lm_head;
-	float attn_factor, softmax_scale;
-	int kv_blocks, block_tokens;
-	dsk_bf16 *kv;
-	size_t kv_layer_stride, kv_block_stride; /* elements */
-	/* step workspace, sized for cap_T tokens */
-	int cap_T, cap_seqs, cap_mb;
-	char *ws;
-	float *x, *y, *q, *qa, *kvx, *qabs, *g, *u, *logits_r, *moe_w, *gp, *up, *yp, *ysh, *attn_ws, *of, *hin;
-	dsk_bf16 *xn, *qan, *qb, *lat, *o, *h, *xp, *hp, *sel;
-	int32_t *tok, *pos, *seq, *tables, *ids, *cnt, *off, *ppos, *row_tok, *sel_idx;
-	int32_t *alist;  /* tokens the split-KV kernel attends for */
-	int32_t *act;    /* experts with rows in this layer's plan */
-	/* Long prefill chunks go through GEMM attention (see attention()). */
-	struct pf_seq {
-		int s, t0, n, p0;
-	} *pf;
-	int n_pf, n_short;
-	void *pf_buf;
-	size_t pf_cap;
-	uint8_t *qx;     /* quantized MoE activations (device MoE path) */
-	float *qxs;
-	/* The norms' FP8 copy of xn (or qan) for FP8 weights at decode sizes
-	 * (dsk_qout): xn_q says whether the last write of xn made one. */
-	uint8_t *qn;
-	float *qns;
-	int preq, xn_q;
-	int moe_rows;
-	size_t attn_ws_n;
-	int dev_moe_max_t; /* steps up to this many tokens skip the host round trip */
-	int prof;        /* synchronize and time each phase of a step */
-	double prof_t[DS_CUDA_PHASES], prof_last;
-	float *lg;       /* logit rows of a step */
-	int32_t *amax;   /* their argmax or drawn token */
-	dsk_draw *drawp; /* per row: how to draw (temperature 0: argmax) */
-	dsk_draw *h_draw;
-	size_t lg_cap;
-	dsk_graphs *graphs; /* decode steps as CUDA graphs (NULL: off) */
-	unsigned gemm_gen;
-	int32_t *h_i32;  /* pinned host staging */
-	float *h_f32;
-	size_t h_cap;
-};
 
 int ds_cuda_backend_fallbacks(const ds_backend *b) { return b->fallbacks; }
 
@@ -146,7 +66,7 @@ static double wall(void)
 }
 
 /* Profiling only: charges the time since the last mark to a phase. */
-static void mark(ds_backend *b, int phase)
+void ds_cuda_mark(ds_backend *b, int phase)
 {
 	if (!b->prof)
 		return;
@@ -189,7 +109,7 @@ void ds_cuda_backend_graph_stats(const ds_backend *b, long *replays, long *captu
 	*eager = st.eager;
 }
 
-static int cerr(ds_err *e, cudaError_t err, const char *what)
+int ds_cuda_cerr(ds_err *e, cudaError_t err, const char *what)
 {
 	return ds_errf(e, err == cudaErrorMemoryAllocation ? -ENOMEM : -EIO, "cuda backend: %s: %s", what,
 		       cudaGetErrorString(err));
@@ -223,7 +143,7 @@ static void *dalloc(ds_backend *b, size_t bytes, ds_err *e, int *rc)
 static int upload(void *dst, const void *src, size_t n, ds_err *e)
 {
 	cudaError_t err = cudaMemcpy(dst, src, n, cudaMemcpyHostToDevice);
-	return err == cudaSuccess ? 0 : cerr(e, err, "weight upload");
+	return err == cudaSuccess ? 0 : ds_cuda_cerr(e, err, "weight upload");
 }
 
 /* The tensor's bytes in the io_uring arena, or NULL (not streamed). */
@@ -499,10 +419,10 @@ static int create(const ds_model *m, ds_backend_config *cfg, ds_backend **out, d
 			       "norm kernels take rows of at most %d and %d experts",
 			       c->hidden_size, c->q_lora_rank, c->num_experts_per_tok, DSK_NORM_MAX_DIM, DSK_NORM_MAX_K);
 	if ((err = cudaSetDevice(cfg->device)) != cudaSuccess)
-		return cerr(e, err, "set device");
+		return ds_cuda_cerr(e, err, "set device");
 	size_t free_b = 0, total_b = 0;
 	if ((err = cudaMemGetInfo(&free_b, &total_b)) != cudaSuccess)
-		return cerr(e, err, "memory info");
+		return ds_cuda_cerr(e, err, "memory info");
 	const size_t need = weights_needed(m);
 	if (need > free_b)
 		return ds_errf(e, -ENOMEM, "cuda backend: the model needs %.2f GiB of GPU memory for weights, %.2f GiB free",
@@ -519,7 +439,7 @@ static int create(const ds_model *m, ds_backend_config *cfg, ds_backend **out, d
 	cudaDeviceGetAttribute(&b->sms, cudaDevAttrMultiProcessorCount, b->dev);
 	if ((err = cudaStreamCreateWithFlags(&b->s, cudaStreamNonBlocking)) != cudaSuccess) {
 		destroy(b);
-		return cerr(e, err, "stream");
+		return ds_cuda_cerr(e, err, "stream");
 	}
 	if (cublasCreate(&b->blas) != CUBLAS_STATUS_SUCCESS) {
 		b->blas = NULL;
@@ -535,7 +455,7 @@ static int create(const ds_model *m, ds_backend_config *cfg, ds_backend **out, d
 	    (err = cudaEventCreateWithFlags(&b->ev_fork, cudaEventDisableTiming)) != cudaSuccess ||
 	    (err = cudaEventCreateWithFlags(&b->ev_join, cudaEventDisableTiming)) != cudaSuccess) {
 		destroy(b);
-		return cerr(e, err, "side stream");
+		return ds_cuda_cerr(e, err, "side stream");
 	}
 	if ((rc = dsk_gemm_create(b->s2, &b->gemm2, e))) {
 		destroy(b);
@@ -658,7 +578,7 @@ static int create(const ds_model *m, ds_backend_config *cfg, ds_backend **out, d
 		double f = cfg->gpu_kv_fraction > 0 && cfg->gpu_kv_fraction < 1 ? cfg->gpu_kv_fraction : 0.9;
 		if ((err = cudaMemGetInfo(&free_b, &total_b)) != cudaSuccess) {
 			destroy(b);
-			return cerr(e, err, "memory info");
+			return ds_cuda_cerr(e, err, "memory info");
 		}
 		b->kv_blocks = (int)((double)free_b * f / (double)block_bytes);
 		if (b->kv_blocks < 1) {
@@ -812,381 +732,6 @@ static int ensure_ws(ds_backend *b, int T, int n_seqs, int mb, ds_err *e)
 	return 0;
 }
 
-#define TRY(call)                  \
-	do {                       \
-		if ((rc = (call))) \
-			return rc; \
-	} while (0)
-
-static int gemm(ds_backend *b, float *out, int ldo, const dsk_bf16 *x, int M, const dsk_weight *W, ds_err *e)
-{
-	return dsk_gemm_run(b->gemm, out, ldo, x, M, W, e);
-}
-
-/* Where a norm writes the FP8 copy of its rows (dim wide) for the FP8
- * GEMVs and expert GEMVs that read them: steps of FP8 models as many tokens
- * as the GEMV takes (one launch fewer per reader: 1-3 % at batch 1, 5-7 %
- * at batch 4-8 since the dense projections of up to 16 rows are GEMVs too,
- * docs/PERFORMANCE.md). NULL: no copy; the consumers quantize for themselves. */
-#ifndef NORM_Q_MAX_T
-#define NORM_Q_MAX_T DSK_GEMV_MAX_M
-#endif
-static const dsk_qout *norm_q(const ds_backend *b, int T, int dim, dsk_qout *qo)
-{
-	if (!b->preq || T > NORM_Q_MAX_T || T > b->dev_moe_max_t || dim % 128)
-		return NULL;
-	*qo = (dsk_qout){ b->qn, b->qns, dsk_gemm_pad(T) };
-	return qo;
-}
-
-/* For a norm about to write xn: its FP8 copy too, unless this is the final
- * norm (of: the LM head reads bf16); xn_q records which. */
-static const dsk_qout *xn_qout(ds_backend *b, int T, const float *of, dsk_qout *qo)
-{
-	const dsk_qout *q = of ? NULL : norm_q(b, T, b->m->cfg.hidden_size, qo);
-	b->xn_q = q != NULL;
-	return q;
-}
-
-static int norm_xn(ds_backend *b, float *x, const float *y, const float *w, int T, float *of, ds_err *e)
-{
-	const ds_config *c = &b->m->cfg;
-	dsk_qout qo;
-	return dsk_add_rmsnorm(x, y, w, T, c->hidden_size, c->rms_norm_eps, b->xn, c->hidden_size, of,
-			       xn_qout(b, T, of, &qo), b->s, e);
-}
-
-/* GEMMs on gm over x (M rows) read the norm's FP8 copy when there is one;
- * forgotten right after, as x (xn) is rewritten by every block. */
-static void pre_on(ds_backend *b, dsk_gemm *gm, const dsk_bf16 *x, int M, int have)
-{
-	if (have)
-		dsk_gemm_prequant(gm, x, M, b->qn, b->qns);
-}
-
-static void pre_off(dsk_gemm *gm) { dsk_gemm_prequant(gm, NULL, 0, NULL, NULL); }
-
-/* A dense MLP on the GEMM handle gm (and its stream s): gate, up and SiLU in
- * one GEMV launch where it takes the shapes. */
-static int mlp(dsk_gemm *gm, cudaStream_t s, const dsk_weight *g, const dsk_weight *u, const dsk_weight *d,
-	       const dsk_bf16 *x, int M, float *gb, float *ub, dsk_bf16 *hb, float *out, ds_err *e)
-{
-	const int I = g->rows;
-	int rc = dsk_gemm_glu(gm, hb, I, x, M, g, u, e);
-	if (rc == -ENOTSUP) {
-		TRY(dsk_gemm_run(gm, gb, I, x, M, g, e));
-		TRY(dsk_gemm_run(gm, ub, I, x, M, u, e));
-		rc = dsk_silu_mul(hb, gb, ub, dsk_gemm_pad(M), I, s, e);
-	}
-	TRY(rc);
-	return dsk_gemm_run(gm, out, d->rows, hb, M, d, e);
-}
-
-static int blas_err(ds_err *e, cublasStatus_t st, const char *what)
-{
-	return st == CUBLAS_STATUS_SUCCESS ? 0 : ds_errf(e, -EIO, "cublas: %s: status %d", what, (int)st);
-}
-
-/* One long prefill chunk: scores, causal softmax and the latent sum as
- * tensor-core GEMMs over the sequence's gathered cache rows, a chunk of heads
- * at a time (scores take at most 512 MiB). */
-/* Queries per pass of the prefill attention: a pass scores only the keys up
- * to its last query (causal), so smaller passes skip more of the masked
- * half (512 of 4096: 56 % of the full square is computed). */
-#define PF_QCHUNK 512
-
-/* A long prompt chunk of one sequence through cuBLAS, heads in groups of
- * hc: the keys' non-absorbed nope part k_h = W_UK_h c for the group, then
- * per pass of queries the scores q_nope k_h + q_pe k_pe (192-wide dot
- * products instead of the absorbed form's 576), the causal softmax, and the
- * latent sum lat = P c as in decode (o = W_UV lat follows for all tokens). */
-static int prefill_attention(ds_backend *b, int li, const struct pf_seq *p, const dsk_kv_geom *geo, ds_err *e)
-{
-	const ds_config *c = &b->m->cfg;
-	const dlayer *d = &b->L[li];
-	const int nh = c->num_attention_heads, nope = c->qk_nope_head_dim, rope = c->qk_rope_head_dim;
-	const int qk = nope + rope, kvl = c->kv_lora_rank, kvd = kvl + rope, vd = c->v_head_dim;
-	const int n = p->n, len = p->p0 + p->n, qn = n < PF_QCHUNK ? n : PF_QCHUNK;
-	int hc = (int)(((size_t)512 << 20) / ((size_t)qn * len * 4));
-	hc = hc < 1 ? 1 : hc > nh ? nh : hc;
-	const size_t s_bytes = (size_t)hc * qn * len * 4, kn_bytes = (size_t)hc * len * nope * 2,
-		     kc_bytes = (size_t)len * kvd * 2;
-	const size_t need = s_bytes + ((kn_bytes + 255) & ~(size_t)255) + kc_bytes + 1024;
-	int rc;
-	if (need > b->pf_cap) {
-		cudaStreamSynchronize(b->s);
-		cudaFree(b->pf_buf);
-		b->pf_buf = NULL;
-		b->pf_cap = 0;
-		if (cudaMalloc(&b->pf_buf, need) != cudaSuccess) {
-			cudaGetLastError();
-			return ds_errf(e, -ENOMEM, "cuda backend: no GPU memory for a %d-token prefill (%zu MiB)", n, need >> 20);
-		}
-		b->pf_cap = need;
-	}
-	float *S = b->pf_buf;
-	dsk_bf16 *kn = (dsk_bf16 *)((char *)b->pf_buf + s_bytes);
-	dsk_bf16 *kc = (dsk_bf16 *)((char *)kn + ((kn_bytes + 255) & ~(size_t)255));
-	TRY(dsk_kv_gather(geo, li, geo->tables + (size_t)p->s * geo->max_blocks, len, kvd, kc, b->s, e));
-	const float one = 1.0f, zero = 0.0f;
-	cublasStatus_t st;
-	for (int h0 = 0; h0 < nh; h0 += hc) {
-		const int hn = nh - h0 < hc ? nh - h0 : hc;
-		/* kn_h [len][nope] = c [len][kvl] W_UK_h^T (W_UK_h: rows h (nope + vd) .. of kv_b) */
-		st = cublasGemmStridedBatchedEx(b->blas, CUBLAS_OP_T, CUBLAS_OP_N, nope, len, kvl, &one,
-						d->kvb + (size_t)h0 * (nope + vd) * kvl, CUDA_R_16BF, kvl,
-						(long long)(nope + vd) * kvl, kc, CUDA_R_16BF, kvd, 0, &zero, kn, CUDA_R_16BF,
-						nope, (long long)len * nope, hn, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
-		TRY(blas_err(e, st, "prefill keys"));
-		for (int i0 = 0; i0 < n; i0 += qn) {
-			const int m = n - i0 < qn ? n - i0 : qn, lc = p->p0 + i0 + m;
-			const dsk_bf16 *qh = b->qb + ((size_t)(p->t0 + i0) * nh + h0) * qk;
-			/* S_h^T (lc x m) = kn_h (lc x nope) q_nope_h^T, then += k_pe (lc x rope) q_pe_h^T */
-			st = cublasGemmStridedBatchedEx(b->blas, CUBLAS_OP_T, CUBLAS_OP_N, lc, m, nope, &one, kn, CUDA_R_16BF,
-							nope, (long long)len * nope, qh, CUDA_R_16BF, nh * qk, qk, &zero, S,
-							CUDA_R_32F, lc, (long long)lc * m, hn, CUBLAS_COMPUTE_32F,
-							CUBLAS_GEMM_DEFAULT);
-			TRY(blas_err(e, st, "prefill scores"));
-			st = cublasGemmStridedBatchedEx(b->blas, CUBLAS_OP_T, CUBLAS_OP_N, lc, m, rope, &one, kc + kvl,
-							CUDA_R_16BF, kvd, 0, qh + nope, CUDA_R_16BF, nh * qk, qk, &one, S,
-							CUDA_R_32F, lc, (long long)lc * m, hn, CUBLAS_COMPUTE_32F,
-							CUBLAS_GEMM_DEFAULT);
-			TRY(blas_err(e, st, "prefill rope scores"));
-			TRY(dsk_causal_softmax(S, hn * m, lc, m, p->p0 + i0, b->softmax_scale, b->s, e));
-			/* lat_h (kvl x m) = c^T (kvl x lc) P_h (lc x m) */
-			st = cublasGemmStridedBatchedEx(b->blas, CUBLAS_OP_N, CUBLAS_OP_N, kvl, m, lc, &one, kc, CUDA_R_16BF,
-							kvd, 0, (const dsk_bf16 *)S, CUDA_R_16BF, 2 * lc, 2LL * lc * m, &zero,
-							b->lat + ((size_t)(p->t0 + i0) * nh + h0) * kvl, CUDA_R_16BF, nh * kvl,
-							kvl, hn, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
-			TRY(blas_err(e, st, "prefill latent sum"));
-		}
-	}
-	return 0;
-}
-
-static int attention(ds_backend *b, int li, int T, int max_len, const dsk_kv_geom *geo, ds_err *e)
-{
-	const ds_config *c = &b->m->cfg;
-	const dlayer *d = &b->L[li];
-	const int nh = c->num_attention_heads, nope = c->qk_nope_head_dim, rope = c->qk_rope_head_dim;
-	const int qk = nope + rope, vd = c->v_head_dim, kvl = c->kv_lora_rank, kvd = kvl + rope;
-	int rc;
-	/* The projections of xn share one GEMV launch at decode sizes. */
-	pre_on(b, b->gemm, b->xn, T, b->xn_q);
-	if (c->q_lora_rank > 0) {
-		rc = dsk_gemm_run2(b->gemm, b->qa, c->q_lora_rank, &d->q_a, b->kvx, kvd, &d->kv_a, b->xn, T, e);
-		pre_off(b->gemm);
-		TRY(rc);
-		/* xn's FP8 copy is read by now (stream order): q_a's takes its place. */
-		dsk_qout qo;
-		const dsk_qout *q = d->q_b.type == DSK_W_FP8 ? norm_q(b, T, c->q_lora_rank, &qo) : NULL;
-		TRY(dsk_add_rmsnorm(b->qa, NULL, d->q_a_norm, T, c->q_lora_rank, c->rms_norm_eps, b->qan, c->q_lora_rank,
-				    NULL, q, b->s, e));
-		pre_on(b, b->gemm, b->qan, T, q != NULL);
-		rc = gemm(b, b->q, nh * qk, b->qan, T, &d->q_b, e);
-		pre_off(b->gemm);
-		TRY(rc);
-	} else {
-		rc = dsk_gemm_run2(b->gemm, b->q, nh * qk, &d->q_proj, b->kvx, kvd, &d->kv_a, b->xn, T, e);
-		pre_off(b->gemm);
-		TRY(rc);
-	}
-	/* Few tokens: the W_UK absorption rides in the prep launch (its weights
-	 * read once for all tokens); more: one batched GEMM per step. */
-	const int fused = T <= DSK_ABSORB_MAX_T && dsk_mla_absorb_ok(nope, kvl);
-	TRY(dsk_mla_prep(geo, li, b->kvx, d->kv_a_norm, c->rms_norm_eps, b->q, b->qb, nh, nope, rope, kvl, b->inv_freq,
-			 b->attn_factor, b->seq, b->pos, T, fused ? d->kvb : NULL, vd, b->qabs, b->s, e));
-	const float one = 1.0f, zero = 0.0f;
-	cublasStatus_t st;
-	if (!fused) {
-		/* qabs[t][h] = W_UK_h^T q_nope[t][h]: per head, (kvl x nope) * (nope x T). */
-		st = cublasGemmStridedBatchedEx(b->blas, CUBLAS_OP_N, CUBLAS_OP_N, kvl, T, nope, &one, d->kvb,
-						CUDA_R_16BF, kvl, (long long)(nope + vd) * kvl, b->qb, CUDA_R_16BF,
-						nh * qk, qk, &zero, b->qabs, CUDA_R_32F, nh * kvl, kvl, nh,
-						CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
-		TRY(blas_err(e, st, "W_UK absorption"));
-	}
-	mark(b, 1);
-	for (int k = 0; k < b->n_pf; k++)
-		TRY(prefill_attention(b, li, &b->pf[k], geo, e));
-	if (b->n_short > 0) {
-		const int nsplit = dsk_attn_splits(b->n_short, nh, max_len, b->sms);
-		dsk_attn_args a = { .g = *geo, .layer = li, .q = b->q, .qabs = b->qabs, .nh = nh, .nope = nope,
-				    .rope = rope, .kvl = kvl, .seq = b->seq, .pos = b->pos, .T = T, .max_len = max_len,
-				    .scale = b->softmax_scale, .ws = b->attn_ws, .lat = b->lat,
-				    .list = b->n_pf ? b->alist : NULL, .n_list = b->n_short };
-		int ns = nsplit;
-		while (ns > 1 && dsk_attn_ws_floats(T, nh, kvl, ns) > b->attn_ws_n)
-			ns--;
-		TRY(dsk_mla_attention(&a, ns, b->s, e));
-	}
-	mark(b, 2);
-	/* o[t][h] = W_UV_h lat[t][h]: per head, (vd x kvl) * (kvl x T); for 1-2
-	 * tokens a GEMV whose weights stream while the merge finishes (cuBLAS's
-	 * kernels do not let the next launch start early). (In the merge kernel
-	 * for few tokens this measured slower: 14.7 us against 6.0 + 5.2 on
-	 * V2-Lite at batch 1.) */
-	rc = dsk_gemv_heads(b->o, d->kvb + (size_t)nope * kvl, (long)(nope + vd) * kvl, b->lat, T, nh, vd, kvl, b->s, e);
-	if (rc == -ENOTSUP) {
-		st = cublasGemmStridedBatchedEx(b->blas, CUBLAS_OP_T, CUBLAS_OP_N, vd, T, kvl, &one,
-						d->kvb + (size_t)nope * kvl, CUDA_R_16BF, kvl, (long long)(nope + vd) * kvl,
-						b->lat, CUDA_R_16BF, nh * kvl, kvl, &zero, b->o, CUDA_R_16BF, nh * vd, vd, nh,
-						CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
-		rc = blas_err(e, st, "W_UV");
-	}
-	TRY(rc);
-	rc = gemm(b, b->y, c->hidden_size, b->o, T, &d->o_proj, e);
-	mark(b, 3);
-	return rc;
-}
-
-static int moe_host_planned(ds_backend *b, const dlayer *d, int T, ds_err *e);
-
-/* The norm after a block: the next block's input norm, or the final one
- * (which also keeps float rows in of). */
-struct next_norm {
-	const float *w;
-	float *of;
-};
-
-static int moe(ds_backend *b, int li, int T, const struct next_norm *nn, ds_err *e)
-{
-	const ds_config *c = &b->m->cfg;
-	const dlayer *d = &b->L[li];
-	const int H = c->hidden_size, E = c->n_routed_experts, K = c->num_experts_per_tok;
-	const int I = c->moe_intermediate_size;
-	int rc;
-	/* The shared experts need only xn: they run on the side stream while
-	 * the router, the plan and the routed experts run here. */
-	const float *shared = NULL;
-	if (c->n_shared_experts > 0) {
-		cudaError_t err = cudaEventRecord(b->ev_fork, b->s);
-		if (err == cudaSuccess)
-			err = cudaStreamWaitEvent(b->s2, b->ev_fork, 0);
-		if (err != cudaSuccess)
-			return cerr(e, err, "fork");
-		pre_on(b, b->gemm2, b->xn, T, b->xn_q);
-		rc = mlp(b->gemm2, b->s2, &d->sh_gate, &d->sh_up, &d->sh_down, b->xn, T, b->g, b->u, b->h, b->ysh, e);
-		pre_off(b->gemm2);
-		TRY(rc);
-		if ((err = cudaEventRecord(b->ev_join, b->s2)) != cudaSuccess)
-			return cerr(e, err, "join");
-		shared = b->ysh;
-	}
-	TRY(gemm(b, b->logits_r, E, b->xn, T, &d->router, e));
-	dsk_route_cfg rcfg = { .E = E, .K = K, .n_group = c->n_group, .topk_group = c->topk_group,
-			       .sigmoid = c->scoring_func == DS_SCORE_SIGMOID, .method = (int)c->topk_method,
-			       .norm_topk = c->norm_topk_prob, .scale = c->routed_scaling_factor };
-	TRY(dsk_moe_route_plan(&rcfg, b->logits_r, d->router_bias, T, b->ids, b->moe_w, b->cnt, b->off, b->ppos,
-			       b->row_tok, b->act, b->eload ? b->eload + (size_t)li * E : NULL, b->moe_rows, b->s, e));
-	const int max_act = T * K < E ? T * K : E;
-	/* Rows the expert GEMV takes per pass: about twice the mean rows per
-	 * expert (an expert with more takes another pass over its weights). */
-	int mr = (2 * T * K + E - 1) / E;
-	mr = mr > T ? T : mr;
-	if (d->dev_moe && T <= b->dev_moe_max_t) {
-		/* Decode-sized steps: grouped GEMVs read the plan on the device. */
-		const int Pn = T * K + 15 * E, Tp = dsk_gemm_pad(T);
-		dsk_moe_gemv_args g = { .out = b->hp, .ldo = I, .x = b->xn, .xs = b->qxs, .xs_ld = Tp,
-					.row_src = b->row_tok, .off = b->off, .cnt = b->cnt, .act = b->act,
-					.max_active = max_act, .max_rows = mr,
-					.wp = { (const void *const *)d->ew[0], (const void *const *)d->ew[1] },
-					.sp = { (const float *const *)d->es[0], (const float *const *)d->es[1] },
-					.sld = d->esld[0], .fp8 = d->moe_fp8, .glu = 1, .N = I, .K = H };
-		if (d->moe_fp8 && b->xn_q) {
-			g.x = b->qn; /* the norm's copy (read by the shared experts too) */
-			g.xs = b->qns;
-		} else if (d->moe_fp8) {
-			TRY(dsk_quant_fp8(b->qx, b->qxs, b->xn, Tp, H, b->s, e));
-			g.x = b->qx;
-		}
-		mark(b, 4);
-		TRY(dsk_moe_gemv(&g, b->s, e));
-		g.out = b->yp;
-		g.ldo = H;
-		g.x = b->hp;
-		g.xs = b->qxs;
-		g.xs_ld = Pn;
-		g.row_src = NULL;
-		g.wp[0] = (const void *const *)d->ew[2];
-		g.sp[0] = (const float *const *)d->es[2];
-		g.sld = d->esld[2];
-		g.glu = 0;
-		g.N = H;
-		g.K = I;
-		g.fp8 = d->moe_fp8_down;
-		if (d->moe_fp8_down) {
-			/* Only the plan's rows (b->off[E] of at most Pn). */
-			TRY(dsk_quant_fp8_dev(b->qx, b->qxs, b->hp, b->off + E, Pn, I, b->s, e));
-			g.x = b->qx;
-		}
-		TRY(dsk_moe_gemv(&g, b->s, e));
-	} else {
-		TRY(moe_host_planned(b, d, T, e));
-	}
-	mark(b, 5);
-	if (shared) {
-		cudaError_t err = cudaStreamWaitEvent(b->s, b->ev_join, 0);
-		if (err != cudaSuccess)
-			return cerr(e, err, "join");
-	}
-	/* The combine joins the residual and feeds the next norm (nn). */
-	dsk_qout qo;
-	rc = dsk_combine_add_rmsnorm(b->x, shared, b->yp, b->ppos, b->moe_w, K, nn->w, T, H, c->rms_norm_eps, b->xn, H,
-				     nn->of, xn_qout(b, T, nn->of, &qo), b->s, e);
-	mark(b, 6);
-	return rc;
-}
-
-/* Larger steps: the row offsets come back to the host and each active
- * expert runs as a GEMM triple (cuBLASLt, or the GEMV for few rows). */
-static int moe_host_planned(ds_backend *b, const dlayer *d, int T, ds_err *e)
-{
-	const ds_config *c = &b->m->cfg;
-	const int H = c->hidden_size, E = c->n_routed_experts, I = c->moe_intermediate_size;
-	int rc;
-	(void)T;
-	int32_t *hoff = b->h_i32;
-	cudaError_t err = cudaMemcpyAsync(hoff, b->off, sizeof(int32_t) * (size_t)(E + 1), cudaMemcpyDeviceToHost, b->s);
-	if (err == cudaSuccess)
-		err = cudaStreamSynchronize(b->s);
-	if (err != cudaSuccess)
-		return cerr(e, err, "moe plan");
-	const int P = hoff[E];
-	mark(b, 4);
-	TRY(dsk_moe_gather(b->xp, b->xn, b->row_tok, P, H, b->s, e));
-	for (int x = 0; x < E; x++) {
-		const int r0 = hoff[x], n = hoff[x + 1] - r0;
-		if (n == 0)
-			continue;
-		TRY(gemm(b, b->gp + (size_t)r0 * I, I, b->xp + (size_t)r0 * H, n, &d->eg[x], e));
-		TRY(gemm(b, b->up + (size_t)r0 * I, I, b->xp + (size_t)r0 * H, n, &d->eu[x], e));
-		TRY(dsk_silu_mul(b->hp + (size_t)r0 * I, b->gp + (size_t)r0 * I, b->up + (size_t)r0 * I, n, I, b->s, e));
-		TRY(gemm(b, b->yp + (size_t)r0 * H, H, b->hp + (size_t)r0 * I, n, &d->ed[x], e));
-	}
-	return 0;
-}
-
-/* A decoder block from the normed input in xn to the normed input of what
- * follows (nn) in xn; x carries the residual stream. */
-static int block(ds_backend *b, int li, int T, int max_len, const dsk_kv_geom *geo, const struct next_norm *nn,
-		 ds_err *e)
-{
-	const dlayer *d = &b->L[li];
-	int rc;
-	TRY(attention(b, li, T, max_len, geo, e));
-	TRY(norm_xn(b, b->x, b->y, d->post_norm, T, NULL, e));
-	if (b->m->layers[li].is_moe)
-		return moe(b, li, T, nn, e);
-	pre_on(b, b->gemm, b->xn, T, b->xn_q);
-	rc = mlp(b->gemm, b->s, &d->gate, &d->up, &d->down, b->xn, T, b->g, b->u, b->h, b->y, e);
-	pre_off(b->gemm);
-	TRY(rc);
-	rc = norm_xn(b, b->x, b->y, nn->w, T, nn->of, e);
-	mark(b, 6);
-	return rc;
-}
-
 /* Attention splits its work by the context length; rounding the length up
  * keeps the number of distinct step shapes (and graphs) small, and eager and
  * replayed steps split alike, so they compute the same bits. */
@@ -1230,24 +775,24 @@ static int step_body(void *ctx, ds_err *e)
 		TRY(dsk_add_rmsnorm(b->x, NULL, d->enorm, T, H, c->rms_norm_eps, b->xn, 2 * H, NULL, NULL, b->s, e));
 		TRY(dsk_add_rmsnorm(st->hin, NULL, d->hnorm, T, H, c->rms_norm_eps, b->xn + H, 2 * H, NULL, NULL, b->s,
 				    e));
-		TRY(gemm(b, b->x, H, b->xn, T, &d->eh_proj, e));
+		TRY(ds_cuda_gemm(b, b->x, H, b->xn, T, &d->eh_proj, e));
 		first = li;
 		last = li + 1;
 	}
 	const float *fn = st->mtp ? b->L[m->n_layers + st->mtp - 1].head_norm : b->final_norm;
 	const dsk_weight *head = st->mtp ? &b->L[m->n_layers + st->mtp - 1].head : &b->lm_head;
-	mark(b, 0);
-	TRY(norm_xn(b, b->x, NULL, b->L[first].input_norm, T, NULL, e));
+	ds_cuda_mark(b, 0);
+	TRY(ds_cuda_norm_xn(b, b->x, NULL, b->L[first].input_norm, T, NULL, e));
 	/* Each block ends with the residual add of its MLP and the next norm:
 	 * the last one's is the final norm (x keeps the pre-norm state: MTP's
 	 * hidden output; of the normed rows in float). */
 	for (int li = first; li < last; li++) {
 		const struct next_norm nn = { li + 1 < last ? b->L[li + 1].input_norm : fn, li + 1 < last ? NULL : b->of };
-		TRY(block(b, li, T, st->max_len, &st->geo, &nn, e));
+		TRY(ds_cuda_block(b, li, T, st->max_len, &st->geo, &nn, e));
 	}
 	if (st->rows > 0) {
 		TRY(dsk_gather_rows(b->sel, b->xn, b->sel_idx, st->rows, H, b->s, e));
-		TRY(gemm(b, b->lg, V, b->sel, st->rows, head, e));
+		TRY(ds_cuda_gemm(b, b->lg, V, b->sel, st->rows, head, e));
 		TRY(dsk_draw_rows(b->amax, b->lg, st->rows, V, V, b->drawp, b->s, e));
 	}
 	return 0;
@@ -1306,7 +851,7 @@ static int chain_step(ds_backend *b, const struct step *main, int Tc, int mb, in
 	cudaError_t err;
 	if (!rc && (err = cudaMemcpyAsync(ids, b->amax, sizeof(int32_t) * (size_t)Tc, cudaMemcpyDeviceToHost, b->s)) !=
 			   cudaSuccess)
-		rc = cerr(e, err, "MTP argmax download");
+		rc = ds_cuda_cerr(e, err, "MTP argmax download");
 	return rc;
 }
 
@@ -1357,13 +902,13 @@ static int forward(ds_backend *b, const ds_batch *bt, ds_step_out *out, ds_err *
 	max_len = len_bucket(max_len);
 	/* Block tables go up with a row stride fixed by the rounded length. */
 	const int mb = (max_len + b->block_tokens - 1) / b->block_tokens;
-	mark(b, -1);
+	ds_cuda_mark(b, -1);
 	const int ws_T = b->cap_T, ws_seqs = b->cap_seqs, ws_mb = b->cap_mb;
 	TRY(ensure_ws(b, T, bt->n_seqs, mb, e));
 	if (b->cap_T != ws_T || b->cap_seqs != ws_seqs || b->cap_mb != ws_mb)
 		dsk_graphs_clear(b->graphs);
 	if ((cudaSetDevice(b->dev)) != cudaSuccess)
-		return cerr(e, cudaGetLastError(), "set device");
+		return ds_cuda_cerr(e, cudaGetLastError(), "set device");
 
 	/* Token ids, positions, sequences, block tables and the logit rows go
 	 * up in one staging buffer. */
@@ -1427,7 +972,7 @@ static int forward(ds_backend *b, const ds_batch *bt, ds_step_out *out, ds_err *
 	do {                                                                                                     \
 		if ((err = cudaMemcpyAsync(dst, src, sizeof(int32_t) * (size_t)(n), cudaMemcpyHostToDevice, b->s)) != \
 		    cudaSuccess)                                                                                 \
-			return cerr(e, err, "upload");                                                           \
+			return ds_cuda_cerr(e, err, "upload");                                                           \
 	} while (0)
 	UP(b->tok, h_tok, T);
 	UP(b->pos, h_pos, T);
@@ -1447,11 +992,11 @@ static int forward(ds_backend *b, const ds_batch *bt, ds_step_out *out, ds_err *
 		}
 		if ((err = cudaMemcpyAsync(b->drawp, b->h_draw, sizeof(dsk_draw) * (size_t)rows, cudaMemcpyHostToDevice,
 					   b->s)) != cudaSuccess)
-			return cerr(e, err, "draw upload");
+			return ds_cuda_cerr(e, err, "draw upload");
 	}
 	if (bt->mtp && (err = cudaMemcpyAsync(b->hin, bt->hidden_in, sizeof(float) * (size_t)T * H,
 					      cudaMemcpyHostToDevice, b->s)) != cudaSuccess)
-		return cerr(e, err, "hidden_in upload");
+		return ds_cuda_cerr(e, err, "hidden_in upload");
 	struct step st = { .b = b, .mtp = bt->mtp, .T = T, .rows = rows, .max_len = max_len,
 			   .geo = { .pool = b->kv, .block_stride = (long)b->kv_block_stride,
 				    .layer_stride = (long)b->kv_layer_stride, .block_tokens = b->block_tokens,
@@ -1465,12 +1010,12 @@ static int forward(ds_backend *b, const ds_batch *bt, ds_step_out *out, ds_err *
 		const float *src = bt->mtp ? b->x : b->of;
 		if ((err = cudaMemcpyAsync(out->hidden, src, sizeof(float) * (size_t)T * H, cudaMemcpyDeviceToHost, b->s)) !=
 		    cudaSuccess)
-			return cerr(e, err, "hidden download");
+			return ds_cuda_cerr(e, err, "hidden download");
 	}
 	if (rows > 0 && out->argmax &&
 	    (err = cudaMemcpyAsync(out->argmax, b->amax, sizeof(int32_t) * (size_t)rows, cudaMemcpyDeviceToHost,
 				   b->s)) != cudaSuccess)
-		return cerr(e, err, "argmax download");
+		return ds_cuda_cerr(e, err, "argmax download");
 	/* Logit rows the caller needs, in runs of consecutive rows; a drawn
 	 * row holds probabilities now. */
 #define NEEDED(r) ((!out->need || out->need[r]) && b->h_draw[r].temperature == 0)
@@ -1485,7 +1030,7 @@ static int forward(ds_backend *b, const ds_batch *bt, ds_step_out *out, ds_err *
 		if ((err = cudaMemcpyAsync(out->logits + (size_t)r0 * V, b->lg + (size_t)r0 * V,
 					   sizeof(float) * (size_t)(r1 - r0) * V, cudaMemcpyDeviceToHost, b->s)) !=
 		    cudaSuccess)
-			return cerr(e, err, "logits download");
+			return ds_cuda_cerr(e, err, "logits download");
 		r0 = r1;
 	}
 #undef NEEDED
@@ -1494,8 +1039,8 @@ static int forward(ds_backend *b, const ds_batch *bt, ds_step_out *out, ds_err *
 	if (Tc && (rc = chain_step(b, &st, Tc, mb, out->mtp_argmax, e)))
 		return rc;
 	if ((err = cudaStreamSynchronize(b->s)) != cudaSuccess)
-		return cerr(e, err, "step");
-	mark(b, 7);
+		return ds_cuda_cerr(e, err, "step");
+	ds_cuda_mark(b, 7);
 	return 0;
 }
 

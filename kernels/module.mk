@@ -2,7 +2,7 @@
 # the engine offers the CPU backend only.
 ifeq ($(CUDA),1)
 CUDA_SRCS += $(sort $(wildcard kernels/*.cu))
-LIB_SRCS += kernels/cuda_backend.c kernels/graph.c
+LIB_SRCS += kernels/cuda_backend.c kernels/cuda_layer.c kernels/graph.c
 # model/backend.c refers to ds_cuda_backend weakly, which alone does not pull
 # it out of libds.a: every program links it in.
 LDFLAGS += -Wl,-u,ds_cuda_backend
