@@ -109,7 +109,6 @@ struct next_norm {
 	float *of;
 };
 
-
 /* Profiling only: charges the time since the last mark to a phase
  * (synchronizes the stream). */
 void ds_cuda_mark(ds_backend *b, int phase);
