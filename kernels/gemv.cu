@@ -490,10 +490,20 @@ extern "C" int dsk_gemv(const dsk_gemv_job *jobs, int njobs, int glu, const void
 	return dsk_check(e, "gemv");
 }
 
-/* Block (row tile, active expert): MR rows a pass, about twice the mean
- * rows per expert (registers bound occupancy: 73 a thread for 8 rows held
- * 3 blocks an SM and half the DRAM bandwidth at batch 1); an expert with
- * more rows takes more passes over its weights. */
+/* 16-byte loads a lane keeps in flight: half a bf16 row of 2048 a round
+ * (the whole row took 108 registers, two blocks an SM at 25 % occupancy and
+ * 55 % of the DRAM bandwidth (ncu); 70 let three blocks reside, which gains
+ * more than the second round costs: 27-layer V2-Lite on an H200, batch 1
+ * 2.52 -> 2.46 ms, batch 8 7.00 -> 6.74, docs/PERFORMANCE.md). */
+template <int MR, bool FP8>
+struct moe_unroll {
+	enum { U = MR > 2 ? 2 : 4 };
+};
+
+/* Block (row tile, active expert), for experts of 1-2 rows a pass (more go
+ * to moe_tc_k); an expert with more rows takes more passes over its
+ * weights. */
+
 template <int MR, bool FP8, bool GLU>
 static __global__ void __launch_bounds__(256) moe_gemv_k(dsk_moe_gemv_args a, int R)
 {
@@ -528,7 +538,7 @@ static __global__ void __launch_bounds__(256) moe_gemv_k(dsk_moe_gemv_args a, in
 #pragma unroll
 			for (int i = 0; i < MR; i++)
 				acc[0][i] = acc[1][i] = 0;
-			dot_rows<MR, unroll<MR, FP8>::U, FP8, 2>(acc, rows, sr, a.x, a.xs, a.xs_ld, src, m, a.K, lane);
+			dot_rows<MR, moe_unroll<MR, FP8>::U, FP8, 2>(acc, rows, sr, a.x, a.xs, a.xs_ld, src, m, a.K, lane);
 			warp_sum<MR>(acc[0]);
 			warp_sum<MR>(acc[1]);
 #pragma unroll
@@ -609,15 +619,33 @@ static void moe_tc_launch(const dsk_moe_gemv_args *a, cudaStream_t s)
 		       : dsk_launch(moe_tc_k<NT, false, false>, grid, block, 0, s, *a);
 }
 
+static int sm_count(void);
+
+/* The warp rows (1 or 2 outputs each) a warp takes in turn, R <= 4: as few
+ * as let the grid fit the blocks the SMs hold at once (one wave; each
+ * block reads its expert's plan once). */
+template <int MR, bool FP8, bool GLU>
+static void moe_launch1(const dsk_moe_gemv_args *a, int tiles, cudaStream_t s)
+{
+	static int per;
+	if (!per && (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per, moe_gemv_k<MR, FP8, GLU>, 256, 0) != cudaSuccess ||
+		     per < 1)) {
+		cudaGetLastError();
+		per = 2;
+	}
+	const long slots = (long)per * sm_count();
+	int R = (int)(((long)tiles * a->max_active + slots - 1) / slots);
+	R = R < 1 ? 1 : R > 4 ? 4 : R;
+	dsk_launch(moe_gemv_k<MR, FP8, GLU>, dim3((tiles + R - 1) / R, a->max_active), 256, 0, s, *a, R);
+}
+
 template <int MR>
-static void moe_launch(const dsk_moe_gemv_args *a, dim3 grid, int R, cudaStream_t s)
+static void moe_launch(const dsk_moe_gemv_args *a, int tiles, cudaStream_t s)
 {
 	if (a->fp8)
-		a->glu ? dsk_launch(moe_gemv_k<MR, true, true>, grid, 256, 0, s, *a, R)
-		       : dsk_launch(moe_gemv_k<MR, true, false>, grid, 256, 0, s, *a, R);
+		a->glu ? moe_launch1<MR, true, true>(a, tiles, s) : moe_launch1<MR, true, false>(a, tiles, s);
 	else
-		a->glu ? dsk_launch(moe_gemv_k<MR, false, true>, grid, 256, 0, s, *a, R)
-		       : dsk_launch(moe_gemv_k<MR, false, false>, grid, 256, 0, s, *a, R);
+		a->glu ? moe_launch1<MR, false, true>(a, tiles, s) : moe_launch1<MR, false, false>(a, tiles, s);
 }
 
 static int sm_count(void)
@@ -641,21 +669,11 @@ extern "C" int dsk_moe_gemv(const dsk_moe_gemv_args *a, dsk_stream s, ds_err *e)
 		a->max_rows > 8 ? moe_tc_launch<2>(a, s) : moe_tc_launch<1>(a, s);
 		return dsk_check(e, "moe_gemv");
 	}
-	/* Warp rows (1 or 2 outputs each) a warp takes in turn: up to 4, as far
-	 * as the grid stays above about two blocks an SM (what the registers of
-	 * these kernels let reside) — each block reads its expert's plan once. */
 	const int wrows = a->glu ? a->N : (a->N + 1) / 2, tiles = (wrows + 7) / 8;
-	int R = (int)((long)tiles * a->max_active / (2 * sm_count()));
-	R = R < 1 ? 1 : R > 4 ? 4 : R;
-	dim3 grid((tiles + R - 1) / R, a->max_active);
 	if (a->max_rows <= 1)
-		moe_launch<1>(a, grid, R, s);
-	else if (a->max_rows <= 2)
-		moe_launch<2>(a, grid, R, s);
-	else if (a->max_rows <= 4)
-		moe_launch<4>(a, grid, R, s);
+		moe_launch<1>(a, tiles, s);
 	else
-		moe_launch<8>(a, grid, R, s);
+		moe_launch<2>(a, tiles, s);
 	return dsk_check(e, "moe_gemv");
 }
 
