@@ -505,8 +505,9 @@ extern "C" int dsk_gemv(const dsk_gemv_job *jobs, int njobs, int glu, const void
  * (the whole row took 108 registers, two blocks an SM at 25 % occupancy and
  * 55 % of the DRAM bandwidth (ncu); 70 let three blocks reside, which gains
  * more than the second round costs: 27-layer V2-Lite on an H200, batch 1
- * 2.52 -> 2.46 ms, batch 8 7.00 -> 6.74, docs/PERFORMANCE.md). */
-template <int MR, bool FP8>
+ * 2.53 -> 2.49 ms, batch 8 7.01 -> 6.61 with the one-wave grid below,
+ * docs/PERFORMANCE.md). */
+template <int MR>
 struct moe_unroll {
 	enum { U = MR > 2 ? 2 : 4 };
 };
@@ -514,7 +515,6 @@ struct moe_unroll {
 /* Block (row tile, active expert), for experts of 1-2 rows a pass (more go
  * to moe_tc_k); an expert with more rows takes more passes over its
  * weights. */
-
 template <int MR, bool FP8, bool GLU>
 static __global__ void __launch_bounds__(256) moe_gemv_k(dsk_moe_gemv_args a, int R)
 {
@@ -549,7 +549,7 @@ static __global__ void __launch_bounds__(256) moe_gemv_k(dsk_moe_gemv_args a, in
 #pragma unroll
 			for (int i = 0; i < MR; i++)
 				acc[0][i] = acc[1][i] = 0;
-			dot_rows<MR, moe_unroll<MR, FP8>::U, FP8, 2>(acc, rows, sr, a.x, a.xs, a.xs_ld, src, m, a.K, lane);
+			dot_rows<MR, moe_unroll<MR>::U, FP8, 2>(acc, rows, sr, a.x, a.xs, a.xs_ld, src, m, a.K, lane);
 			warp_sum<MR>(acc[0]);
 			warp_sum<MR>(acc[1]);
 #pragma unroll
@@ -630,7 +630,16 @@ static void moe_tc_launch(const dsk_moe_gemv_args *a, cudaStream_t s)
 		       : dsk_launch(moe_tc_k<NT, false, false>, grid, block, 0, s, *a);
 }
 
-static int sm_count(void);
+static int sm_count(void)
+{
+	static int n;
+	if (!n) {
+		int d = 0;
+		if (cudaGetDevice(&d) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, d) != cudaSuccess)
+			n = 132;
+	}
+	return n;
+}
 
 /* The warp rows (1 or 2 outputs each) a warp takes in turn, R <= 4: as few
  * as let the grid fit the blocks the SMs hold at once (one wave; each
@@ -657,17 +666,6 @@ static void moe_launch(const dsk_moe_gemv_args *a, int tiles, cudaStream_t s)
 		a->glu ? moe_launch1<MR, true, true>(a, tiles, s) : moe_launch1<MR, true, false>(a, tiles, s);
 	else
 		a->glu ? moe_launch1<MR, false, true>(a, tiles, s) : moe_launch1<MR, false, false>(a, tiles, s);
-}
-
-static int sm_count(void)
-{
-	static int n;
-	if (!n) {
-		int d = 0;
-		if (cudaGetDevice(&d) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, d) != cudaSuccess)
-			n = 132;
-	}
-	return n;
 }
 
 extern "C" int dsk_moe_gemv(const dsk_moe_gemv_args *a, dsk_stream s, ds_err *e)

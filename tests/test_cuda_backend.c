@@ -208,9 +208,6 @@ static void test_v2_bf16(void **st) { (void)st; check_model("v2-bf16"); }
 #define DEFAULT_FP8 "models/dsv3-tiny/fp8"
 static void test_default_fp8(void **st) { (void)st; check_model(DEFAULT_FP8); }
 
-/* On the GPU: token-by-token decode through the paged cache equals the full
- * forward (blocks of 16, so tables span several blocks); a batch of two
- * sequences equals each alone. */
 /* A long prompt in two steps, CUDA against CPU, the logits of both: n1
  * tokens (the prefill attention's query passes of 512 and the rest), then n2
  * more after them (passes whose queries start at position n1). */
@@ -255,6 +252,9 @@ static void test_long_prefill(void **st)
 	check_long_prefill("v2-bf16", 600, 500);
 }
 
+/* On the GPU: token-by-token decode through the paged cache equals the full
+ * forward (blocks of 16, so tables span several blocks); a batch of two
+ * sequences equals each alone. */
 static void check_consistency(const char *name)
 {
 	env v;
