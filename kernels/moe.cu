@@ -29,19 +29,27 @@ static __device__ int warp_argmax(const float *v, const unsigned char *taken, in
 }
 
 /* Shared memory a routing warp uses: scores, choice values, 64 group
- * scores, then (after all warps' floats) taken flags for experts and groups. */
-static size_t route_smem(int E, int warps) { return (size_t)warps * (sizeof(float) * (2 * E + 64) + (E + 64)); }
+ * scores, its MAX_K choices, then (after all warps' floats) taken flags for
+ * experts and groups. */
+#define MAX_K 32
+#define RW_FLOATS(E) (2 * (E) + 64 + MAX_K)
+static size_t route_smem(int E, int warps) { return (size_t)warps * (sizeof(float) * RW_FLOATS(E) + (E + 64)); }
 
-/* Token t's choice by warp wib of the block (scratch in sm). */
+/* Token t's choice by warp wib of the block (scratch in sm); the ids also
+ * in sids[0..K) when sids (shared memory of the caller). The weights are
+ * computed from the choices kept in shared memory: read back from ids, each
+ * was a round trip behind the store before it (the compiler cannot assume
+ * ids and w apart), six of them at V2-Lite's top-6. */
 static __device__ void route_token(const dsk_route_cfg &c, const float *logits, const float *bias, int t, int32_t *ids,
-				   float *w, float *sm, int wib)
+				   float *w, float *sm, int wib, int *sids = NULL)
 {
 	const int lane = threadIdx.x & 31;
 	const int E = c.E;
-	float *s = sm + (size_t)wib * (2 * E + 64);
+	float *s = sm + (size_t)wib * RW_FLOATS(E);
 	float *ch = s + E;
 	float *gs = ch + E; /* 64 group scores */
-	unsigned char *taken = (unsigned char *)(sm + (size_t)(blockDim.x / 32) * (2 * E + 64)) + (size_t)wib * (E + 64);
+	int *sel = (int *)(gs + 64);
+	unsigned char *taken = (unsigned char *)(sm + (size_t)(blockDim.x / 32) * RW_FLOATS(E)) + (size_t)wib * (E + 64);
 	unsigned char *gtaken = taken + E;
 	const float *lg = logits + (size_t)t * E;
 	if (c.sigmoid) {
@@ -112,15 +120,18 @@ static __device__ void route_token(const dsk_route_cfg &c, const float *logits, 
 		int b = warp_argmax(ch, taken, E);
 		if (lane == 0) {
 			taken[b] = 1;
-			id[j] = b;
+			sel[j] = b;
 		}
 		sum += s[b];
 		__syncwarp();
 	}
-	if (lane == 0) {
-		const float inv = c.norm_topk ? (float)(1.0 / ((double)sum + 1e-20)) : 1.0f;
-		for (int j = 0; j < c.K; j++)
-			wt[j] = (c.norm_topk ? s[id[j]] * inv : s[id[j]]) * c.scale;
+	const float inv = c.norm_topk ? (float)(1.0 / ((double)sum + 1e-20)) : 1.0f;
+	for (int j = lane; j < c.K; j += 32) {
+		const int b = sel[j];
+		id[j] = b;
+		if (sids)
+			sids[j] = b;
+		wt[j] = (c.norm_topk ? s[b] * inv : s[b]) * c.scale;
 	}
 }
 
@@ -137,8 +148,8 @@ static __global__ void route_k(dsk_route_cfg c, const float *logits, const float
 extern "C" int dsk_moe_route(const dsk_route_cfg *c, const float *logits, const float *bias, int T, int32_t *ids,
 			     float *w, dsk_stream s, ds_err *e)
 {
-	if (c->E > MAX_E || c->n_group > 64 || c->K > c->E || (c->n_group > 1 && c->E % c->n_group))
-		return ds_errf(e, -EINVAL, "moe_route: %d experts in %d groups unsupported", c->E, c->n_group);
+	if (c->E > MAX_E || c->n_group > 64 || c->K > c->E || c->K > MAX_K || (c->n_group > 1 && c->E % c->n_group))
+		return ds_errf(e, -EINVAL, "moe_route: %d experts in %d groups, top-%d unsupported", c->E, c->n_group, c->K);
 	if (T <= 0)
 		return 0;
 	const int wpb = 4;
@@ -230,8 +241,8 @@ static __global__ void __launch_bounds__(1024) plan_k(const int32_t *ids, int n,
 }
 
 /* Decode-sized steps: routing (a warp per token) and the plan in one block,
- * one launch instead of two. The block's own global writes of ids are
- * visible to it after the barrier. */
+ * one launch instead of two; the plan reads the choices from shared memory
+ * (not back from ids). */
 static __global__ void __launch_bounds__(1024) route_plan_k(dsk_route_cfg rc, const float *logits, const float *bias,
 							    int T, int32_t *ids, float *w, int32_t *cnt, int32_t *off,
 							    int32_t *pos, int32_t *row_tok, int32_t *act,
@@ -239,12 +250,13 @@ static __global__ void __launch_bounds__(1024) route_plan_k(dsk_route_cfg rc, co
 {
 	extern __shared__ float sm[];
 	__shared__ plan_smem p;
+	__shared__ int sids[32 * MAX_K];
 	dsk_pdl_enter();
 	const int wib = threadIdx.x / 32;
 	if (wib < T)
-		route_token(rc, logits, bias, wib, ids, w, sm, wib);
+		route_token(rc, logits, bias, wib, ids, w, sm, wib, sids + wib * rc.K);
 	__syncthreads();
-	plan_body(ids, T * rc.K, rc.E, cnt, off, pos, row_tok, rc.K, act, load, p);
+	plan_body(sids, T * rc.K, rc.E, cnt, off, pos, row_tok, rc.K, act, load, p);
 }
 
 extern "C" int dsk_moe_plan(const int32_t *ids, int T, int K, int E, int32_t *cnt, int32_t *off, int32_t *pos,
@@ -305,8 +317,8 @@ extern "C" int dsk_moe_route_plan(const dsk_route_cfg *c, const float *logits, c
 		int rc = dsk_moe_route(c, logits, bias, T, ids, w, s, e);
 		return rc ? rc : dsk_moe_plan(ids, T, c->K, c->E, cnt, off, pos, row_tok, act, load, max_rows, s, e);
 	}
-	if (c->E > MAX_E || c->n_group > 64 || c->K > c->E || (c->n_group > 1 && c->E % c->n_group))
-		return ds_errf(e, -EINVAL, "moe_route: %d experts in %d groups unsupported", c->E, c->n_group);
+	if (c->E > MAX_E || c->n_group > 64 || c->K > c->E || c->K > MAX_K || (c->n_group > 1 && c->E % c->n_group))
+		return ds_errf(e, -EINVAL, "moe_route: %d experts in %d groups, top-%d unsupported", c->E, c->n_group, c->K);
 	if (max_rows < T * c->K + 15 * c->E)
 		return ds_errf(e, -EINVAL, "moe_plan: %d rows cannot hold %d pairs over %d experts", max_rows, T * c->K,
 			       c->E);

@@ -48,16 +48,20 @@ static __device__ float block_sum(float v, float *red)
  * on the decode path's critical chain, so it is built for latency: the norm
  * weights load before the wait for the previous kernel, the row stays in
  * registers (one round trip for x, y and the combine's operands, then the
- * expert rows), and the FP8 groups read the normed row from shared memory.
- * Float operations in the order of the unfused dsk_moe_combine + RMSNorm. */
-template <bool COMB>
-static __global__ void __launch_bounds__(1024) norm_k(float *__restrict__ x, const float *__restrict__ y,
+ * expert rows: KU experts' loads in flight at once, which blocks of at most
+ * MAXT = 256 threads have the registers for; a load an expert took 8.5 us
+ * at V2-Lite's batch 1, ncu), and the FP8 groups read the normed row from
+ * shared memory. Float operations in the order of the unfused
+ * dsk_moe_combine + RMSNorm. */
+template <bool COMB, int MAXT>
+static __global__ void __launch_bounds__(MAXT) norm_k(float *__restrict__ x, const float *__restrict__ y,
 						      const float *__restrict__ yp, const int32_t *__restrict__ pos,
 						      const float *__restrict__ wk, int K, const float *__restrict__ w,
 						      int dim, float eps, dsk_bf16 *__restrict__ ob, int ldo,
 						      float *__restrict__ of, uint8_t *__restrict__ q,
 						      float *__restrict__ qs, int ld)
 {
+	enum { KU = MAXT <= 256 ? 8 : 2 };
 	extern __shared__ float qrow[]; /* [dim] when q */
 	__shared__ float red[32], swk[NORM_MAX_K];
 	__shared__ int spk[NORM_MAX_K];
@@ -80,13 +84,21 @@ static __global__ void __launch_bounds__(1024) norm_k(float *__restrict__ x, con
 	}
 	if (COMB) {
 		__syncthreads();
-		for (int k = 0; k < K; k++) {
-			const float *r = yp + (size_t)spk[k] * dim;
-			const float wgt = swk[k];
+		for (int k0 = 0; k0 < K; k0 += KU) {
+			float r[KU][NORM_NPT];
 #pragma unroll
-			for (int j = 0; j < NORM_NPT; j++)
-				if (tid + j * nt < dim)
-					a[j] += wgt * r[tid + j * nt];
+			for (int k = 0; k < KU; k++)
+#pragma unroll
+				for (int j = 0; j < NORM_NPT; j++)
+					r[k][j] = k0 + k < K && tid + j * nt < dim
+							  ? yp[(size_t)spk[k0 + k] * dim + tid + j * nt] : 0.0f;
+#pragma unroll
+			for (int k = 0; k < KU; k++)
+				if (k0 + k < K)
+#pragma unroll
+					for (int j = 0; j < NORM_NPT; j++)
+						if (tid + j * nt < dim)
+							a[j] += swk[k0 + k] * r[k][j];
 		}
 	}
 	float ss = 0;
@@ -152,10 +164,12 @@ static int norm_launch(int comb, float *x, const float *y, const float *yp, cons
 	float *qs = qo ? qo->s : NULL;
 	const int ld = qo ? qo->ld : 0;
 	const size_t smem = qo ? sizeof(float) * (size_t)dim : 0;
-	if (comb)
-		dsk_launch(norm_k<true>, T, nt, smem, s, x, y, yp, pos, wk, K, w, dim, eps, ob, ldo, of, q, qs, ld);
+#define NORM_LAUNCH(c, m) dsk_launch(norm_k<c, m>, T, nt, smem, s, x, y, yp, pos, wk, K, w, dim, eps, ob, ldo, of, q, qs, ld)
+	if (nt <= 256)
+		comb ? NORM_LAUNCH(true, 256) : NORM_LAUNCH(false, 256);
 	else
-		dsk_launch(norm_k<false>, T, nt, smem, s, x, y, yp, pos, wk, K, w, dim, eps, ob, ldo, of, q, qs, ld);
+		comb ? NORM_LAUNCH(true, 1024) : NORM_LAUNCH(false, 1024);
+#undef NORM_LAUNCH
 	return dsk_check(e, comb ? "combine_add_rmsnorm" : "add_rmsnorm");
 }
 

@@ -94,61 +94,108 @@ static __device__ void q_heads(const prep_args &a, int t, int h0, float *cs)
 	}
 }
 
-/* qabs[t][h][c0 + j] = sum_d W_UK[h][d][c0 + j] q_nope[t][h][d] for every
- * token: a thread takes a column pair and a quarter of d. */
-static __device__ void absorb(const prep_args &a, int h, int c0, float *sm)
+/* qabs[t][h][c0 + j] = sum_d W_UK[h][d][c0 + j] q_nope[t][h][d] for the T
+ * tokens: lane l of warp w takes columns c0 + 8 (l % 16) .. + 7 (16 bytes
+ * of each W_UK row) and the rows d = 16 i + 2 w + l / 16, i < nope / 16;
+ * the first AB of those rows load before the wait for the previous kernel
+ * (weights are never written), so only q's round trip is left after it
+ * (4-byte loads, four in flight, took 8 us a layer at V2-Lite's batch 1,
+ * ncu). Partial sums: the lane pair by shuffle, then the 8 warps in order
+ * through shared memory. */
+#define AB 8
+static __device__ void absorb_pre(const prep_args &a, int h, int c0, uint4 *wv)
 {
-	const int qk = a.nope + a.rope, tid = threadIdx.x, cp = tid % (AC / 2), dg = tid / (AC / 2);
-	float *qn = sm;                          /* [DSK_ABSORB_MAX_T][nope] */
-	float *red = sm + DSK_ABSORB_MAX_T * a.nope; /* [4][DSK_ABSORB_MAX_T][AC] */
+	const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, col = c0 + 8 * (lane & 15);
 	const dsk_bf16 *W = a.kvb + (size_t)h * (a.nope + a.vd) * a.kvl;
-	for (int i = tid; i < a.T * a.nope; i += blockDim.x) {
+#pragma unroll
+	for (int i = 0; i < AB; i++) {
+		const int d = 16 * i + 2 * w + (lane >> 4);
+		wv[i] = d < a.nope && col < a.kvl ? *(const uint4 *)(W + (size_t)d * a.kvl + col) : make_uint4(0, 0, 0, 0);
+	}
+}
+
+template <int TT>
+static __device__ void absorb(const prep_args &a, int h, int c0, float *sm, const uint4 *wv)
+{
+	const int qk = a.nope + a.rope, tid = threadIdx.x, lane = tid & 31, w = tid >> 5, T = a.T;
+	const int col = c0 + 8 * (lane & 15);
+	float *qn = sm;                 /* [T][nope] */
+	float *red = sm + T * a.nope;   /* [NT / 32][T][AC] */
+	const dsk_bf16 *W = a.kvb + (size_t)h * (a.nope + a.vd) * a.kvl;
+	for (int i = tid; i < T * a.nope; i += blockDim.x) {
 		const int t = i / a.nope, d = i % a.nope;
 		qn[i] = a.q[((size_t)t * a.nh + h) * qk + d];
 	}
 	__syncthreads();
-	const int col = c0 + 2 * cp;
-	float acc[DSK_ABSORB_MAX_T][2];
+	float acc[TT][8];
 #pragma unroll
-	for (int t = 0; t < DSK_ABSORB_MAX_T; t++)
-		acc[t][0] = acc[t][1] = 0;
-	if (col < a.kvl) {
-#pragma unroll 4
-		for (int d = dg; d < a.nope; d += 4) {
-			const float2 w = __bfloat1622float2(*(const __nv_bfloat162 *)(W + (size_t)d * a.kvl + col));
+	for (int t = 0; t < TT; t++)
 #pragma unroll
-			for (int t = 0; t < DSK_ABSORB_MAX_T; t++)
-				if (t < a.T) {
+		for (int j = 0; j < 8; j++)
+			acc[t][j] = 0;
+	for (int i0 = 0; 16 * i0 < a.nope; i0 += AB) {
+		uint4 wl[AB];
+#pragma unroll
+		for (int i = 0; i < AB; i++) {
+			const int d = 16 * (i0 + i) + 2 * w + (lane >> 4);
+			wl[i] = i0 == 0 ? wv[i]
+			      : d < a.nope && col < a.kvl ? *(const uint4 *)(W + (size_t)d * a.kvl + col) : make_uint4(0, 0, 0, 0);
+		}
+#pragma unroll
+		for (int i = 0; i < AB; i++) {
+			const int d = 16 * (i0 + i) + 2 * w + (lane >> 4);
+			if (d >= a.nope)
+				break;
+			float wf[8];
+#pragma unroll
+			for (int j = 0; j < 4; j++) {
+				const float2 f = __bfloat1622float2(((const __nv_bfloat162 *)&wl[i])[j]);
+				wf[2 * j] = f.x;
+				wf[2 * j + 1] = f.y;
+			}
+#pragma unroll
+			for (int t = 0; t < TT; t++)
+				if (t < T) {
 					const float v = qn[t * a.nope + d];
-					acc[t][0] += w.x * v;
-					acc[t][1] += w.y * v;
+#pragma unroll
+					for (int j = 0; j < 8; j++)
+						acc[t][j] += wf[j] * v;
 				}
 		}
 	}
 #pragma unroll
-	for (int t = 0; t < DSK_ABSORB_MAX_T; t++)
-		if (t < a.T) {
-			red[(dg * DSK_ABSORB_MAX_T + t) * AC + 2 * cp] = acc[t][0];
-			red[(dg * DSK_ABSORB_MAX_T + t) * AC + 2 * cp + 1] = acc[t][1];
-		}
+	for (int t = 0; t < TT; t++)
+		if (t < T)
+#pragma unroll
+			for (int j = 0; j < 8; j++) {
+				acc[t][j] += __shfl_xor_sync(0xffffffffu, acc[t][j], 16);
+				if (lane < 16)
+					red[((size_t)w * T + t) * AC + 8 * lane + j] = acc[t][j];
+			}
 	__syncthreads();
-	for (int i = tid; i < a.T * AC; i += blockDim.x) {
+	for (int i = tid; i < T * AC; i += blockDim.x) {
 		const int t = i / AC, j = i % AC;
 		if (c0 + j < a.kvl) {
 			float v = 0;
-			for (int k = 0; k < 4; k++)
-				v += red[(k * DSK_ABSORB_MAX_T + t) * AC + j];
+			for (int k = 0; k < NT / 32; k++)
+				v += red[((size_t)k * T + t) * AC + j];
 			a.qabs[((size_t)t * a.nh + h) * a.kvl + c0 + j] = v;
 		}
 	}
 }
 
+/* TT: the most tokens (1, 2 or DSK_ABSORB_MAX_T), which sizes the
+ * absorption's accumulators. */
+template <int TT>
 static __global__ void __launch_bounds__(NT) mla_prep_k(prep_args a)
 {
 	extern __shared__ float sm[];
 	__shared__ float cs[512], red[32];
 	int b = blockIdx.x;
-	const int nq = a.T * a.nqb;
+	const int nq = a.T * a.nqb, nch = (a.kvl + AC - 1) / AC, ab = b - a.T - nq;
+	uint4 wv[AB];
+	if (ab >= 0)
+		absorb_pre(a, ab / nch, ab % nch * AC, wv);
 	dsk_pdl_enter();
 	if (b < a.T) {
 		latent(a, b, cs, red);
@@ -159,9 +206,7 @@ static __global__ void __launch_bounds__(NT) mla_prep_k(prep_args a)
 		q_heads(a, b / a.nqb, b % a.nqb * QH, cs);
 		return;
 	}
-	b -= nq;
-	const int nch = (a.kvl + AC - 1) / AC;
-	absorb(a, b / nch, b % nch * AC, sm);
+	absorb<TT>(a, ab / nch, ab % nch * AC, sm, wv);
 }
 
 extern "C" int dsk_mla_prep(const dsk_kv_geom *g, int layer, const float *kv, const float *norm_w, float eps, float *q,
@@ -182,8 +227,13 @@ extern "C" int dsk_mla_prep(const dsk_kv_geom *g, int layer, const float *kv, co
 	size_t smem = 0;
 	if (kvb) {
 		blocks += nh * ((kvl + AC - 1) / AC);
-		smem = sizeof(float) * DSK_ABSORB_MAX_T * ((size_t)nope + 4 * AC);
+		smem = sizeof(float) * T * ((size_t)nope + NT / 32 * AC);
 	}
-	dsk_launch(mla_prep_k, blocks, NT, smem, s, a);
+	if (T == 1)
+		dsk_launch(mla_prep_k<1>, blocks, NT, smem, s, a);
+	else if (T == 2)
+		dsk_launch(mla_prep_k<2>, blocks, NT, smem, s, a);
+	else
+		dsk_launch(mla_prep_k<DSK_ABSORB_MAX_T>, blocks, NT, smem, s, a);
 	return dsk_check(e, "mla_prep");
 }

@@ -18,9 +18,10 @@ typedef struct dsk_kv_geom {
 } dsk_kv_geom;
 
 /* Decode-sized steps (T <= DSK_ABSORB_MAX_T) can have the W_UK absorption
- * done in the same launch. */
+ * done in the same launch (16-byte rows of W_UK; its partial sums fit the
+ * 48 KB of shared memory up to nope 256). */
 #define DSK_ABSORB_MAX_T 8
-static inline int dsk_mla_absorb_ok(int nope, int kvl) { return kvl % 2 == 0 && nope <= 512; }
+static inline int dsk_mla_absorb_ok(int nope, int kvl) { return kvl % 8 == 0 && nope <= 256; }
 
 /* kv[T][kvl+rope] float, q[T][nh*(nope+rope)] float; per token its sequence
  * seq[t] and position pos[t]; qb gets bf16 q. With kvb (kv_b_proj, bf16
