@@ -1,12 +1,12 @@
 /* attn.cu — split-KV absorbed MLA attention (see attn.h).
- * A block of 4 warps serves one token, 16 heads and one KV range, on the
- * tensor cores (mma.sync m16n8k16, bf16 in, float32 accumulators): the 16
- * heads' absorbed queries are the A operand of both products, so the cache
- * is read once per 16 heads. Per tile of 32 positions: warp w takes a
- * quarter of the kv_lora_rank + rope columns for all 32 positions (its
- * queries stay in registers) and the warps' partial scores are summed in
- * shared memory; the online softmax runs a head per lane group, and warp w
- * accumulates latent columns kvl/4 * w .. for all heads (lat += P C, the
+ * A block of NW warps (4 or 8) serves one token, 16 heads and one KV range,
+ * on the tensor cores (mma.sync m16n8k16, bf16 in, float32 accumulators):
+ * the 16 heads' absorbed queries are the A operand of both products, so the
+ * cache is read once per 16 heads. Per tile of 32 positions: warp w takes
+ * 1/NW of the kv_lora_rank + rope columns for all 32 positions (its queries
+ * stay in registers) and the warps' partial scores are summed in shared
+ * memory; the online softmax runs a head per lane group, and warp w
+ * accumulates latent columns kvl/NW * w .. for all heads (lat += P C, the
  * cache's fragments by ldmatrix.trans). Queries and probabilities enter as
  * a bf16 pair (hi + lo, two products each), which keeps them to ~16
  * mantissa bits: single bf16 rounding doubled the decode-vs-prefill
@@ -22,9 +22,14 @@
 
 #define HB 16    /* heads per block: the mma's M */
 #define TILE 32  /* positions per iteration */
-#define NW 4     /* warps */
-#define MAXNT 16 /* latent n-tiles of 8 per warp: kvl <= 512 */
-#define MAXKS 9  /* k16 steps of the scores a warp holds queries for: kvl + rope <= 576 */
+/* NW warps a block (4, or 8 for grids of at most a block an SM, where a
+ * block's chain of dependent instructions is the time: ncu, V2-Lite batch
+ * 1 at 1024, 32 blocks of one tile each, 9.4 us, stalled on fixed-latency
+ * dependencies); MAXNT(NW) latent n-tiles of 8 per warp (kvl <= 512),
+ * MAXKS(NW) k16 steps of the scores a warp holds queries for (kvl + rope
+ * <= 576). */
+#define MAXNT(NW) (64 / (NW))
+#define MAXKS(NW) ((36 + (NW) - 1) / (NW))
 #define RLD (TILE + 4) /* row stride of the partial scores */
 
 static __device__ __forceinline__ uint32_t ld32(const dsk_bf16 *p) { return *(const uint32_t *)p; }
@@ -73,8 +78,10 @@ static __device__ __forceinline__ const dsk_bf16 *tile_row(const dsk_attn_args &
 		      : a.g.pool;
 }
 
+template <int NW>
 static __global__ void __launch_bounds__(NW * 32) attn_k(dsk_attn_args a, int nsplit, int chunk)
 {
+	enum { MAXNT = MAXNT(NW), MAXKS = MAXKS(NW) };
 	extern __shared__ __align__(16) unsigned char smem_raw[];
 	const int kvl = a.kvl, kvd = a.kvl + a.rope, qk = a.nope + a.rope, ld = kvd + 8; /* +8: no bank conflicts */
 	dsk_bf16 *ks = (dsk_bf16 *)smem_raw;                 /* [2][TILE][ld] cache rows, double-buffered */
@@ -186,7 +193,7 @@ static __global__ void __launch_bounds__(NW * 32) attn_k(dsk_attn_args a, int ns
 			}
 		}
 		__syncthreads();
-		/* Online softmax: warp w takes heads 4w..4w+3 side by side (their
+		/* Online softmax: warp w takes HB / NW heads side by side (their
 		 * shuffles interleave), a lane per position; the warps' partial
 		 * scores summed in warp order. */
 		{
@@ -368,27 +375,53 @@ extern "C" size_t dsk_attn_ws_floats(int T, int nh, int kvl, int nsplit)
 	return (size_t)T * nh * nsplit * (kvl + 2);
 }
 
+static size_t attn_smem(int nw, int kvd)
+{
+	const int ld = kvd + 8;
+	return sizeof(dsk_bf16) * (size_t)2 * TILE * ld + sizeof(float) * nw * HB * RLD + sizeof(dsk_bf16) * 2 * HB * (TILE + 8) +
+	       sizeof(float) * (3 * HB + 2) + sizeof(void *) * 2 * TILE;
+}
+
+template <int NW>
+static bool attn_fits(const dsk_attn_args *a)
+{
+	const int kvd = a->kvl + a->rope;
+	return a->kvl % (8 * NW) == 0 && a->kvl <= 8 * NW * MAXNT(NW) && kvd <= 16 * NW * MAXKS(NW);
+}
+
+template <int NW>
+static void attn_launch(const dsk_attn_args *a, dim3 grid, int nsplit, int chunk, cudaStream_t s)
+{
+	const size_t smem = attn_smem(NW, a->kvl + a->rope);
+	static size_t raised;
+	if (smem > raised) {
+		cudaFuncSetAttribute(attn_k<NW>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+		raised = smem;
+	}
+	dsk_launch(attn_k<NW>, grid, NW * 32, smem, s, *a, nsplit, chunk);
+}
+
 extern "C" int dsk_mla_attention(const dsk_attn_args *a, int nsplit, dsk_stream s, ds_err *e)
 {
 	const int kvd = a->kvl + a->rope;
-	if (a->kvl % (8 * NW) || a->kvl > 8 * NW * MAXNT || kvd % 16 || kvd > 16 * NW * MAXKS || a->nope % 4 ||
-	    a->rope % 4)
+	if (!attn_fits<4>(a) || kvd % 16 || a->nope % 4 || a->rope % 4)
 		return ds_errf(e, -EINVAL, "mla_attention: kv_lora_rank %d + rope %d unsupported", a->kvl, a->rope);
 	const int rows = a->list ? a->n_list : a->T;
 	if (a->T <= 0 || rows <= 0)
 		return 0;
 	int chunk = (a->max_len + nsplit - 1) / nsplit;
 	chunk = (chunk + TILE - 1) / TILE * TILE;
-	const int ld = kvd + 8;
-	const size_t smem = sizeof(dsk_bf16) * (size_t)2 * TILE * ld + sizeof(float) * NW * HB * RLD +
-			    sizeof(dsk_bf16) * 2 * HB * (TILE + 8) + sizeof(float) * (3 * HB + 2) + sizeof(void *) * 2 * TILE;
-	static int raised;
-	if (!raised) {
-		cudaFuncSetAttribute(attn_k, cudaFuncAttributeMaxDynamicSharedMemorySize, 96 * 1024);
-		raised = 1;
-	}
 	dim3 grid(rows, (a->nh + HB - 1) / HB, nsplit);
-	dsk_launch(attn_k, grid, NW * 32, smem, s, *a, nsplit, chunk);
+	static int sms;
+	if (!sms) {
+		int d = 0;
+		if (cudaGetDevice(&d) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, d) != cudaSuccess)
+			sms = 132;
+	}
+	if ((long)grid.x * grid.y * grid.z <= sms && attn_fits<8>(a))
+		attn_launch<8>(a, grid, nsplit, chunk, s);
+	else
+		attn_launch<4>(a, grid, nsplit, chunk, s);
 	int rc = dsk_check(e, "mla_attention");
 	if (rc)
 		return rc;

@@ -631,6 +631,7 @@ static void test_attention(void **st)
 	check_attention(16, 512, 64, 16, 1);
 	check_attention(16, 512, 64, 64, 5);
 	check_attention(12, 128, 32, 16, 3);
+	check_attention(16, 512, 64, 16, 24); /* 144 blocks: the 4-warp kernel (fewer than the SMs take 8) */
 }
 
 /* A random device weight [N][K] (rand_host_weight's values). */
