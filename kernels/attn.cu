@@ -412,13 +412,7 @@ extern "C" int dsk_mla_attention(const dsk_attn_args *a, int nsplit, dsk_stream 
 	int chunk = (a->max_len + nsplit - 1) / nsplit;
 	chunk = (chunk + TILE - 1) / TILE * TILE;
 	dim3 grid(rows, (a->nh + HB - 1) / HB, nsplit);
-	static int sms;
-	if (!sms) {
-		int d = 0;
-		if (cudaGetDevice(&d) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, d) != cudaSuccess)
-			sms = 132;
-	}
-	if ((long)grid.x * grid.y * grid.z <= sms && attn_fits<8>(a))
+	if ((long)grid.x * grid.y * grid.z <= dsk_sm_count() && attn_fits<8>(a))
 		attn_launch<8>(a, grid, nsplit, chunk, s);
 	else
 		attn_launch<4>(a, grid, nsplit, chunk, s);

@@ -630,17 +630,6 @@ static void moe_tc_launch(const dsk_moe_gemv_args *a, cudaStream_t s)
 		       : dsk_launch(moe_tc_k<NT, false, false>, grid, block, 0, s, *a);
 }
 
-static int sm_count(void)
-{
-	static int n;
-	if (!n) {
-		int d = 0;
-		if (cudaGetDevice(&d) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, d) != cudaSuccess)
-			n = 132;
-	}
-	return n;
-}
-
 /* The warp rows (1 or 2 outputs each) a warp takes in turn, R <= 4: as few
  * as let the grid fit the blocks the SMs hold at once (one wave; each
  * block reads its expert's plan once). */
@@ -653,7 +642,7 @@ static void moe_launch1(const dsk_moe_gemv_args *a, int tiles, cudaStream_t s)
 		cudaGetLastError();
 		per = 2;
 	}
-	const long slots = (long)per * sm_count();
+	const long slots = (long)per * dsk_sm_count();
 	int R = (int)(((long)tiles * a->max_active + slots - 1) / slots);
 	R = R < 1 ? 1 : R > 4 ? 4 : R;
 	dsk_launch(moe_gemv_k<MR, FP8, GLU>, dim3((tiles + R - 1) / R, a->max_active), 256, 0, s, *a, R);
@@ -674,6 +663,9 @@ extern "C" int dsk_moe_gemv(const dsk_moe_gemv_args *a, dsk_stream s, ds_err *e)
 		return ds_errf(e, -EINVAL, "moe_gemv: K=%d", a->K);
 	if (a->max_active <= 0)
 		return 0;
+	const int rc = dsk_moe_bulk_pick(a) ? dsk_moe_gemv_bulk(a, s, e) : -ENOTSUP;
+	if (rc != -ENOTSUP)
+		return rc;
 	if (a->max_rows > 2) {
 		a->max_rows > 8 ? moe_tc_launch<2>(a, s) : moe_tc_launch<1>(a, s);
 		return dsk_check(e, "moe_gemv");

@@ -50,9 +50,18 @@ typedef struct dsk_moe_gemv_args {
 	const void *const *wp[2];
 	const float *const *sp[2];
 	int sld, fp8, glu, N, K;
+	int no_bulk; /* 1: never dsk_moe_gemv_bulk (tests compare the two) */
 } dsk_moe_gemv_args;
 
 DSK_EXTERN_C int dsk_moe_gemv(const dsk_moe_gemv_args *a, dsk_stream s, ds_err *e);
+
+/* The same for bf16 weights and max_rows <= 2 with the weight rows streamed
+ * into shared memory by bulk asynchronous copies (kernels/moe_bulk.cu), the
+ * same bits; dsk_moe_gemv takes it where it applies. -ENOTSUP (e untouched)
+ * elsewhere, or with DS_CUDA_MOE_BULK=0 in the environment. */
+DSK_EXTERN_C int dsk_moe_gemv_bulk(const dsk_moe_gemv_args *a, dsk_stream s, ds_err *e);
+/* Whether dsk_moe_gemv takes dsk_moe_gemv_bulk for these arguments. */
+DSK_EXTERN_C int dsk_moe_bulk_pick(const dsk_moe_gemv_args *a);
 
 /* Per-head rows (MLA's value up-projection for 1-2 tokens): out[t][h][i] =
  * bf16(W_h[i] . x[t][h]) for t < T <= 2, h < nh, i < rows, W_h = W + h *

@@ -43,4 +43,17 @@ static inline void dsk_launch(void (*k)(P...), dim3 grid, dim3 block, size_t sme
 	cudaLaunchKernelEx(&c, k, std::forward<A>(args)...);
 }
 
+/* The device's SM count (132 if it cannot be read), for grids sized to one
+ * wave. */
+static inline int dsk_sm_count(void)
+{
+	static int n;
+	if (!n) {
+		int d = 0;
+		if (cudaGetDevice(&d) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, d) != cudaSuccess)
+			n = 132;
+	}
+	return n;
+}
+
 #endif

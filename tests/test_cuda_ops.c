@@ -764,7 +764,9 @@ static void test_gemv_fused(void **st)
 /* The routed experts' GEMV with more than 2 rows a pass (tensor cores)
  * against the 1-2-row kernel (CUDA cores, more passes) on the same plan:
  * gate+up+SiLU with gathered rows, then down over the plan's rows, bf16 and
- * FP8, experts of 1-4 rows and of ~24 (several 16-token tiles). */
+ * FP8, experts of 1-4 rows and of ~24 (several 16-token tiles); in bf16
+ * also the bulk-copy kernel (dsk_moe_gemv_bulk), bit for bit the 1-2-row
+ * one's. */
 static void check_moe_gemv(int fp8, int T, int E, int K, int H, int I)
 {
 	ds_err e = { { 0 } };
@@ -812,9 +814,9 @@ static void check_moe_gemv(int fp8, int T, int E, int K, int H, int I)
 	float *qs = dup_up(NULL, 4 * (size_t)P * ((H > I ? H : I) / 128 + 1));
 	if (fp8)
 		assert_int_equal(dsk_quant_fp8(qx, qs, dx, Tp, H, NULL, &e), 0);
-	dsk_bf16 *h[2];
-	float *y[2];
-	for (int v = 0; v < 2; v++) {
+	dsk_bf16 *h[3];
+	float *y[3];
+	for (int v = 0; v < 3; v++) {
 		h[v] = dup_up(NULL, 2 * (size_t)P * I);
 		y[v] = dup_up(NULL, 4 * (size_t)P * H);
 		assert_int_equal(cudaMemset(h[v], 0, 2 * (size_t)P * I), cudaSuccess);
@@ -823,13 +825,18 @@ static void check_moe_gemv(int fp8, int T, int E, int K, int H, int I)
 	uint8_t *qh = dup_up(NULL, (size_t)P * I);
 	float *qhs = dup_up(NULL, 4 * (size_t)P * (I / 128 + 1));
 	const int max_act = T * K < E ? T * K : E;
-	for (int v = 0; v < 2; v++) { /* v 0: max_rows 2 (reference), 1: tensor cores */
-		const int mr = v ? (T < 16 ? T : 16) : 2;
+	/* v 0: max_rows 2 on the register kernel (reference), 1: tensor cores,
+	 * 2: max_rows 2 in bulk copies (bf16) */
+	for (int v = 0; v < (fp8 ? 2 : 3); v++) {
+		const int mr = v == 1 ? (T < 16 ? T : 16) : 2;
 		dsk_moe_gemv_args g = { .out = h[v], .ldo = I, .x = fp8 ? (const void *)qx : dx, .xs = qs, .xs_ld = Tp,
 					.row_src = drt, .off = doff, .cnt = dcnt, .act = dact, .max_active = max_act,
 					.max_rows = mr, .wp = { dp[0], dp[1] }, .sp = { ds[0], ds[1] },
-					.sld = w[0].sld, .fp8 = fp8, .glu = 1, .N = I, .K = H };
-		assert_int_equal(dsk_moe_gemv(&g, NULL, &e), 0);
+					.sld = w[0].sld, .fp8 = fp8, .glu = 1, .N = I, .K = H, .no_bulk = v == 0 };
+		if (v == 2)
+			assert_int_equal(dsk_moe_gemv_bulk(&g, NULL, &e), 0);
+		else
+			assert_int_equal(dsk_moe_gemv(&g, NULL, &e), 0);
 		/* the down projection reads the reference's h in both runs */
 		g.out = y[v];
 		g.ldo = H;
@@ -847,9 +854,16 @@ static void check_moe_gemv(int fp8, int T, int E, int K, int H, int I)
 			g.xs = qhs;
 			g.xs_ld = P;
 		}
-		assert_int_equal(dsk_moe_gemv(&g, NULL, &e), 0);
+		if (v == 2)
+			assert_int_equal(dsk_moe_gemv_bulk(&g, NULL, &e), 0);
+		else
+			assert_int_equal(dsk_moe_gemv(&g, NULL, &e), 0);
 	}
 	assert_int_equal(cudaDeviceSynchronize(), cudaSuccess);
+	if (!fp8) {
+		dev_equal(h[0], h[2], 2 * (size_t)P * I);
+		dev_equal(y[0], y[2], 4 * (size_t)P * H);
+	}
 	float *a = malloc(4 * (size_t)P * H), *b = malloc(4 * (size_t)P * H);
 	uint16_t *ha = malloc(2 * (size_t)P * I), *hb = malloc(2 * (size_t)P * I);
 	down(ha, h[0], 2 * (size_t)P * I);
@@ -878,7 +892,7 @@ static void check_moe_gemv(int fp8, int T, int E, int K, int H, int I)
 		free(hp[j]);
 		free(hs[j]);
 	}
-	void *dev[] = { di, dcnt, doff, dpos, drt, dact, dx, qx, qs, h[0], h[1], y[0], y[1], qh, qhs };
+	void *dev[] = { di, dcnt, doff, dpos, drt, dact, dx, qx, qs, h[0], h[1], h[2], y[0], y[1], y[2], qh, qhs };
 	FREE_ALL(dev);
 	free(w);
 	free(ids);
@@ -898,6 +912,7 @@ static void test_moe_gemv(void **st)
 		check_moe_gemv(fp8, 16, 64, 6, 256, 384);
 		check_moe_gemv(fp8, 64, 16, 6, 512, 256);
 	}
+	check_moe_gemv(0, 2, 16, 6, 2048, 1408); /* V2-Lite's expert rows: the bulk kernel's ring wraps */
 }
 
 /* The per-head GEMV (MLA's W_UV for 1-2 tokens) against a float64 loop:
@@ -1360,5 +1375,7 @@ int main(int argc, char **argv)
 		cmocka_unit_test(test_gemv_heads),
 		cmocka_unit_test(test_mla_prep),
 	};
+	if (getenv("DS_TEST_FILTER")) /* e.g. one test under compute-sanitizer */
+		cmocka_set_test_filter(getenv("DS_TEST_FILTER"));
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
