@@ -103,12 +103,14 @@ static __global__ void __launch_bounds__(NW * 32) attn_k(dsk_attn_args a, int ns
 	 * from shared memory (that traffic bounded a tile at ~2,000 cycles). */
 	const int nks = kvd / 16, pw = (nks + NW - 1) / NW;
 
-	dsk_pdl_enter();
+	/* Block tables are step inputs (kernels/launch.cuh): the first tiles'
+	 * rows are looked up before the wait. */
 	const int vec = kvd / 8; /* uint4 per row */
 	if (tid < TILE) {
 		rowp[tid] = tile_row(a, table, j0 + tid, j1, kvd);
 		rowp[TILE + tid] = tile_row(a, table, j0 + TILE + tid, j1, kvd);
 	}
+	dsk_pdl_enter();
 	__syncthreads();
 	/* The first tile starts arriving before the queries load. */
 	if (j0 < j1)

@@ -1,11 +1,14 @@
 /* launch.cuh — how kernels/ launches its kernels: programmatic dependent
  * launch (Hopper). A kernel launched with dsk_launch may start while the one
  * before it on the stream is still running: its blocks become resident and
- * can read the model's weights (which no kernel writes), then call
- * dsk_pdl_enter(), which waits until the previous kernel has finished and its
- * writes are visible, and lets the next kernel start in turn. So every
- * kernel launched this way calls dsk_pdl_enter() before it reads anything a
- * kernel wrote or writes anything; at most two kernels are in flight. At
+ * can read what no kernel writes — the model's weights, and the step's
+ * inputs the host uploads before the step's first kernel (token ids,
+ * positions, sequences, block tables: a copy is not relaxed by PDL) — then
+ * call dsk_pdl_enter(), which waits until the previous kernel has finished
+ * and its writes are visible, and lets the next kernel start in turn. So
+ * every kernel launched this way calls dsk_pdl_enter() before it reads
+ * anything a kernel wrote or writes anything; at most two kernels are in
+ * flight. At
  * batch 1 a decode step is some 400 short kernels, and the launch of each
  * then overlaps the tail of the one before (V2-Lite batch 1: 3.43 -> 3.32
  * ms, docs/PERFORMANCE.md). Work on another stream (the shared experts'

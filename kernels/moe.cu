@@ -35,22 +35,19 @@ static __device__ int warp_argmax(const float *v, const unsigned char *taken, in
 #define RW_FLOATS(E) (2 * (E) + 64 + MAX_K)
 static size_t route_smem(int E, int warps) { return (size_t)warps * (sizeof(float) * RW_FLOATS(E) + (E + 64)); }
 
-/* Token t's choice by warp wib of the block (scratch in sm); the ids also
- * in sids[0..K) when sids (shared memory of the caller). The weights are
- * computed from the choices kept in shared memory: read back from ids, each
- * was a round trip behind the store before it (the compiler cannot assume
- * ids and w apart), six of them at V2-Lite's top-6. */
-static __device__ void route_token(const dsk_route_cfg &c, const float *logits, const float *bias, int t, int32_t *ids,
-				   float *w, float *sm, int wib, int *sids = NULL)
+/* Token t's routing by warp wib of the block, in three steps over its
+ * scratch in sm: the scores s and the choice values ch (groups left out
+ * masked); the top-K of ch into sel (largest first, ties to the lower
+ * index); the ids and weights. */
+static __device__ void route_scores(const dsk_route_cfg &c, const float *logits, const float *bias, int t, float *sm,
+				    int wib)
 {
 	const int lane = threadIdx.x & 31;
 	const int E = c.E;
 	float *s = sm + (size_t)wib * RW_FLOATS(E);
 	float *ch = s + E;
 	float *gs = ch + E; /* 64 group scores */
-	int *sel = (int *)(gs + 64);
-	unsigned char *taken = (unsigned char *)(sm + (size_t)(blockDim.x / 32) * RW_FLOATS(E)) + (size_t)wib * (E + 64);
-	unsigned char *gtaken = taken + E;
+	unsigned char *gtaken = (unsigned char *)(sm + (size_t)(blockDim.x / 32) * RW_FLOATS(E)) + (size_t)wib * (E + 64) + E;
 	const float *lg = logits + (size_t)t * E;
 	if (c.sigmoid) {
 		for (int i = lane; i < E; i += 32)
@@ -72,10 +69,8 @@ static __device__ void route_token(const dsk_route_cfg &c, const float *logits, 
 		for (int i = lane; i < E; i += 32)
 			s[i] *= inv;
 	}
-	for (int i = lane; i < E; i += 32) {
+	for (int i = lane; i < E; i += 32)
 		ch[i] = s[i] + (bias && c.method == 2 ? bias[i] : 0.0f);
-		taken[i] = 0;
-	}
 	__syncwarp();
 	const int G = c.n_group;
 	if (c.method != 0 && G > 1) {
@@ -113,18 +108,62 @@ static __device__ void route_token(const dsk_route_cfg &c, const float *logits, 
 				ch[i] = 0.0f;
 		__syncwarp();
 	}
-	float sum = 0;
-	int32_t *id = ids + (size_t)t * c.K;
-	float *wt = w + (size_t)t * c.K;
+}
+
+static __device__ void route_pick(const dsk_route_cfg &c, float *sm, int wib)
+{
+	const int lane = threadIdx.x & 31, E = c.E;
+	float *ch = sm + (size_t)wib * RW_FLOATS(E) + E;
+	int *sel = (int *)(ch + E + 64);
+	unsigned char *taken = (unsigned char *)(sm + (size_t)(blockDim.x / 32) * RW_FLOATS(E)) + (size_t)wib * (E + 64);
+	for (int i = lane; i < E; i += 32)
+		taken[i] = 0;
+	__syncwarp();
 	for (int j = 0; j < c.K; j++) {
 		int b = warp_argmax(ch, taken, E);
 		if (lane == 0) {
 			taken[b] = 1;
 			sel[j] = b;
 		}
-		sum += s[b];
 		__syncwarp();
 	}
+}
+
+/* route_pick for all T tokens by the block's threads at once, thread
+ * t E + i ranking expert i of token t (T E <= blockDim.x): the same order,
+ * without K rounds of warp reductions on one warp (NaN ranks last). */
+static __device__ void route_rank(const dsk_route_cfg &c, float *sm, int T)
+{
+	const int E = c.E, t = threadIdx.x / E, i = threadIdx.x % E;
+	if (t >= T)
+		return;
+	const float *ch = sm + (size_t)t * RW_FLOATS(E) + E;
+	int *sel = (int *)(ch + E + 64);
+	const float v = isnan(ch[i]) ? -INFINITY : ch[i];
+	int r = 0;
+	for (int j = 0; j < E; j++) {
+		const float u = isnan(ch[j]) ? -INFINITY : ch[j];
+		r += u > v || (u == v && j < i);
+	}
+	if (r < c.K)
+		sel[r] = i;
+}
+
+/* The ids (also in sids[0..K) when sids, shared memory of the caller) and
+ * weights from sel: the weights are computed from the choices kept in
+ * shared memory (read back from ids, each was a round trip behind the store
+ * before it, six of them at V2-Lite's top-6). */
+static __device__ void route_finish(const dsk_route_cfg &c, int t, int32_t *ids, float *w, float *sm, int wib,
+				    int *sids)
+{
+	const int lane = threadIdx.x & 31, E = c.E;
+	const float *s = sm + (size_t)wib * RW_FLOATS(E);
+	const int *sel = (const int *)(s + 2 * E + 64);
+	float sum = 0;
+	for (int j = 0; j < c.K; j++)
+		sum += s[sel[j]];
+	int32_t *id = ids + (size_t)t * c.K;
+	float *wt = w + (size_t)t * c.K;
 	const float inv = c.norm_topk ? (float)(1.0 / ((double)sum + 1e-20)) : 1.0f;
 	for (int j = lane; j < c.K; j += 32) {
 		const int b = sel[j];
@@ -133,6 +172,15 @@ static __device__ void route_token(const dsk_route_cfg &c, const float *logits, 
 			sids[j] = b;
 		wt[j] = (c.norm_topk ? s[b] * inv : s[b]) * c.scale;
 	}
+}
+
+static __device__ void route_token(const dsk_route_cfg &c, const float *logits, const float *bias, int t, int32_t *ids,
+				   float *w, float *sm, int wib)
+{
+	route_scores(c, logits, bias, t, sm, wib);
+	route_pick(c, sm, wib);
+	__syncwarp();
+	route_finish(c, t, ids, w, sm, wib, NULL);
 }
 
 /* One warp per token. */
@@ -215,8 +263,6 @@ static __device__ void plan_body(const int32_t *ids, int n, int E, int32_t *cnt,
 		cur[x] = o;
 		off[x] = o;
 		cnt[x] = c[x];
-		if (load)
-			load[x] += (unsigned long long)c[x];
 		if (a && act)
 			act[1 + wact[wid] + ia - 1] = x;
 	}
@@ -229,6 +275,10 @@ static __device__ void plan_body(const int32_t *ids, int n, int E, int32_t *cnt,
 		pos[i] = r;
 		row_tok[r] = i / K;
 	}
+	/* Last: the read-modify-write waits for its load, which before a
+	 * barrier held the whole block. */
+	if (load && x < E)
+		load[x] += (unsigned long long)c[x];
 }
 
 static __global__ void __launch_bounds__(1024) plan_k(const int32_t *ids, int n, int E, int32_t *cnt, int32_t *off,
@@ -254,7 +304,15 @@ static __global__ void __launch_bounds__(1024) route_plan_k(dsk_route_cfg rc, co
 	dsk_pdl_enter();
 	const int wib = threadIdx.x / 32;
 	if (wib < T)
-		route_token(rc, logits, bias, wib, ids, w, sm, wib, sids + wib * rc.K);
+		route_scores(rc, logits, bias, wib, sm, wib);
+	__syncthreads();
+	if (T * rc.E <= (int)blockDim.x)
+		route_rank(rc, sm, T);
+	else if (wib < T)
+		route_pick(rc, sm, wib);
+	__syncthreads();
+	if (wib < T)
+		route_finish(rc, wib, ids, w, sm, wib, sids + wib * rc.K);
 	__syncthreads();
 	plan_body(sids, T * rc.K, rc.E, cnt, off, pos, row_tok, rc.K, act, load, p);
 }

@@ -37,10 +37,19 @@ static __device__ void rope_cs(const prep_args &a, int p, float *cs)
 	}
 }
 
-static __device__ void latent(const prep_args &a, int t, float *cs, float *red)
+/* Token t's cache slot: positions, sequences and block tables are step
+ * inputs, read before the wait (kernels/launch.cuh). */
+static __device__ dsk_bf16 *latent_slot(const prep_args &a, int t)
 {
-	const int p = a.pos[t], kvd = a.kvl + a.rope, kvl = a.kvl;
-	rope_cs(a, p, cs);
+	const int p = a.pos[t];
+	const int32_t blk = a.g.tables[(size_t)a.seq[t] * a.g.max_blocks + p / a.g.block_tokens];
+	return a.g.pool + (size_t)blk * a.g.block_stride + (size_t)a.layer * a.g.layer_stride +
+	       (size_t)(p % a.g.block_tokens) * (a.kvl + a.rope);
+}
+
+static __device__ void latent(const prep_args &a, int t, float *cs, float *red, dsk_bf16 *slot)
+{
+	const int kvd = a.kvl + a.rope, kvl = a.kvl;
 	const float *kr = a.kv + (size_t)t * kvd;
 	float ss = 0;
 	for (int i = threadIdx.x; i < kvl; i += blockDim.x)
@@ -59,9 +68,6 @@ static __device__ void latent(const prep_args &a, int t, float *cs, float *red)
 	}
 	__syncthreads();
 	const float inv = (float)(1.0 / sqrt((double)red[0] / kvl + a.eps));
-	const int32_t blk = a.g.tables[(size_t)a.seq[t] * a.g.max_blocks + p / a.g.block_tokens];
-	dsk_bf16 *slot = a.g.pool + (size_t)blk * a.g.block_stride + (size_t)a.layer * a.g.layer_stride +
-			 (size_t)(p % a.g.block_tokens) * kvd;
 	for (int i = threadIdx.x; i < kvl; i += blockDim.x)
 		slot[i] = __float2bfloat16(a.nw[i] * (kr[i] * inv));
 	for (int i = threadIdx.x; i < a.rope / 2; i += blockDim.x) {
@@ -75,8 +81,7 @@ static __device__ void latent(const prep_args &a, int t, float *cs, float *red)
 static __device__ void q_heads(const prep_args &a, int t, int h0, float *cs)
 {
 	const int qk = a.nope + a.rope, hn = min(QH, a.nh - h0), half = a.rope / 2;
-	rope_cs(a, a.pos[t], cs);
-	__syncthreads();
+	__syncthreads(); /* cs, filled before the wait */
 	float *qr = a.q + ((size_t)t * a.nh + h0) * qk;
 	dsk_bf16 *qbr = a.qb + ((size_t)t * a.nh + h0) * qk;
 	for (int i = threadIdx.x; i < hn * a.nope; i += blockDim.x) {
@@ -194,11 +199,18 @@ static __global__ void __launch_bounds__(NT) mla_prep_k(prep_args a)
 	int b = blockIdx.x;
 	const int nq = a.T * a.nqb, nch = (a.kvl + AC - 1) / AC, ab = b - a.T - nq;
 	uint4 wv[AB];
+	dsk_bf16 *slot = NULL;
 	if (ab >= 0)
 		absorb_pre(a, ab / nch, ab % nch * AC, wv);
+	else if (b < a.T) {
+		slot = latent_slot(a, b);
+		rope_cs(a, a.pos[b], cs);
+	} else {
+		rope_cs(a, a.pos[(b - a.T) / a.nqb], cs);
+	}
 	dsk_pdl_enter();
 	if (b < a.T) {
-		latent(a, b, cs, red);
+		latent(a, b, cs, red, slot);
 		return;
 	}
 	b -= a.T;
