@@ -30,14 +30,54 @@ static __device__ void row_argmax(const float *row, int V, float *pv, int *pi)
 	__shared__ float sv[32];
 	__shared__ int si[32];
 	const int tid = threadIdx.x, nt = blockDim.x;
-	/* A thread's first element seeds it, so an all -inf row gives 0. */
-	float v = tid < V ? row[tid] : -INFINITY;
-	int idx = tid < V ? tid : V;
-	for (int c = tid + nt; c < V; c += nt) {
-		const float x = row[c];
-		if (x > v) {
-			v = x;
-			idx = c;
+	/* A thread's first element seeds it, so an all -inf row gives 0. Rows
+	 * of 16-byte vectors: a thread's four at a time, AU vectors' loads out
+	 * at once and compared in index order after (one element a load, V =
+	 * 102400 took 16 us at batch 1, ncu: a tenth of the small trained
+	 * model's step). */
+	enum { AU = 8 };
+	float v;
+	int idx;
+	if (V % 4 == 0 && ((uintptr_t)row & 15) == 0) {
+		v = 4 * tid < V ? row[4 * tid] : -INFINITY;
+		idx = 4 * tid < V ? 4 * tid : V;
+		const float4 *r4 = (const float4 *)row;
+		const int n4 = V / 4;
+		for (int c = tid; c < n4; c += AU * nt) {
+			float4 x[AU];
+#pragma unroll
+			for (int u = 0; u < AU; u++)
+				x[u] = c + u * nt < n4 ? r4[c + u * nt] : make_float4(-INFINITY, -INFINITY, -INFINITY, -INFINITY);
+#pragma unroll
+			for (int u = 0; u < AU; u++) {
+				const int i = 4 * (c + u * nt);
+				if (x[u].x > v) {
+					v = x[u].x;
+					idx = i;
+				}
+				if (x[u].y > v) {
+					v = x[u].y;
+					idx = i + 1;
+				}
+				if (x[u].z > v) {
+					v = x[u].z;
+					idx = i + 2;
+				}
+				if (x[u].w > v) {
+					v = x[u].w;
+					idx = i + 3;
+				}
+			}
+		}
+	} else {
+		v = tid < V ? row[tid] : -INFINITY;
+		idx = tid < V ? tid : V;
+		for (int c = tid + nt; c < V; c += nt) {
+			const float x = row[c];
+			if (x > v) {
+				v = x;
+				idx = c;
+			}
 		}
 	}
 	for (int o = 16; o; o >>= 1)

@@ -1255,6 +1255,45 @@ static int bench_attn(void)
 	return 0;
 }
 
+/* Temperature-0 draws against a host argmax (the first index of the max):
+ * rows of V = 102400 (16-byte vectors, several rounds a thread) and 1003
+ * (the scalar scan), with the max tied at two places and an all -inf row. */
+static void check_argmax(int V)
+{
+	enum { R = 5 };
+	float *rows = malloc(sizeof(float) * (size_t)R * V);
+	int want[R];
+	for (int r = 0; r < R; r++) {
+		float *row = rows + (size_t)r * V;
+		for (int i = 0; i < V; i++)
+			row[i] = r == 4 ? -INFINITY : frand() * 8.0f;
+		if (r == 1 || r == 2) { /* ties: the lower index wins */
+			const int a = (r * 7919) % V, b = V - 1 - (r * 31) % (V / 2);
+			row[a] = row[b] = 100.0f;
+		}
+		int am = 0;
+		for (int i = 1; i < V; i++)
+			am = row[i] > row[am] ? i : am;
+		want[r] = am;
+	}
+	dsk_draw dr[R];
+	for (int r = 0; r < R; r++)
+		dr[r] = (dsk_draw){ .temperature = 0.0f };
+	float *drows = dup_up(rows, sizeof(float) * (size_t)R * V);
+	dsk_draw *ddr = dup_up(dr, sizeof(dr));
+	int32_t *dids = dup_up(NULL, sizeof(int32_t) * R), ids[R];
+	ds_err e = { { 0 } };
+	assert_int_equal(dsk_draw_rows(dids, drows, R, V, V, ddr, NULL, &e), 0);
+	down(ids, dids, sizeof(ids));
+	for (int r = 0; r < R; r++)
+		assert_int_equal(ids[r], want[r]);
+	print_message("argmax V=%d: %d rows as the host's (ties, an all -inf row)\n", V, R);
+	cudaFree(drows);
+	cudaFree(ddr);
+	cudaFree(dids);
+	free(rows);
+}
+
 /* Draws on the GPU against the host sampler's distribution (model/sampler.c,
  * an independent implementation): R copies of one logits row drawn with
  * stratified u = (r + 0.5) / R must hit each token R * p +- 2 times; rows
@@ -1348,6 +1387,8 @@ static void test_draw(void **st)
 	free(ids);
 	free(ids2);
 	free(dr);
+	check_argmax(102400);
+	check_argmax(1003);
 }
 
 int main(int argc, char **argv)
