@@ -165,7 +165,10 @@ static int norm_launch(int comb, float *x, const float *y, const float *yp, cons
 	const int ld = qo ? qo->ld : 0;
 	const size_t smem = qo ? sizeof(float) * (size_t)dim : 0;
 #define NORM_LAUNCH(c, m) dsk_launch(norm_k<c, m>, T, nt, smem, s, x, y, yp, pos, wk, K, w, dim, eps, ob, ldo, of, q, qs, ld)
-	if (nt <= 256)
+	/* Decode-sized steps: blocks of up to 256 threads, whose registers let
+	 * the combine's loads fly together; many rows (prefill): the 64-register
+	 * kernel, more blocks an SM (the same sums). */
+	if (nt <= 256 && T <= 64)
 		comb ? NORM_LAUNCH(true, 256) : NORM_LAUNCH(false, 256);
 	else
 		comb ? NORM_LAUNCH(true, 1024) : NORM_LAUNCH(false, 1024);

@@ -190,7 +190,9 @@ static __device__ void absorb(const prep_args &a, int h, int c0, float *sm, cons
 }
 
 /* TT: the most tokens (1, 2 or DSK_ABSORB_MAX_T), which sizes the
- * absorption's accumulators. */
+ * absorption's accumulators; 0: no absorption (prefill chunks), without
+ * its registers (158 at TT = 8 against 48: a 4096-token chunk's 12,288
+ * blocks took 270 us a layer on an H100). */
 template <int TT>
 static __global__ void __launch_bounds__(NT) mla_prep_k(prep_args a)
 {
@@ -200,7 +202,7 @@ static __global__ void __launch_bounds__(NT) mla_prep_k(prep_args a)
 	const int nq = a.T * a.nqb, nch = (a.kvl + AC - 1) / AC, ab = b - a.T - nq;
 	uint4 wv[AB];
 	dsk_bf16 *slot = NULL;
-	if (ab >= 0)
+	if (TT > 0 && ab >= 0)
 		absorb_pre(a, ab / nch, ab % nch * AC, wv);
 	else if (b < a.T) {
 		slot = latent_slot(a, b);
@@ -218,7 +220,8 @@ static __global__ void __launch_bounds__(NT) mla_prep_k(prep_args a)
 		q_heads(a, b / a.nqb, b % a.nqb * QH, cs);
 		return;
 	}
-	absorb<TT>(a, ab / nch, ab % nch * AC, sm, wv);
+	if constexpr (TT > 0)
+		absorb<TT>(a, ab / nch, ab % nch * AC, sm, wv);
 }
 
 extern "C" int dsk_mla_prep(const dsk_kv_geom *g, int layer, const float *kv, const float *norm_w, float eps, float *q,
@@ -241,7 +244,9 @@ extern "C" int dsk_mla_prep(const dsk_kv_geom *g, int layer, const float *kv, co
 		blocks += nh * ((kvl + AC - 1) / AC);
 		smem = sizeof(float) * T * ((size_t)nope + NT / 32 * AC);
 	}
-	if (T == 1)
+	if (!kvb)
+		dsk_launch(mla_prep_k<0>, blocks, NT, smem, s, a);
+	else if (T == 1)
 		dsk_launch(mla_prep_k<1>, blocks, NT, smem, s, a);
 	else if (T == 2)
 		dsk_launch(mla_prep_k<2>, blocks, NT, smem, s, a);
