@@ -348,13 +348,22 @@ static int moe_host_planned(ds_backend *b, const dlayer *d, int T, ds_err *e)
 	const int P = hoff[E];
 	ds_cuda_mark(b, 4);
 	TRY(dsk_moe_gather(b->xp, b->xn, b->row_tok, P, H, b->s, e));
+	/* Every expert's gate and up, one SiLU-mul over all P rows (the
+	 * experts' row ranges tile them, padding rows included: their zero
+	 * inputs give zeros), then the down projections: one launch a layer
+	 * instead of one an expert (64 a layer took ~7 us each at prefill). */
 	for (int x = 0; x < E; x++) {
 		const int r0 = hoff[x], n = hoff[x + 1] - r0;
 		if (n == 0)
 			continue;
 		TRY(ds_cuda_gemm(b, b->gp + (size_t)r0 * I, I, b->xp + (size_t)r0 * H, n, &d->eg[x], e));
 		TRY(ds_cuda_gemm(b, b->up + (size_t)r0 * I, I, b->xp + (size_t)r0 * H, n, &d->eu[x], e));
-		TRY(dsk_silu_mul(b->hp + (size_t)r0 * I, b->gp + (size_t)r0 * I, b->up + (size_t)r0 * I, n, I, b->s, e));
+	}
+	TRY(dsk_silu_mul(b->hp, b->gp, b->up, P, I, b->s, e));
+	for (int x = 0; x < E; x++) {
+		const int r0 = hoff[x], n = hoff[x + 1] - r0;
+		if (n == 0)
+			continue;
 		TRY(ds_cuda_gemm(b, b->yp + (size_t)r0 * H, H, b->hp + (size_t)r0 * I, n, &d->ed[x], e));
 	}
 	return 0;
