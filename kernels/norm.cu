@@ -49,8 +49,8 @@ static __device__ float block_sum(float v, float *red)
  * weights load before the wait for the previous kernel, the row stays in
  * registers (one round trip for x, y and the combine's operands, then the
  * expert rows: KU experts' loads in flight at once, which blocks of at most
- * MAXT = 256 threads have the registers for; a load an expert took 8.5 us
- * at V2-Lite's batch 1, ncu), and the FP8 groups read the normed row from
+ * MAXT = 256 threads have the registers for; one expert's rows a round trip,
+ * the kernel took 8.5 us at V2-Lite's batch 1, ncu), and the FP8 groups read the normed row from
  * shared memory. Float operations in the order of the unfused
  * dsk_moe_combine + RMSNorm. */
 template <bool COMB, int MAXT>
