@@ -380,8 +380,8 @@ extern "C" size_t dsk_attn_ws_floats(int T, int nh, int kvl, int nsplit)
 static size_t attn_smem(int nw, int kvd)
 {
 	const int ld = kvd + 8;
-	return sizeof(dsk_bf16) * (size_t)2 * TILE * ld + sizeof(float) * nw * HB * RLD + sizeof(dsk_bf16) * 2 * HB * (TILE + 8) +
-	       sizeof(float) * (3 * HB + 2) + sizeof(void *) * 2 * TILE;
+	return sizeof(dsk_bf16) * (size_t)2 * TILE * ld + sizeof(float) * nw * HB * RLD +
+	       sizeof(dsk_bf16) * 2 * HB * (TILE + 8) + sizeof(float) * (3 * HB + 2) + sizeof(void *) * 2 * TILE;
 }
 
 template <int NW>

@@ -49,10 +49,10 @@ static __device__ float block_sum(float v, float *red)
  * weights load before the wait for the previous kernel, the row stays in
  * registers (one round trip for x, y and the combine's operands, then the
  * expert rows: KU experts' loads in flight at once, which blocks of at most
- * MAXT = 256 threads have the registers for; one expert's rows a round trip,
- * the kernel took 8.5 us at V2-Lite's batch 1, ncu), and the FP8 groups read the normed row from
- * shared memory. Float operations in the order of the unfused
- * dsk_moe_combine + RMSNorm. */
+ * MAXT = 256 threads have the registers for; one expert's rows a round
+ * trip, the kernel took 8.5 us at V2-Lite's batch 1, ncu), and the FP8
+ * groups read the normed row from shared memory. Float operations in the
+ * order of the unfused dsk_moe_combine + RMSNorm. */
 template <bool COMB, int MAXT>
 static __global__ void __launch_bounds__(MAXT) norm_k(float *__restrict__ x, const float *__restrict__ y,
 						      const float *__restrict__ yp, const int32_t *__restrict__ pos,
@@ -164,7 +164,8 @@ static int norm_launch(int comb, float *x, const float *y, const float *yp, cons
 	float *qs = qo ? qo->s : NULL;
 	const int ld = qo ? qo->ld : 0;
 	const size_t smem = qo ? sizeof(float) * (size_t)dim : 0;
-#define NORM_LAUNCH(c, m) dsk_launch(norm_k<c, m>, T, nt, smem, s, x, y, yp, pos, wk, K, w, dim, eps, ob, ldo, of, q, qs, ld)
+#define NORM_LAUNCH(c, m) \
+	dsk_launch(norm_k<c, m>, T, nt, smem, s, x, y, yp, pos, wk, K, w, dim, eps, ob, ldo, of, q, qs, ld)
 	/* Decode-sized steps: blocks of up to 256 threads, whose registers let
 	 * the combine's loads fly together; many rows (prefill): the 64-register
 	 * kernel, more blocks an SM (the same sums). */
