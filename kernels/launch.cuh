@@ -8,10 +8,9 @@
  * and its writes are visible, and lets the next kernel start in turn. So
  * every kernel launched this way calls dsk_pdl_enter() before it reads
  * anything a kernel wrote or writes anything; at most two kernels are in
- * flight. At
- * batch 1 a decode step is some 400 short kernels, and the launch of each
- * then overlaps the tail of the one before (V2-Lite batch 1: 3.43 -> 3.32
- * ms, docs/PERFORMANCE.md). Work on another stream (the shared experts'
+ * flight. At batch 1 a decode step is some 400 short kernels, and the
+ * launch of each then overlaps the tail of the one before (V2-Lite batch 1:
+ * 3.43 -> 3.32 ms, docs/PERFORMANCE.md). Work on another stream (the shared experts'
  * side stream) joins by events, which PDL does not relax.
  * dsk_set_pdl(0) launches plainly (the waits become no-ops). */
 #ifndef DSK_LAUNCH_CUH
