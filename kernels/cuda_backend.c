@@ -552,6 +552,8 @@ static int create(const ds_model *m, ds_backend_config *cfg, ds_backend **out, d
 	float inv_freq[512];
 	ds_rope_inv_freq(c, inv_freq, &b->attn_factor);
 	b->softmax_scale = (float)ds_config_softmax_scale(c);
+	if (getenv("DS_CUDA_PDL") && !atoi(getenv("DS_CUDA_PDL")))
+		dsk_set_pdl(0);
 	b->inv_freq = dalloc(b, sizeof(float) * 256, e, &rc);
 	if (!rc)
 		rc = upload(b->inv_freq, inv_freq, sizeof(float) * (size_t)(c->qk_rope_head_dim / 2), e);
@@ -590,6 +592,10 @@ static int create(const ds_model *m, ds_backend_config *cfg, ds_backend **out, d
 		cfg->kv_blocks = b->kv_blocks;
 	}
 	b->kv = dalloc(b, block_bytes * (size_t)b->kv_blocks, e, &rc);
+	/* The uploads and memsets above went to the legacy stream, which the
+	 * backend's non-blocking streams do not wait for. */
+	if (!rc && (err = cudaDeviceSynchronize()) != cudaSuccess)
+		rc = ds_cuda_cerr(e, err, "weight upload");
 	if (rc) {
 		destroy(b);
 		return rc;
@@ -703,8 +709,12 @@ static int ensure_ws(ds_backend *b, int T, int n_seqs, int mb, ds_err *e)
 		cudaGetLastError();
 		return ds_errf(e, -ENOMEM, "cuda backend: no GPU memory for a %d-token step (%.1f MiB)", cT, off / 1048576.0);
 	}
-	/* Padding rows are read by GEMMs: keep them finite. */
-	cudaMemset(b->ws, 0, off);
+	/* Padding rows are read by GEMMs: keep them finite. On b->s: a plain
+	 * cudaMemset goes to the legacy stream, which b->s (non-blocking) does
+	 * not wait for, and could land after this step's first kernels wrote
+	 * (seen with another process busy on the GPU). */
+	if ((err = cudaMemsetAsync(b->ws, 0, off, b->s)) != cudaSuccess)
+		return ds_cuda_cerr(e, err, "workspace");
 	char *base = b->ws;
 #define FIX(ptr) b->ptr = (void *)(base + (uintptr_t)b->ptr)
 	FIX(x); FIX(y); FIX(hin); FIX(of); FIX(q); FIX(qa); FIX(kvx); FIX(qabs); FIX(g); FIX(u); FIX(logits_r);
