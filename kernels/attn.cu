@@ -34,33 +34,11 @@
 
 static __device__ __forceinline__ uint32_t ld32(const dsk_bf16 *p) { return *(const uint32_t *)p; }
 
-/* 16 bytes global -> shared, zero-filled when !valid. */
-static __device__ __forceinline__ void cp16(void *dst, const void *src, bool valid)
-{
-	const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
-	asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 16 : 0));
-}
-
 /* x = hi + lo, both bf16. */
 static __device__ __forceinline__ void split_bf16(float x, dsk_bf16 *hi, dsk_bf16 *lo)
 {
 	*hi = __float2bfloat16(x);
 	*lo = __float2bfloat16(x - __bfloat162float(*hi));
-}
-
-/* Shared-memory 8x8 b16 matrices into mma B fragments, transposed: lanes
- * 8m..8m+7 name the rows of matrix m. */
-static __device__ __forceinline__ void ldsm_x4_t(uint32_t r[4], const void *p)
-{
-	const unsigned a = (unsigned)__cvta_generic_to_shared(p);
-	asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-		     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-		     : "r"(a));
-}
-static __device__ __forceinline__ void ldsm_x2_t(uint32_t r[2], const void *p)
-{
-	const unsigned a = (unsigned)__cvta_generic_to_shared(p);
-	asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(a));
 }
 
 static __device__ __forceinline__ uint32_t bf2(dsk_bf16 lo, dsk_bf16 hi)
@@ -69,7 +47,7 @@ static __device__ __forceinline__ uint32_t bf2(dsk_bf16 lo, dsk_bf16 hi)
 }
 
 /* Row pointers of one tile's cache positions (j >= j1: the pool's start,
- * zero-filled by cp16). */
+ * zero-filled by dsk_cp16). */
 static __device__ __forceinline__ const dsk_bf16 *tile_row(const dsk_attn_args &a, const int32_t *table, int j, int j1,
 							   int kvd)
 {
@@ -116,7 +94,7 @@ static __global__ void __launch_bounds__(NW * 32) attn_k(dsk_attn_args a, int ns
 	if (j0 < j1)
 		for (int i = tid; i < TILE * vec; i += NW * 32) {
 			const int r = i / vec, v = i % vec;
-			cp16(ks + (size_t)r * ld + v * 8, rowp[r] + v * 8, j0 + r < j1);
+			dsk_cp16(ks + (size_t)r * ld + v * 8, rowp[r] + v * 8, j0 + r < j1);
 		}
 	asm volatile("cp.async.commit_group;\n" ::);
 	uint32_t qh[MAXKS][4], qlo[MAXKS][4];
@@ -161,7 +139,7 @@ static __global__ void __launch_bounds__(NW * 32) attn_k(dsk_attn_args a, int ns
 			const dsk_bf16 *const *rp = rowp + (buf ^ 1) * TILE;
 			for (int i = tid; i < TILE * vec; i += NW * 32) {
 				const int r = i / vec, v = i % vec;
-				cp16(kn + (size_t)r * ld + v * 8, rp[r] + v * 8, jt + TILE + r < j1);
+				dsk_cp16(kn + (size_t)r * ld + v * 8, rp[r] + v * 8, jt + TILE + r < j1);
 			}
 		}
 		asm volatile("cp.async.commit_group;\ncp.async.wait_group 1;\n" ::);
@@ -264,9 +242,9 @@ static __global__ void __launch_bounds__(NW * 32) attn_k(dsk_attn_args a, int ns
 				const int col = (w * ntw + j) * 8;
 				uint32_t b[4];
 				if (j + 1 < ntw) {
-					ldsm_x4_t(b, kr + col);
+					dsk_ldsm_x4_t(b, kr + col);
 				} else {
-					ldsm_x2_t(b, kr + col);
+					dsk_ldsm_x2_t(b, kr + col);
 					b[2] = b[3] = 0;
 				}
 				dsk_mma_bf16(acc[j], a0, a1, a2, a3, b[0], b[1]);

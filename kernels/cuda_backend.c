@@ -14,6 +14,7 @@
 #include "kernels/attn.h"
 #include "kernels/cuda_backend.h"
 #include "kernels/cuda_internal.h"
+#include "kernels/flash.h"
 #include "kernels/gemm.h"
 #include "kernels/gemv.h"
 #include "kernels/graph.h"
@@ -554,6 +555,8 @@ static int create(const ds_model *m, ds_backend_config *cfg, ds_backend **out, d
 	b->softmax_scale = (float)ds_config_softmax_scale(c);
 	if (getenv("DS_CUDA_PDL") && !atoi(getenv("DS_CUDA_PDL")))
 		dsk_set_pdl(0);
+	const char *fl = getenv("DS_CUDA_FLASH");
+	b->flash = dsk_flash_ok(c->qk_nope_head_dim, c->qk_rope_head_dim, c->v_head_dim) && !(fl && !atoi(fl));
 	b->inv_freq = dalloc(b, sizeof(float) * 256, e, &rc);
 	if (!rc)
 		rc = upload(b->inv_freq, inv_freq, sizeof(float) * (size_t)(c->qk_rope_head_dim / 2), e);

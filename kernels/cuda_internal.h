@@ -65,11 +65,13 @@ struct ds_backend {
 	int32_t *tok, *pos, *seq, *tables, *ids, *cnt, *off, *ppos, *row_tok, *sel_idx;
 	int32_t *alist;  /* tokens the split-KV kernel attends for */
 	int32_t *act;    /* experts with rows in this layer's plan */
-	/* Long prefill chunks go through GEMM attention (see attention()). */
+	/* Long prefill chunks go through the flash kernel where it takes the
+	 * head shapes (flash; DS_CUDA_FLASH=0 turns it off), else GEMM
+	 * attention (see attention()). */
 	struct pf_seq {
 		int s, t0, n, p0;
 	} *pf;
-	int n_pf, n_short;
+	int n_pf, n_short, flash;
 	void *pf_buf;
 	size_t pf_cap;
 	uint8_t *qx;     /* quantized MoE activations (device MoE path) */

@@ -1,8 +1,8 @@
 /* cuda_layer.c — one decoder layer's launches on the CUDA backend (see
- * cuda_internal.h): MLA (projections, prep, split-KV or GEMM prefill
- * attention, W_UV, o_proj), the MoE (shared experts beside the router, the
- * device-planned grouped GEMVs or, for large steps, a GEMM triple per
- * expert, the combine with the next norm) or the dense MLP. All launches go
+ * cuda_internal.h): MLA (projections, prep, split-KV attention, the flash
+ * or GEMM prefill attention, W_UV, o_proj), the MoE (shared experts beside
+ * the router, the device-planned grouped GEMVs or, for large steps, a GEMM
+ * triple per expert, the combine with the next norm) or the dense MLP. All launches go
  * to the backend's streams; nothing here synchronizes except the
  * host-planned experts' row offsets. */
 #include <cuda_runtime_api.h>
@@ -11,6 +11,7 @@
 #include "kernels/act.h"
 #include "kernels/attn.h"
 #include "kernels/cuda_internal.h"
+#include "kernels/flash.h"
 #include "kernels/gemm.h"
 #include "kernels/gemv.h"
 #include "kernels/moe.h"
@@ -86,20 +87,71 @@ static int blas_err(ds_err *e, cublasStatus_t st, const char *what)
 	return st == CUBLAS_STATUS_SUCCESS ? 0 : ds_errf(e, -EIO, "cublas: %s: status %d", what, (int)st);
 }
 
-/* One long prefill chunk: scores, causal softmax and the latent sum as
- * tensor-core GEMMs over the sequence's gathered cache rows, a chunk of heads
- * at a time (scores take at most 512 MiB). */
-/* Queries per pass of the prefill attention: a pass scores only the keys up
- * to its last query (causal), so smaller passes skip more of the masked
- * half (512 of 4096: 56 % of the full square is computed). */
+/* Queries per pass of the GEMM prefill attention: a pass scores only the
+ * keys up to its last query (causal), so smaller passes skip more of the
+ * masked half (512 of 4096: 56 % of the full square is computed). */
 #define PF_QCHUNK 512
 
-/* A long prompt chunk of one sequence through cuBLAS, heads in groups of
- * hc: the keys' non-absorbed nope part k_h = W_UK_h c for the group, then
- * per pass of queries the scores q_nope k_h + q_pe k_pe (192-wide dot
- * products instead of the absorbed form's 576), the causal softmax, and the
- * latent sum lat = P c as in decode (o = W_UV lat follows for all tokens). */
-static int prefill_attention(ds_backend *b, int li, const struct pf_seq *p, const dsk_kv_geom *geo, ds_err *e)
+/* The prefill workspace: need bytes in b->pf_buf (grown, never shrunk). */
+static int pf_reserve(ds_backend *b, size_t need, int n, ds_err *e)
+{
+	if (need <= b->pf_cap)
+		return 0;
+	cudaStreamSynchronize(b->s);
+	cudaFree(b->pf_buf);
+	b->pf_buf = NULL;
+	b->pf_cap = 0;
+	if (cudaMalloc(&b->pf_buf, need) != cudaSuccess) {
+		cudaGetLastError();
+		return ds_errf(e, -ENOMEM, "cuda backend: no GPU memory for a %d-token prefill (%zu MiB)", n, need >> 20);
+	}
+	b->pf_cap = need;
+	return 0;
+}
+
+/* A long prompt chunk of one sequence in one kernel a group of heads
+ * (kernels/flash.h): the sequence's latent rows gathered, each head's keys
+ * and values [W_UK_h c ; W_UV_h c] by one batched GEMM (at most 512 MiB of
+ * them), then the flash kernel writes o for the chunk's tokens. */
+static int prefill_flash(ds_backend *b, int li, const struct pf_seq *p, const dsk_kv_geom *geo, ds_err *e)
+{
+	const ds_config *c = &b->m->cfg;
+	const dlayer *d = &b->L[li];
+	const int nh = c->num_attention_heads, nope = c->qk_nope_head_dim, rope = c->qk_rope_head_dim;
+	const int qk = nope + rope, kvl = c->kv_lora_rank, kvd = kvl + rope, vd = c->v_head_dim, kw = nope + vd;
+	const int len = p->p0 + p->n;
+	const size_t head_bytes = (size_t)len * kw * 2, kc_bytes = (size_t)len * kvd * 2;
+	int hc = (int)(((size_t)512 << 20) / head_bytes), rc;
+	hc = hc < 1 ? 1 : hc > nh ? nh : hc;
+	const size_t kv_bytes = ((size_t)hc * head_bytes + 255) & ~(size_t)255;
+	TRY(pf_reserve(b, kv_bytes + kc_bytes + 1024, p->n, e));
+	dsk_bf16 *kv = b->pf_buf, *kc = (dsk_bf16 *)((char *)b->pf_buf + kv_bytes);
+	TRY(dsk_kv_gather(geo, li, geo->tables + (size_t)p->s * geo->max_blocks, len, kvd, kc, b->s, e));
+	const float one = 1.0f, zero = 0.0f;
+	for (int h0 = 0; h0 < nh; h0 += hc) {
+		const int hn = nh - h0 < hc ? nh - h0 : hc;
+		/* kv_h [len][nope + vd] = c [len][kvl] kv_b_h^T (kv_b_h: rows h (nope + vd) ..) */
+		cublasStatus_t st = cublasGemmStridedBatchedEx(
+			b->blas, CUBLAS_OP_T, CUBLAS_OP_N, kw, len, kvl, &one, d->kvb + (size_t)h0 * kw * kvl, CUDA_R_16BF,
+			kvl, (long long)kw * kvl, kc, CUDA_R_16BF, kvd, 0, &zero, kv, CUDA_R_16BF, kw, (long long)len * kw,
+			hn, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+		TRY(blas_err(e, st, "prefill keys and values"));
+		dsk_flash_args a = { .q = b->qb + ((size_t)p->t0 * nh + h0) * qk, .kv = kv, .kpe = kc + kvl,
+				     .o = b->o + ((size_t)p->t0 * nh + h0) * vd, .q_ld = nh * qk, .kpe_ld = kvd,
+				     .o_ld = nh * vd, .nh = hn, .nope = nope, .rope = rope, .vd = vd, .n = p->n,
+				     .len = len, .p0 = p->p0, .scale = b->softmax_scale };
+		TRY(dsk_flash_prefill(&a, b->s, e));
+	}
+	return 0;
+}
+
+/* The same through cuBLAS and a softmax pass (head shapes the flash kernel
+ * lacks, and DS_CUDA_FLASH=0), heads in groups of hc: the keys' non-absorbed
+ * nope part k_h = W_UK_h c for the group, then per pass of queries the
+ * scores q_nope k_h + q_pe k_pe (192-wide dot products instead of the
+ * absorbed form's 576), the causal softmax, and the latent sum lat = P c as
+ * in decode (o = W_UV lat follows for all tokens). */
+static int prefill_gemm(ds_backend *b, int li, const struct pf_seq *p, const dsk_kv_geom *geo, ds_err *e)
 {
 	const ds_config *c = &b->m->cfg;
 	const dlayer *d = &b->L[li];
@@ -110,19 +162,8 @@ static int prefill_attention(ds_backend *b, int li, const struct pf_seq *p, cons
 	hc = hc < 1 ? 1 : hc > nh ? nh : hc;
 	const size_t s_bytes = (size_t)hc * qn * len * 4, kn_bytes = (size_t)hc * len * nope * 2,
 		     kc_bytes = (size_t)len * kvd * 2;
-	const size_t need = s_bytes + ((kn_bytes + 255) & ~(size_t)255) + kc_bytes + 1024;
 	int rc;
-	if (need > b->pf_cap) {
-		cudaStreamSynchronize(b->s);
-		cudaFree(b->pf_buf);
-		b->pf_buf = NULL;
-		b->pf_cap = 0;
-		if (cudaMalloc(&b->pf_buf, need) != cudaSuccess) {
-			cudaGetLastError();
-			return ds_errf(e, -ENOMEM, "cuda backend: no GPU memory for a %d-token prefill (%zu MiB)", n, need >> 20);
-		}
-		b->pf_cap = need;
-	}
+	TRY(pf_reserve(b, s_bytes + ((kn_bytes + 255) & ~(size_t)255) + kc_bytes + 1024, n, e));
 	float *S = b->pf_buf;
 	dsk_bf16 *kn = (dsk_bf16 *)((char *)b->pf_buf + s_bytes);
 	dsk_bf16 *kc = (dsk_bf16 *)((char *)kn + ((kn_bytes + 255) & ~(size_t)255));
@@ -191,13 +232,15 @@ static int attention(ds_backend *b, int li, int T, int max_len, const dsk_kv_geo
 		TRY(rc);
 	}
 	/* Few tokens: the W_UK absorption rides in the prep launch (its weights
-	 * read once for all tokens); more: one batched GEMM per step. */
+	 * read once for all tokens); more: one batched GEMM per step, for the
+	 * split-KV kernel's tokens (the flash kernel does not read qabs). */
 	const int fused = T <= DSK_ABSORB_MAX_T && dsk_mla_absorb_ok(nope, kvl);
+	const int flash = b->n_pf && b->flash;
 	TRY(dsk_mla_prep(geo, li, b->kvx, d->kv_a_norm, c->rms_norm_eps, b->q, b->qb, nh, nope, rope, kvl, b->inv_freq,
 			 b->attn_factor, b->seq, b->pos, T, fused ? d->kvb : NULL, vd, b->qabs, b->s, e));
 	const float one = 1.0f, zero = 0.0f;
 	cublasStatus_t st;
-	if (!fused) {
+	if (!fused && (b->n_short || !flash)) {
 		/* qabs[t][h] = W_UK_h^T q_nope[t][h]: per head, (kvl x nope) * (nope x T). */
 		st = cublasGemmStridedBatchedEx(b->blas, CUBLAS_OP_N, CUBLAS_OP_N, kvl, T, nope, &one, d->kvb,
 						CUDA_R_16BF, kvl, (long long)(nope + vd) * kvl, b->qb, CUDA_R_16BF,
@@ -206,8 +249,8 @@ static int attention(ds_backend *b, int li, int T, int max_len, const dsk_kv_geo
 		TRY(blas_err(e, st, "W_UK absorption"));
 	}
 	ds_cuda_mark(b, 1);
-	for (int k = 0; k < b->n_pf; k++)
-		TRY(prefill_attention(b, li, &b->pf[k], geo, e));
+	for (int k = 0; k < b->n_pf && !flash; k++)
+		TRY(prefill_gemm(b, li, &b->pf[k], geo, e));
 	if (b->n_short > 0) {
 		const int nsplit = dsk_attn_splits(b->n_short, nh, max_len, b->sms);
 		dsk_attn_args a = { .g = *geo, .layer = li, .q = b->q, .qabs = b->qabs, .nh = nh, .nope = nope,
@@ -224,15 +267,24 @@ static int attention(ds_backend *b, int li, int T, int max_len, const dsk_kv_geo
 	 * tokens a GEMV whose weights stream while the merge finishes (cuBLAS's
 	 * kernels do not let the next launch start early). (In the merge kernel
 	 * for few tokens this measured slower: 14.7 us against 6.0 + 5.2 on
-	 * V2-Lite at batch 1.) */
-	rc = dsk_gemv_heads(b->o, d->kvb + (size_t)nope * kvl, (long)(nope + vd) * kvl, b->lat, T, nh, vd, kvl, b->s, e);
-	if (rc == -ENOTSUP) {
-		st = cublasGemmStridedBatchedEx(b->blas, CUBLAS_OP_T, CUBLAS_OP_N, vd, T, kvl, &one,
-						d->kvb + (size_t)nope * kvl, CUDA_R_16BF, kvl, (long long)(nope + vd) * kvl,
-						b->lat, CUDA_R_16BF, nh * kvl, kvl, &zero, b->o, CUDA_R_16BF, nh * vd, vd, nh,
-						CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
-		rc = blas_err(e, st, "W_UV");
+	 * V2-Lite at batch 1.) With the flash kernel this runs for the short
+	 * tokens' rows only where there are some (over all T rows: the flash
+	 * kernel writes its rows of o after it). */
+	rc = 0;
+	if (!flash || b->n_short) {
+		rc = dsk_gemv_heads(b->o, d->kvb + (size_t)nope * kvl, (long)(nope + vd) * kvl, b->lat, T, nh, vd, kvl,
+				    b->s, e);
+		if (rc == -ENOTSUP) {
+			st = cublasGemmStridedBatchedEx(b->blas, CUBLAS_OP_T, CUBLAS_OP_N, vd, T, kvl, &one,
+							d->kvb + (size_t)nope * kvl, CUDA_R_16BF, kvl,
+							(long long)(nope + vd) * kvl, b->lat, CUDA_R_16BF, nh * kvl, kvl, &zero,
+							b->o, CUDA_R_16BF, nh * vd, vd, nh, CUBLAS_COMPUTE_32F,
+							CUBLAS_GEMM_DEFAULT);
+			rc = blas_err(e, st, "W_UV");
+		}
 	}
+	for (int k = 0; k < b->n_pf && flash && !rc; k++)
+		rc = prefill_flash(b, li, &b->pf[k], geo, e);
 	TRY(rc);
 	rc = ds_cuda_gemm(b, b->y, c->hidden_size, b->o, T, &d->o_proj, e);
 	ds_cuda_mark(b, 3);

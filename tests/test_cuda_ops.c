@@ -4,9 +4,10 @@
  * layouts), RMSNorm with the residual, SiLU*mul, MoE routing (V3 and V2),
  * the permutation + combine, and split-KV MLA attention over a paged cache;
  * the fused launches (two projections, gate+up+SiLU, MLA prep with the W_UK
- * absorption) against the separate ones they replace.
+ * absorption) against the separate ones they replace; the flash prefill
+ * attention against a float64 loop.
  * `test_cuda_ops --bench` times the GEMMs at DeepSeek-V3 shapes, `--bench-attn`
- * the decode attention by split count.
+ * the decode attention by split count and the flash prefill kernel.
  * Exits 77 without a GPU. */
 #include <math.h>
 #include <setjmp.h>
@@ -21,6 +22,7 @@
 
 #include "kernels/act.h"
 #include "kernels/attn.h"
+#include "kernels/flash.h"
 #include "kernels/gemm.h"
 #include "kernels/gemv.h"
 #include "kernels/moe.h"
@@ -634,6 +636,101 @@ static void test_attention(void **st)
 	check_attention(16, 512, 64, 16, 24); /* 144 blocks: the 4-warp kernel (fewer than the SMs take 8) */
 }
 
+/* Random bf16 values frand() * amp: bits in h, device copy returned. */
+static uint16_t *rand_bf16(uint16_t *h, size_t n, float amp)
+{
+	for (size_t i = 0; i < n; i++)
+		h[i] = ds_f32_to_bf16(frand() * amp);
+	return dup_up(h, 2 * n);
+}
+
+/* The flash prefill kernel against float64 causal attention from the same
+ * bf16 inputs: n queries from position p0 over len = p0 + n keys, nh heads,
+ * queries and outputs in rows wider than the heads (as in a step's buffers),
+ * roped keys in rows of a latent cache (kvl = 64 before them). Error per
+ * output row relative to its norm: a mask off by one key moves the first
+ * rows by tens of percent, a wrong row or head everything. */
+static void check_flash(int nope, int rope, int vd, int nh, int n, int p0)
+{
+	ds_err e = { { 0 } };
+	const int qk = nope + rope, kw = nope + vd, len = p0 + n, kvl = 64, kpe_ld = kvl + rope;
+	const int q_ld = (nh + 1) * qk, o_ld = (nh + 2) * vd; /* a head of padding each */
+	const float scale = 0.8f / sqrtf((float)qk);
+	uint16_t *q = malloc(2 * (size_t)n * q_ld), *kv = malloc(2 * (size_t)nh * len * kw),
+		 *kc = malloc(2 * (size_t)len * kpe_ld), *ob = malloc(2 * (size_t)n * o_ld);
+	uint16_t *dq = rand_bf16(q, (size_t)n * q_ld, 1.0f), *dkv = rand_bf16(kv, (size_t)nh * len * kw, 1.0f),
+		 *dkc = rand_bf16(kc, (size_t)len * kpe_ld, 1.0f), *dout = dup_up(NULL, 2 * (size_t)n * o_ld);
+	dsk_flash_args a = { .q = (const dsk_bf16 *)dq + qk, .kv = (const dsk_bf16 *)dkv,
+			     .kpe = (const dsk_bf16 *)dkc + kvl, .o = (dsk_bf16 *)dout + vd, .q_ld = q_ld,
+			     .kpe_ld = kpe_ld, .o_ld = o_ld, .nh = nh, .nope = nope, .rope = rope, .vd = vd, .n = n,
+			     .len = len, .p0 = p0, .scale = scale };
+	assert_true(dsk_flash_ok(nope, rope, vd));
+	if (dsk_flash_prefill(&a, NULL, &e))
+		fail_msg("flash: %s", e.msg);
+	down(ob, dout, 2 * (size_t)n * o_ld);
+	double worst = 0, sum = 0;
+	double *sc = malloc(sizeof(double) * len), *ref = malloc(sizeof(double) * vd);
+	for (int i = 0; i < n; i++)
+		for (int h = 0; h < nh; h++) {
+			const uint16_t *qr = q + (size_t)i * q_ld + (size_t)(h + 1) * qk;
+			const int nk = p0 + i + 1;
+			double mx = -INFINITY, tot = 0;
+			for (int j = 0; j < nk; j++) {
+				const uint16_t *kr = kv + ((size_t)h * len + j) * kw, *pe = kc + (size_t)j * kpe_ld + kvl;
+				double d = 0;
+				for (int k = 0; k < nope; k++)
+					d += (double)ds_bf16_to_f32(qr[k]) * ds_bf16_to_f32(kr[k]);
+				for (int k = 0; k < rope; k++)
+					d += (double)ds_bf16_to_f32(qr[nope + k]) * ds_bf16_to_f32(pe[k]);
+				sc[j] = d * scale;
+				mx = fmax(mx, sc[j]);
+			}
+			for (int j = 0; j < nk; j++)
+				tot += (sc[j] = exp(sc[j] - mx));
+			double num = 0, den = 0;
+			for (int v = 0; v < vd; v++) {
+				double acc = 0;
+				for (int j = 0; j < nk; j++)
+					acc += sc[j] * ds_bf16_to_f32(kv[((size_t)h * len + j) * kw + nope + v]);
+				ref[v] = acc / tot;
+				const double d = ds_bf16_to_f32(ob[(size_t)i * o_ld + (size_t)(h + 1) * vd + v]) - ref[v];
+				num += d * d;
+				den += ref[v] * ref[v];
+			}
+			const double r = sqrt(num / den);
+			worst = isnan(r) || r > worst ? (isnan(r) ? INFINITY : r) : worst;
+			sum += r;
+		}
+	/* the heads' padding around them stays untouched (poisoned 0xffff) */
+	for (int i = 0; i < n; i++)
+		for (int v = 0; v < vd; v++)
+			assert_int_equal(ob[(size_t)i * o_ld + v], 0xffff);
+	print_message("flash prefill %d+%d/%d, %d heads, %d queries from %d: row rel err mean %.3g, max %.3g\n", nope,
+		      rope, vd, nh, n, p0, sum / ((double)n * nh), worst);
+	/* bf16 inputs and outputs (~2^-9 each; H100: max 0.0025 a row) */
+	assert_true(worst < 8e-3);
+	free(sc);
+	free(ref);
+	free(q);
+	free(kv);
+	free(kc);
+	free(ob);
+	cudaFree(dq);
+	cudaFree(dkv);
+	cudaFree(dkc);
+	cudaFree(dout);
+}
+
+static void test_flash(void **st)
+{
+	(void)st;
+	check_flash(128, 64, 128, 3, 200, 0);  /* four query tiles, the last partial */
+	check_flash(128, 64, 128, 2, 100, 333); /* after a cached prefix, off the tile grid */
+	check_flash(32, 16, 32, 4, 64, 0);     /* one tile: every key on the diagonal */
+	check_flash(32, 32, 32, 2, 130, 5);
+	assert_false(dsk_flash_ok(64, 64, 64));
+}
+
 /* A random device weight [N][K] (rand_host_weight's values). */
 static dsk_weight rand_weight(int fp8, int N, int K)
 {
@@ -1169,6 +1266,59 @@ static int bench(void)
 /* --bench-attn: decode attention (V2-Lite/V3 latent shapes, 16 heads) per
  * call, launches back to back, by split count: T tokens each at context C
  * (median of 5 runs of 50 calls). */
+/* The flash prefill kernel at V2-Lite's (16 heads) and V3's (128) shapes,
+ * 4096 new tokens (and 1024 after a 3072-token prefix): TFLOP/s counts the
+ * causal half, 2 (qk + vd) flops a query-key pair and head. */
+static int bench_flash(void)
+{
+	ds_err e = { { 0 } };
+	const int nope = 128, rope = 64, vd = 128, qk = nope + rope, kw = nope + vd, kvd = 512 + rope;
+	const int cases[][3] = { { 16, 4096, 0 }, { 128, 4096, 0 }, { 16, 1024, 3072 } };
+	printf("\n%6s %6s %6s %10s %9s\n", "heads", "new", "prefix", "us/call", "TFLOP/s");
+	for (size_t k = 0; k < sizeof(cases) / sizeof(cases[0]); k++) {
+		const int nh = cases[k][0], n = cases[k][1], p0 = cases[k][2], len = p0 + n;
+		void *q, *kv, *kc, *o;
+		cudaMalloc(&q, 2 * (size_t)n * nh * qk);
+		cudaMalloc(&kv, 2 * (size_t)nh * len * kw);
+		cudaMalloc(&kc, 2 * (size_t)len * kvd);
+		cudaMalloc(&o, 2 * (size_t)n * nh * vd);
+		cudaMemset(q, 0x3c, 2 * (size_t)n * nh * qk);
+		cudaMemset(kv, 0x3c, 2 * (size_t)nh * len * kw);
+		cudaMemset(kc, 0x3c, 2 * (size_t)len * kvd);
+		dsk_flash_args a = { .q = q, .kv = kv, .kpe = (const dsk_bf16 *)kc + 512, .o = o, .q_ld = nh * qk,
+				     .kpe_ld = kvd, .o_ld = nh * vd, .nh = nh, .nope = nope, .rope = rope, .vd = vd,
+				     .n = n, .len = len, .p0 = p0, .scale = 0.07f };
+		cudaEvent_t e0, e1;
+		cudaEventCreate(&e0);
+		cudaEventCreate(&e1);
+		double ms[5];
+		int rc = dsk_flash_prefill(&a, NULL, &e);
+		for (int r = 0; r < 5 && !rc; r++) {
+			float t;
+			cudaEventRecord(e0, NULL);
+			for (int i = 0; i < 10 && !rc; i++)
+				rc = dsk_flash_prefill(&a, NULL, &e);
+			cudaEventRecord(e1, NULL);
+			cudaEventSynchronize(e1);
+			cudaEventElapsedTime(&t, e0, e1);
+			ms[r] = t / 10;
+		}
+		if (rc)
+			printf("%6d %6d %6d failed: %s\n", nh, n, p0, e.msg);
+		else {
+			const double pairs = (double)n * p0 + (double)n * (n + 1) / 2, us = median(ms, 5) * 1e3;
+			printf("%6d %6d %6d %10.1f %9.1f\n", nh, n, p0, us, 2.0 * pairs * nh * (qk + vd) / us * 1e-6);
+		}
+		cudaEventDestroy(e0);
+		cudaEventDestroy(e1);
+		cudaFree(q);
+		cudaFree(kv);
+		cudaFree(kc);
+		cudaFree(o);
+	}
+	return 0;
+}
+
 static int bench_attn(void)
 {
 	ds_err e = { { 0 } };
@@ -1252,7 +1402,7 @@ static int bench_attn(void)
 		free(hs);
 		free(hp);
 	}
-	return 0;
+	return bench_flash();
 }
 
 /* Temperature-0 draws against a host argmax (the first index of the max):
@@ -1410,6 +1560,7 @@ int main(int argc, char **argv)
 		cmocka_unit_test(test_norm_fp8),
 		cmocka_unit_test(test_route),
 		cmocka_unit_test(test_attention),
+		cmocka_unit_test(test_flash),
 		cmocka_unit_test(test_draw),
 		cmocka_unit_test(test_gemv_fused),
 		cmocka_unit_test(test_moe_gemv),
