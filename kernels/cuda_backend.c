@@ -557,6 +557,8 @@ static int create(const ds_model *m, ds_backend_config *cfg, ds_backend **out, d
 		dsk_set_pdl(0);
 	const char *fl = getenv("DS_CUDA_FLASH");
 	b->flash = dsk_flash_ok(c->qk_nope_head_dim, c->qk_rope_head_dim, c->v_head_dim) && !(fl && !atoi(fl));
+	const char *mg = getenv("DS_CUDA_MOE_GEMM");
+	b->moe_gemm = !(mg && !atoi(mg));
 	b->inv_freq = dalloc(b, sizeof(float) * 256, e, &rc);
 	if (!rc)
 		rc = upload(b->inv_freq, inv_freq, sizeof(float) * (size_t)(c->qk_rope_head_dim / 2), e);

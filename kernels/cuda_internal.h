@@ -72,6 +72,7 @@ struct ds_backend {
 		int s, t0, n, p0;
 	} *pf;
 	int n_pf, n_short, flash;
+	int moe_gemm; /* grouped expert GEMMs for host-planned bf16 experts (DS_CUDA_MOE_GEMM=0: off) */
 	void *pf_buf;
 	size_t pf_cap;
 	uint8_t *qx;     /* quantized MoE activations (device MoE path) */

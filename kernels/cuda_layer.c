@@ -15,6 +15,7 @@
 #include "kernels/gemm.h"
 #include "kernels/gemv.h"
 #include "kernels/moe.h"
+#include "kernels/moe_gemm.h"
 #include "kernels/norm.h"
 #include "kernels/rope.h"
 
@@ -262,7 +263,8 @@ static int attention(ds_backend *b, int li, int T, int max_len, const dsk_kv_geo
 			ns--;
 		TRY(dsk_mla_attention(&a, ns, b->s, e));
 	}
-	ds_cuda_mark(b, 2);
+	if (!flash)
+		ds_cuda_mark(b, 2);
 	/* o[t][h] = W_UV_h lat[t][h]: per head, (vd x kvl) * (kvl x T); for 1-2
 	 * tokens a GEMV whose weights stream while the merge finishes (cuBLAS's
 	 * kernels do not let the next launch start early). (In the merge kernel
@@ -285,6 +287,8 @@ static int attention(ds_backend *b, int li, int T, int max_len, const dsk_kv_geo
 	}
 	for (int k = 0; k < b->n_pf && flash && !rc; k++)
 		rc = prefill_flash(b, li, &b->pf[k], geo, e);
+	if (flash)
+		ds_cuda_mark(b, 2);
 	TRY(rc);
 	rc = ds_cuda_gemm(b, b->y, c->hidden_size, b->o, T, &d->o_proj, e);
 	ds_cuda_mark(b, 3);
@@ -383,8 +387,9 @@ static int moe(ds_backend *b, int li, int T, const struct next_norm *nn, ds_err 
 	return rc;
 }
 
-/* Larger steps: the row offsets come back to the host and each active
- * expert runs as a GEMM triple (cuBLASLt, or the GEMV for few rows). */
+/* Larger steps: the row offsets come back to the host; bf16 experts run as
+ * two grouped launches (kernels/moe_gemm.h), others each as a GEMM triple
+ * (cuBLASLt, or the GEMV for few rows). */
 static int moe_host_planned(ds_backend *b, const dlayer *d, int T, ds_err *e)
 {
 	const ds_config *c = &b->m->cfg;
@@ -400,6 +405,17 @@ static int moe_host_planned(ds_backend *b, const dlayer *d, int T, ds_err *e)
 	const int P = hoff[E];
 	ds_cuda_mark(b, 4);
 	TRY(dsk_moe_gather(b->xp, b->xn, b->row_tok, P, H, b->s, e));
+	if (b->moe_gemm && d->dev_moe && !d->moe_fp8 && !d->moe_fp8_down && dsk_moe_gemm_ok(E, I, H) &&
+	    dsk_moe_gemm_ok(E, H, I)) {
+		/* bf16: every expert in one launch each for gate/up + SiLU and down */
+		dsk_moe_gemm_args g = { .x = b->xp, .off = b->off, .w0 = (const void *const *)d->ew[0],
+					.w1 = (const void *const *)d->ew[1], .out = b->hp, .E = E, .N = I, .K = H,
+					.ldo = I, .max_rows = P };
+		TRY(dsk_moe_gemm(&g, 1, b->s, e));
+		g = (dsk_moe_gemm_args){ .x = b->hp, .off = b->off, .w0 = (const void *const *)d->ew[2], .out = b->yp,
+					 .E = E, .N = H, .K = I, .ldo = H, .max_rows = P };
+		return dsk_moe_gemm(&g, 0, b->s, e);
+	}
 	/* Every expert's gate and up, one SiLU-mul over all P rows (the
 	 * experts' row ranges tile them, padding rows included: their zero
 	 * inputs give zeros), then the down projections: one launch a layer

@@ -26,6 +26,7 @@
 #include "kernels/gemm.h"
 #include "kernels/gemv.h"
 #include "kernels/moe.h"
+#include "kernels/moe_gemm.h"
 #include "kernels/norm.h"
 #include "kernels/rope.h"
 #include "kernels/sample.h"
@@ -729,6 +730,81 @@ static void test_flash(void **st)
 	check_flash(32, 16, 32, 4, 64, 0);     /* one tile: every key on the diagonal */
 	check_flash(32, 32, 32, 2, 130, 5);
 	assert_false(dsk_flash_ok(64, 64, 64));
+}
+
+/* Grouped expert GEMMs against a float64 loop: E experts with uneven row
+ * counts (some empty, some over one 128-row tile, one not a multiple of
+ * 16), N not a multiple of the block's columns; GLU (SiLU(g) * u, bf16) and
+ * plain (float). Rows past off[E] stay untouched. */
+static void check_moe_gemm(int E, int N, int K, int glu)
+{
+	ds_err e = { { 0 } };
+	int32_t off[65];
+	off[0] = 0;
+	for (int x = 0; x < E; x++)
+		off[x + 1] = off[x] + (x % 5 == 3 ? 0 : x == 1 ? 300 : x == 2 ? 129 : 16 + 16 * (x % 4) + (x == 4));
+	const int P = off[E], R = P + 8;
+	uint16_t *xh = malloc(2 * (size_t)R * K), *wh = malloc(2 * (size_t)2 * E * N * K);
+	uint16_t *dx = rand_bf16(xh, (size_t)R * K, 1.0f), *dw = rand_bf16(wh, (size_t)2 * E * N * K, 1.0f / sqrtf((float)K));
+	const void *hp0[64], *hp1[64];
+	for (int x = 0; x < E; x++) {
+		hp0[x] = dw + (size_t)x * N * K;
+		hp1[x] = dw + (size_t)(E + x) * N * K;
+	}
+	void *dp0 = dup_up(hp0, sizeof(void *) * E), *dp1 = dup_up(hp1, sizeof(void *) * E);
+	int32_t *doff = dup_up(off, sizeof(int32_t) * (E + 1));
+	const size_t ob = glu ? 2 : 4;
+	void *dout = dup_up(NULL, ob * (size_t)R * N);
+	dsk_moe_gemm_args a = { .x = (const dsk_bf16 *)dx, .off = doff, .w0 = dp0, .w1 = dp1, .out = dout, .E = E,
+				.N = N, .K = K, .ldo = N, .max_rows = P };
+	assert_true(dsk_moe_gemm_ok(E, N, K));
+	if (dsk_moe_gemm(&a, glu, NULL, &e))
+		fail_msg("moe_gemm: %s", e.msg);
+	unsigned char *out = malloc(ob * (size_t)R * N);
+	down(out, dout, ob * (size_t)R * N);
+	double num = 0, den = 0;
+	for (int x = 0; x < E; x++)
+		for (int r = off[x]; r < off[x + 1]; r++)
+			for (int n = 0; n < N; n++) {
+				double g = 0, u = 0;
+				const uint16_t *xr = xh + (size_t)r * K, *w0 = wh + ((size_t)x * N + n) * K,
+					       *w1 = wh + ((size_t)(E + x) * N + n) * K;
+				for (int k = 0; k < K; k++) {
+					g += (double)ds_bf16_to_f32(xr[k]) * ds_bf16_to_f32(w0[k]);
+					if (glu)
+						u += (double)ds_bf16_to_f32(xr[k]) * ds_bf16_to_f32(w1[k]);
+				}
+				const double want = glu ? g / (1 + exp(-g)) * u : g;
+				const double got = glu ? ds_bf16_to_f32(((uint16_t *)out)[(size_t)r * N + n])
+						       : ((float *)out)[(size_t)r * N + n];
+				num += (got - want) * (got - want);
+				den += want * want;
+			}
+	for (size_t i = (size_t)P * N * ob; i < (size_t)R * N * ob; i++)
+		assert_int_equal(out[i], 0xff);
+	const double r = sqrt(num / den);
+	print_message("moe gemm %s, %d experts, %d rows, N %d K %d: rel err %.3g\n", glu ? "glu" : "plain", E, P, N, K, r);
+	assert_true(r < (glu ? 6e-3 : 1e-4));
+	free(xh);
+	free(wh);
+	free(out);
+	cudaFree(dx);
+	cudaFree(dw);
+	cudaFree(dp0);
+	cudaFree(dp1);
+	cudaFree(doff);
+	cudaFree(dout);
+}
+
+static void test_moe_gemm(void **st)
+{
+	(void)st;
+	check_moe_gemm(16, 1408, 256, 1); /* V2-Lite's expert width; 22 column blocks */
+	check_moe_gemm(16, 256, 1408, 0);
+	check_moe_gemm(9, 144, 96, 1);    /* columns past the last block of 64 */
+	check_moe_gemm(64, 208, 128, 0);
+	assert_false(dsk_moe_gemm_ok(300, 128, 128));
+	assert_false(dsk_moe_gemm_ok(8, 128, 100));
 }
 
 /* A random device weight [N][K] (rand_host_weight's values). */
@@ -1561,6 +1637,7 @@ int main(int argc, char **argv)
 		cmocka_unit_test(test_route),
 		cmocka_unit_test(test_attention),
 		cmocka_unit_test(test_flash),
+		cmocka_unit_test(test_moe_gemm),
 		cmocka_unit_test(test_draw),
 		cmocka_unit_test(test_gemv_fused),
 		cmocka_unit_test(test_moe_gemv),

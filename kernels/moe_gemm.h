@@ -1,0 +1,27 @@
+/* moe_gemm.h — the routed experts of a large step as two grouped GEMM
+ * launches (bf16): the rows of x sorted by expert (expert e's rows
+ * off[e] .. off[e+1] - 1, as the routing plan lays them out), each range
+ * times its expert's weight [N][K]. GLU: out (bf16) = SiLU(x Wg^T) * (x Wu^T)
+ * in one launch; otherwise out (float32) = x W^T. Blocks find their expert
+ * and rows from off on the device, so one launch covers every expert
+ * (cuBLASLt a GEMM an expert ran the V2-Lite 4096-token prefill's experts
+ * at ~190 TFLOP/s, this at ~215). Rows outside every range are not
+ * written. Shapes: E <= 256, N % 16 == 0, K % 32 == 0. */
+#ifndef DSK_MOE_GEMM_H
+#define DSK_MOE_GEMM_H
+
+#include "kernels/dsk.h"
+
+typedef struct dsk_moe_gemm_args {
+	const dsk_bf16 *x;            /* [rows][K] */
+	const int32_t *off;           /* device [E + 1] */
+	const void *const *w0, *const *w1; /* device [E] pointers to [N][K] bf16 (w1: up, GLU only) */
+	void *out;                    /* GLU: bf16 [rows][ldo]; else float [rows][ldo] */
+	int E, N, K, ldo;
+	int max_rows;                 /* >= off[E]: sizes the grid */
+} dsk_moe_gemm_args;
+
+DSK_EXTERN_C int dsk_moe_gemm_ok(int E, int N, int K);
+DSK_EXTERN_C int dsk_moe_gemm(const dsk_moe_gemm_args *a, int glu, dsk_stream s, ds_err *e);
+
+#endif
