@@ -1,13 +1,13 @@
 /* moe_gemm.cu — grouped expert GEMMs (see moe_gemm.h).
- * Block tile 128 rows x 128 weight rows, k in steps of 32 through a 4-stage
- * cp.async ring; 8 warps of 64 x 32 on mma.sync m16n8k16 (16 products per
+ * Block tile 128 rows x 128 weight rows, k in steps of 64 through a 3-stage
+ * cp.async ring (32 and 4 stages where K is not a multiple of 64); 8 warps of 64 x 32 on mma.sync m16n8k16 (16 products per
  * k16 step for 6 ldmatrix.x4). A block's rows come from blockIdx.y over the
  * experts' tile counts (ceil(rows / 128) each, prefix-summed in shared
  * memory from off). GLU: the 128 weight rows are 64 gate and 64 up rows
  * interleaved by 16, so each warp holds the gate and up products of the
  * same 16 output columns and applies SiLU(g) * u in registers. Shared rows
  * are 40 elements (80 bytes) apart: the 8 rows of an ldmatrix fall in
- * different banks. */
+ * different banks (72 for 64-wide steps). */
 #include <cuda_runtime.h>
 #include <math.h>
 #include <stdint.h>
@@ -18,9 +18,6 @@
 
 #define BM 128
 #define BN 128
-#define BK 32
-#define ST 4
-#define LD 40
 #define NT 256
 #define MAXE 256
 
@@ -41,8 +38,9 @@ template <int GLU> static __device__ __forceinline__ int wrow(int j, int c0, int
 	return c0 + j;
 }
 
-template <int GLU> static __global__ void __launch_bounds__(NT, 2) moe_gemm_k(dsk_moe_gemm_args a)
+template <int GLU, int BK, int ST> static __global__ void __launch_bounds__(NT, 2) moe_gemm_k(dsk_moe_gemm_args a)
 {
+	constexpr int LD = BK + 8, CH = BM * BK / 8 / NT;
 	extern __shared__ __align__(16) unsigned char gsm[];
 	dsk_bf16 *As = (dsk_bf16 *)gsm, *Bs = As + ST * BM * LD;
 	__shared__ int wsum[NT / 32], tile[3];
@@ -81,11 +79,11 @@ template <int GLU> static __global__ void __launch_bounds__(NT, 2) moe_gemm_k(ds
 	const dsk_bf16 *W0 = (const dsk_bf16 *)a.w0[ex], *W1 = GLU ? (const dsk_bf16 *)a.w1[ex] : NULL;
 
 	/* this thread's 2 A and 2 B chunks of 16 bytes a stage */
-	const dsk_bf16 *asrc[2], *bsrc[2];
-	bool aok[2], bok[2];
-	int aoff[2], boff[2];
+	const dsk_bf16 *asrc[CH], *bsrc[CH];
+	bool aok[CH], bok[CH];
+	int aoff[CH], boff[CH];
 #pragma unroll
-	for (int i = 0; i < 2; i++) {
+	for (int i = 0; i < CH; i++) {
 		const int ch = tid + i * NT, r = ch / (BK / 8), k8 = ch % (BK / 8) * 8;
 		aok[i] = r0 + r < r1;
 		asrc[i] = a.x + (size_t)(aok[i] ? r0 + r : r0) * a.K + k8;
@@ -100,7 +98,7 @@ template <int GLU> static __global__ void __launch_bounds__(NT, 2) moe_gemm_k(ds
 	auto load = [&](int kt, int st) {
 		dsk_bf16 *as = As + st * BM * LD, *bs = Bs + st * BN * LD;
 #pragma unroll
-		for (int i = 0; i < 2; i++) {
+		for (int i = 0; i < CH; i++) {
 			dsk_cp16(as + aoff[i], asrc[i] + kt * BK, aok[i]);
 			dsk_cp16(bs + boff[i], bsrc[i] + kt * BK, bok[i]);
 		}
@@ -185,7 +183,18 @@ template <int GLU> static __global__ void __launch_bounds__(NT, 2) moe_gemm_k(ds
 	}
 }
 
-extern "C" int dsk_moe_gemm_ok(int E, int N, int K) { return E > 0 && E <= MAXE && N % 16 == 0 && K % BK == 0; }
+extern "C" int dsk_moe_gemm_ok(int E, int N, int K) { return E > 0 && E <= MAXE && N % 16 == 0 && K % 32 == 0; }
+
+template <int GLU, int BK, int ST> static void launch(const dsk_moe_gemm_args *a, dim3 grid, cudaStream_t s)
+{
+	const size_t smem = (size_t)ST * (BM + BN) * (BK + 8) * sizeof(dsk_bf16);
+	static size_t raised;
+	if (smem > raised) {
+		cudaFuncSetAttribute(moe_gemm_k<GLU, BK, ST>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+		raised = smem;
+	}
+	dsk_launch(moe_gemm_k<GLU, BK, ST>, grid, NT, smem, s, *a);
+}
 
 extern "C" int dsk_moe_gemm(const dsk_moe_gemm_args *a, int glu, dsk_stream s, ds_err *e)
 {
@@ -194,23 +203,19 @@ extern "C" int dsk_moe_gemm(const dsk_moe_gemm_args *a, int glu, dsk_stream s, d
 			       a->ldo);
 	if (a->max_rows <= 0)
 		return 0;
-	const size_t smem = (size_t)ST * (BM + BN) * LD * sizeof(dsk_bf16);
-	static size_t raised[2];
-	if (smem > raised[glu != 0]) {
-		cudaFuncSetAttribute(glu ? moe_gemm_k<1> : moe_gemm_k<0>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-				     (int)smem);
-		raised[glu != 0] = smem;
-	}
-	/* every expert's last tile may be partial: at most rows / BM + E tiles */
 	/* column blocks fastest: the blocks resident together share their rows
 	 * of x (in L2) and walk one expert's weights (the other order, every
 	 * block another expert: the 4096-token prefill's experts 71 ms, 58 ms
 	 * with cuBLASLt an expert, ~51 ms this way; H100) */
 	const dim3 grid((unsigned)((a->N + (glu ? BN / 2 : BN) - 1) / (glu ? BN / 2 : BN)),
 			(unsigned)((a->max_rows + BM - 1) / BM + a->E));
+	/* k steps of 64 where K takes them (three stages: 108 KB, still two
+	 * blocks an SM): half the barriers of 32-wide steps; H100, V2-Lite bf16
+	 * prefill 4096 82.5 -> 79.0 ms (medians of 3, same call) */
+	const int b64 = a->K % 64 == 0;
 	if (glu)
-		dsk_launch(moe_gemm_k<1>, grid, NT, smem, s, *a);
+		b64 ? launch<1, 64, 3>(a, grid, s) : launch<1, 32, 4>(a, grid, s);
 	else
-		dsk_launch(moe_gemm_k<0>, grid, NT, smem, s, *a);
+		b64 ? launch<0, 64, 3>(a, grid, s) : launch<0, 32, 4>(a, grid, s);
 	return dsk_check(e, "moe_gemm");
 }
