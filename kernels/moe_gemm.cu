@@ -1,7 +1,8 @@
 /* moe_gemm.cu — grouped expert GEMMs (see moe_gemm.h).
  * Block tile 128 rows x 128 weight rows, k in steps of 64 through a 3-stage
- * cp.async ring (32 and 4 stages where K is not a multiple of 64); 8 warps of 64 x 32 on mma.sync m16n8k16 (16 products per
- * k16 step for 6 ldmatrix.x4). A block's rows come from blockIdx.y over the
+ * cp.async ring (32 and 4 stages where K is not a multiple of 64); 8 warps
+ * of 64 x 32 on mma.sync m16n8k16 (16 products per k16 step for 6
+ * ldmatrix.x4). A block's rows come from blockIdx.y over the
  * experts' tile counts (ceil(rows / 128) each, prefix-summed in shared
  * memory from off). GLU: the 128 weight rows are 64 gate and 64 up rows
  * interleaved by 16, so each warp holds the gate and up products of the
