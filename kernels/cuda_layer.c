@@ -424,8 +424,9 @@ static int moe_host_planned(ds_backend *b, const dlayer *d, int T, ds_err *e)
 		const int r0 = hoff[x], n = hoff[x + 1] - r0;
 		if (n == 0)
 			continue;
-		TRY(ds_cuda_gemm(b, b->gp + (size_t)r0 * I, I, b->xp + (size_t)r0 * H, n, &d->eg[x], e));
-		TRY(ds_cuda_gemm(b, b->up + (size_t)r0 * I, I, b->xp + (size_t)r0 * H, n, &d->eu[x], e));
+		/* gate and up on one quantization of the expert's rows (FP8) */
+		TRY(dsk_gemm_run2(b->gemm, b->gp + (size_t)r0 * I, I, &d->eg[x], b->up + (size_t)r0 * I, I, &d->eu[x],
+				  b->xp + (size_t)r0 * H, n, e));
 	}
 	TRY(dsk_silu_mul(b->hp, b->gp, b->up, P, I, b->s, e));
 	for (int x = 0; x < E; x++) {
