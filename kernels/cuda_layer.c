@@ -416,6 +416,23 @@ static int moe_host_planned(ds_backend *b, const dlayer *d, int T, ds_err *e)
 					 .E = E, .N = H, .K = I, .ldo = H, .max_rows = P };
 		return dsk_moe_gemm(&g, 0, b->s, e);
 	}
+	if (b->moe_gemm && d->dev_moe && d->moe_fp8 && d->moe_fp8_down && H % 128 == 0 && I % 128 == 0 &&
+	    P % 4 == 0 && dsk_moe_gemm_ok(E, I, H) && dsk_moe_gemm_ok(E, H, I)) {
+		/* FP8: the plan's rows quantized once (not once an expert and
+		 * weight), every expert in one launch each as for bf16 */
+		TRY(dsk_quant_fp8(b->qx, b->qxs, b->xp, P, H, b->s, e));
+		dsk_moe_gemm_args g = { .x = b->qx, .off = b->off, .w0 = (const void *const *)d->ew[0],
+					.w1 = (const void *const *)d->ew[1], .out = b->hp, .E = E, .N = I, .K = H,
+					.ldo = I, .max_rows = P, .fp8 = 1, .xs = b->qxs, .xs_ld = P,
+					.s0 = (const float *const *)d->es[0], .s1 = (const float *const *)d->es[1],
+					.sld = d->esld[0] };
+		TRY(dsk_moe_gemm(&g, 1, b->s, e));
+		TRY(dsk_quant_fp8(b->qx, b->qxs, b->hp, P, I, b->s, e));
+		g = (dsk_moe_gemm_args){ .x = b->qx, .off = b->off, .w0 = (const void *const *)d->ew[2], .out = b->yp,
+					 .E = E, .N = H, .K = I, .ldo = H, .max_rows = P, .fp8 = 1, .xs = b->qxs,
+					 .xs_ld = P, .s0 = (const float *const *)d->es[2], .sld = d->esld[2] };
+		return dsk_moe_gemm(&g, 0, b->s, e);
+	}
 	/* Every expert's gate and up, one SiLU-mul over all P rows (the
 	 * experts' row ranges tile them, padding rows included: their zero
 	 * inputs give zeros), then the down projections: one launch a layer

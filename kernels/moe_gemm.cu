@@ -39,11 +39,18 @@ template <int GLU> static __device__ __forceinline__ int wrow(int j, int c0, int
 	return c0 + j;
 }
 
-template <int GLU, int BK, int ST> static __global__ void __launch_bounds__(NT, 2) moe_gemm_k(dsk_moe_gemm_args a)
+/* FP8: e4m3 x and weights, BK = 128 (one scale block a stage): each
+ * stage's products go to tmp and join acc scaled by the rows' activation
+ * scales (staged in shared memory with the tile) and the weight block's. The
+ * byte layout of a stage is the bf16 kernel's at BK = 64 (rows of 128 bytes,
+ * 144 apart), and a k32 e4m3 step reads the fragments a k16 bf16 step does. */
+template <int GLU, int BK, int ST, int FP8>
+static __global__ void __launch_bounds__(NT, FP8 ? 1 : 2) moe_gemm_k(dsk_moe_gemm_args a)
 {
-	constexpr int LD = BK + 8, CH = BM * BK / 8 / NT;
+	constexpr int EB = FP8 ? 1 : 2, RB = BK * EB, LD = RB + 16, CH = BM * RB / 16 / NT;
 	extern __shared__ __align__(16) unsigned char gsm[];
-	dsk_bf16 *As = (dsk_bf16 *)gsm, *Bs = As + ST * BM * LD;
+	char *As = (char *)gsm, *Bs = As + ST * BM * LD;
+	float *Ss = (float *)(Bs + ST * BN * LD); /* FP8: [ST][BM] activation scales */
 	__shared__ int wsum[NT / 32], tile[3];
 	dsk_pdl_enter();
 
@@ -77,31 +84,30 @@ template <int GLU, int BK, int ST> static __global__ void __launch_bounds__(NT, 
 		return;
 	const int r0 = tile[0], r1 = tile[1], ex = tile[2];
 	const int c0 = blockIdx.x * (GLU ? BN / 2 : BN);
-	const dsk_bf16 *W0 = (const dsk_bf16 *)a.w0[ex], *W1 = GLU ? (const dsk_bf16 *)a.w1[ex] : NULL;
+	const char *W0 = (const char *)a.w0[ex], *W1 = GLU ? (const char *)a.w1[ex] : NULL;
 
-	/* this thread's 2 A and 2 B chunks of 16 bytes a stage */
-	const dsk_bf16 *asrc[CH], *bsrc[CH];
-	bool aok[CH], bok[CH];
-	int aoff[CH], boff[CH];
-#pragma unroll
-	for (int i = 0; i < CH; i++) {
-		const int ch = tid + i * NT, r = ch / (BK / 8), k8 = ch % (BK / 8) * 8;
-		aok[i] = r0 + r < r1;
-		asrc[i] = a.x + (size_t)(aok[i] ? r0 + r : r0) * a.K + k8;
-		aoff[i] = r * LD + k8;
-		int up;
-		const int n = wrow<GLU>(r, c0, &up);
-		bok[i] = n < a.N;
-		bsrc[i] = (up ? W1 : W0) + (size_t)(bok[i] ? n : 0) * a.K + k8;
-		boff[i] = r * LD + k8;
-	}
+	/* this thread's CH A and CH B chunks of 16 bytes a stage: rows
+	 * tid / 8 + 32 i, bytes (tid % 8) * 16 of the stage's RB (computed
+	 * in place: arrays of pointers cost the registers) */
+	const size_t rowb = (size_t)a.K * EB;
+	const int k16 = (tid % (RB / 16)) * 16, rt = tid / (RB / 16);
 	const int KT = a.K / BK;
 	auto load = [&](int kt, int st) {
-		dsk_bf16 *as = As + st * BM * LD, *bs = Bs + st * BN * LD;
+		char *as = As + st * BM * LD, *bs = Bs + st * BN * LD;
+		const size_t kb = (size_t)kt * RB + k16;
 #pragma unroll
 		for (int i = 0; i < CH; i++) {
-			dsk_cp16(as + aoff[i], asrc[i] + kt * BK, aok[i]);
-			dsk_cp16(bs + boff[i], bsrc[i] + kt * BK, bok[i]);
+			const int r = rt + i * (NT / (RB / 16));
+			const bool ok = r0 + r < r1;
+			dsk_cp16(as + r * LD + k16, (const char *)a.x + (size_t)(ok ? r0 + r : r0) * rowb + kb, ok);
+			int up;
+			const int n = wrow<GLU>(r, c0, &up);
+			const bool nok = n < a.N;
+			dsk_cp16(bs + r * LD + k16, (up ? W1 : W0) + (size_t)(nok ? n : 0) * rowb + kb, nok);
+		}
+		if (FP8 && tid < BM / 4) { /* the rows' scales of k block kt, 4 a chunk */
+			const int rr = r0 + tid * 4;
+			dsk_cp16(Ss + st * BM + tid * 4, a.xs + (size_t)kt * a.xs_ld + (rr < r1 ? rr : r0), rr < r1);
 		}
 	};
 #pragma unroll
@@ -112,31 +118,43 @@ template <int GLU, int BK, int ST> static __global__ void __launch_bounds__(NT, 
 	}
 
 	const int wm = w / 4, wn = w % 4, g = lane / 4, q = lane % 4;
-	float acc[4][4][4];
+	float acc[4][4][4], tmp[FP8 ? 4 : 1][4][4];
 #pragma unroll
 	for (int i = 0; i < 4; i++)
 #pragma unroll
 		for (int j = 0; j < 4; j++)
 			acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.0f;
+	/* the weight scales' rows: the block's weight rows sit in one 128-row block */
+	const float *sw0 = FP8 ? a.s0[ex] + (size_t)(c0 / 128) * a.sld : NULL;
+	const float *sw1 = FP8 && GLU ? a.s1[ex] + (size_t)(c0 / 128) * a.sld : NULL;
 	for (int kt = 0; kt < KT; kt++) {
 		asm volatile("cp.async.wait_group %0;\n" ::"n"(ST - 2));
 		__syncthreads();
 		if (kt + ST - 1 < KT)
 			load(kt + ST - 1, (kt + ST - 1) % ST);
 		asm volatile("cp.async.commit_group;\n" ::);
-		const dsk_bf16 *as = As + (kt % ST) * BM * LD, *bs = Bs + (kt % ST) * BN * LD;
+		const char *as = As + (kt % ST) * BM * LD, *bs = Bs + (kt % ST) * BN * LD;
+		if (FP8) {
 #pragma unroll
-		for (int kk = 0; kk < BK / 16; kk++) {
+			for (int i = 0; i < 4; i++)
+#pragma unroll
+				for (int j = 0; j < 4; j++)
+					tmp[i][j][0] = tmp[i][j][1] = tmp[i][j][2] = tmp[i][j][3] = 0.0f;
+		}
+		/* FP8: one k step at a time (unrolled, the four steps' fragments
+		 * held at once spilled at 255 registers) */
+#pragma unroll(FP8 ? 1 : RB / 32)
+		for (int kk = 0; kk < RB / 32; kk++) {
 			uint32_t af[4][4], bf[4][2];
 #pragma unroll
 			for (int mt = 0; mt < 4; mt++)
-				dsk_ldsm_x4(af[mt], as + (wm * 64 + mt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + kk * 16 +
-							    (lane >> 4) * 8);
+				dsk_ldsm_x4(af[mt], as + (wm * 64 + mt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + kk * 32 +
+							    (lane >> 4) * 16);
 #pragma unroll
 			for (int np = 0; np < 2; np++) {
 				uint32_t r[4];
-				dsk_ldsm_x4(r, bs + (wn * 32 + np * 16 + (lane & 7) + (lane >> 4) * 8) * LD + kk * 16 +
-						       ((lane >> 3) & 1) * 8);
+				dsk_ldsm_x4(r, bs + (wn * 32 + np * 16 + (lane & 7) + (lane >> 4) * 8) * LD + kk * 32 +
+						       ((lane >> 3) & 1) * 16);
 				bf[2 * np][0] = r[0];
 				bf[2 * np][1] = r[1];
 				bf[2 * np + 1][0] = r[2];
@@ -145,9 +163,30 @@ template <int GLU, int BK, int ST> static __global__ void __launch_bounds__(NT, 
 #pragma unroll
 			for (int mt = 0; mt < 4; mt++)
 #pragma unroll
-				for (int nt = 0; nt < 4; nt++)
-					dsk_mma_bf16(acc[mt][nt], af[mt][0], af[mt][1], af[mt][2], af[mt][3], bf[nt][0],
-						     bf[nt][1]);
+				for (int nt = 0; nt < 4; nt++) {
+					if (FP8)
+						dsk_mma_e4m3(tmp[FP8 ? mt : 0][nt], af[mt][0], af[mt][1], af[mt][2],
+							     af[mt][3], bf[nt][0], bf[nt][1]);
+					else
+						dsk_mma_bf16(acc[mt][nt], af[mt][0], af[mt][1], af[mt][2], af[mt][3],
+							     bf[nt][0], bf[nt][1]);
+				}
+		}
+		if (FP8) {
+			const float *sa = Ss + (kt % ST) * BM;
+			const float wg = sw0[kt], wu = GLU ? sw1[kt] : wg;
+#pragma unroll
+			for (int mt = 0; mt < 4; mt++) {
+				const float s0 = sa[wm * 64 + mt * 16 + g], s1 = sa[wm * 64 + mt * 16 + g + 8];
+#pragma unroll
+				for (int nt = 0; nt < 4; nt++) {
+					const float w = GLU && nt >= 2 ? wu : wg;
+					acc[mt][nt][0] += tmp[FP8 ? mt : 0][nt][0] * s0 * w;
+					acc[mt][nt][1] += tmp[FP8 ? mt : 0][nt][1] * s0 * w;
+					acc[mt][nt][2] += tmp[FP8 ? mt : 0][nt][2] * s1 * w;
+					acc[mt][nt][3] += tmp[FP8 ? mt : 0][nt][3] * s1 * w;
+				}
+			}
 		}
 	}
 	asm volatile("cp.async.wait_group 0;\n" ::);
@@ -186,20 +225,21 @@ template <int GLU, int BK, int ST> static __global__ void __launch_bounds__(NT, 
 
 extern "C" int dsk_moe_gemm_ok(int E, int N, int K) { return E > 0 && E <= MAXE && N % 16 == 0 && K % 32 == 0; }
 
-template <int GLU, int BK, int ST> static void launch(const dsk_moe_gemm_args *a, dim3 grid, cudaStream_t s)
+template <int GLU, int BK, int ST, int FP8> static void launch(const dsk_moe_gemm_args *a, dim3 grid, cudaStream_t s)
 {
-	const size_t smem = (size_t)ST * (BM + BN) * (BK + 8) * sizeof(dsk_bf16);
+	const size_t smem = (size_t)ST * (BM + BN) * (BK * (FP8 ? 1 : 2) + 16) + (FP8 ? (size_t)ST * BM * 4 : 0);
 	static size_t raised;
 	if (smem > raised) {
-		cudaFuncSetAttribute(moe_gemm_k<GLU, BK, ST>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+		cudaFuncSetAttribute(moe_gemm_k<GLU, BK, ST, FP8>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
 		raised = smem;
 	}
-	dsk_launch(moe_gemm_k<GLU, BK, ST>, grid, NT, smem, s, *a);
+	dsk_launch(moe_gemm_k<GLU, BK, ST, FP8>, grid, NT, smem, s, *a);
 }
 
 extern "C" int dsk_moe_gemm(const dsk_moe_gemm_args *a, int glu, dsk_stream s, ds_err *e)
 {
-	if (!dsk_moe_gemm_ok(a->E, a->N, a->K) || a->ldo % 2)
+	if (!dsk_moe_gemm_ok(a->E, a->N, a->K) || a->ldo % 2 ||
+	    (a->fp8 && (a->K % 128 || !a->xs || a->xs_ld % 4 || a->max_rows > a->xs_ld)))
 		return ds_errf(e, -EINVAL, "moe_gemm: %d experts of %dx%d (ldo %d) unsupported", a->E, a->N, a->K,
 			       a->ldo);
 	if (a->max_rows <= 0)
@@ -214,9 +254,11 @@ extern "C" int dsk_moe_gemm(const dsk_moe_gemm_args *a, int glu, dsk_stream s, d
 	 * blocks an SM): half the barriers of 32-wide steps; H100, V2-Lite bf16
 	 * prefill 4096 82.5 -> 79.0 ms (medians of 3, same call) */
 	const int b64 = a->K % 64 == 0;
-	if (glu)
-		b64 ? launch<1, 64, 3>(a, grid, s) : launch<1, 32, 4>(a, grid, s);
+	if (a->fp8)
+		glu ? launch<1, 128, 3, 1>(a, grid, s) : launch<0, 128, 3, 1>(a, grid, s);
+	else if (glu)
+		b64 ? launch<1, 64, 3, 0>(a, grid, s) : launch<1, 32, 4, 0>(a, grid, s);
 	else
-		b64 ? launch<0, 64, 3>(a, grid, s) : launch<0, 32, 4>(a, grid, s);
+		b64 ? launch<0, 64, 3, 0>(a, grid, s) : launch<0, 32, 4, 0>(a, grid, s);
 	return dsk_check(e, "moe_gemm");
 }

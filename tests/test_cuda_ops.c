@@ -796,9 +796,95 @@ static void check_moe_gemm(int E, int N, int K, int glu)
 	cudaFree(dout);
 }
 
+/* The FP8 grouped GEMMs against float64 over the same quantized operands:
+ * e4m3 weights with 128x128 block scales, activations quantized on the
+ * device per 1x128 group (dsk_quant_fp8); experts padded to 16 rows as the
+ * plan lays them out (some empty, one over two tiles); GLU and plain. */
+static void check_moe_gemm_fp8(int E, int N, int K, int glu)
+{
+	ds_err e = { { 0 } };
+	int32_t off[65];
+	off[0] = 0;
+	for (int x = 0; x < E; x++)
+		off[x + 1] = off[x] + 16 * (x % 5 == 3 ? 0 : x == 1 ? 19 : 1 + x % 4);
+	const int P = off[E], sr = (N + 127) / 128, sc = K / 128, sld = (sc + 3) & ~3;
+	uint16_t *xh = malloc(2 * (size_t)P * K);
+	uint16_t *dx = rand_bf16(xh, (size_t)P * K, 2.0f);
+	uint8_t *dq = dup_up(NULL, (size_t)P * K), *qh = malloc((size_t)P * K);
+	float *dqs = dup_up(NULL, 4 * (size_t)P * sc), *qsh = malloc(4 * (size_t)P * sc);
+	assert_int_equal(dsk_quant_fp8(dq, dqs, (const dsk_bf16 *)dx, P, K, NULL, &e), 0);
+	down(qh, dq, (size_t)P * K);
+	down(qsh, dqs, 4 * (size_t)P * sc);
+	uint8_t *wh = malloc((size_t)2 * E * N * K);
+	float *sh = malloc(4 * (size_t)2 * E * sr * sc), *shp = malloc(4 * (size_t)2 * E * sr * sld);
+	const void *hp0[64], *hp1[64];
+	const float *hs0[64], *hs1[64];
+	void *dev_w[128], *dev_s[128];
+	for (int m = 0; m < 2 * E; m++) {
+		rand_host_weight(1, N, K, wh + (size_t)m * N * K, sh + (size_t)m * sr * sc, shp + (size_t)m * sr * sld);
+		dev_w[m] = dup_up(wh + (size_t)m * N * K, (size_t)N * K);
+		dev_s[m] = dup_up(shp + (size_t)m * sr * sld, 4 * (size_t)sr * sld);
+	}
+	for (int x = 0; x < E; x++) {
+		hp0[x] = dev_w[x];
+		hp1[x] = dev_w[E + x];
+		hs0[x] = dev_s[x];
+		hs1[x] = dev_s[E + x];
+	}
+	void *dp0 = dup_up(hp0, sizeof(void *) * E), *dp1 = dup_up(hp1, sizeof(void *) * E);
+	void *ds0 = dup_up(hs0, sizeof(void *) * E), *ds1 = dup_up(hs1, sizeof(void *) * E);
+	int32_t *doff = dup_up(off, sizeof(int32_t) * (E + 1));
+	const size_t ob = glu ? 2 : 4;
+	void *dout = dup_up(NULL, ob * (size_t)P * N);
+	dsk_moe_gemm_args a = { .x = dq, .off = doff, .w0 = dp0, .w1 = dp1, .out = dout, .E = E, .N = N, .K = K,
+				.ldo = N, .max_rows = P, .fp8 = 1, .xs = dqs, .xs_ld = P, .s0 = ds0, .s1 = ds1, .sld = sld };
+	if (dsk_moe_gemm(&a, glu, NULL, &e))
+		fail_msg("moe_gemm fp8: %s", e.msg);
+	unsigned char *out = malloc(ob * (size_t)P * N);
+	down(out, dout, ob * (size_t)P * N);
+	double num = 0, den = 0;
+	for (int x = 0; x < E; x++)
+		for (int r = off[x]; r < off[x + 1]; r++)
+			for (int n = 0; n < N; n++) {
+				double acc[2] = { 0, 0 };
+				for (int j = 0; j < (glu ? 2 : 1); j++) {
+					const int m = j * E + x;
+					const uint8_t *wr = wh + ((size_t)m * N + n) * K;
+					for (int k = 0; k < K; k++)
+						acc[j] += (double)ds_fp8e4m3_lut[qh[(size_t)r * K + k]] * qsh[(size_t)(k / 128) * P + r] *
+							  ds_fp8e4m3_lut[wr[k]] * sh[((size_t)m * sr + n / 128) * sc + k / 128];
+				}
+				const double want = glu ? acc[0] / (1 + exp(-acc[0])) * acc[1] : acc[0];
+				const double got = glu ? ds_bf16_to_f32(((uint16_t *)out)[(size_t)r * N + n])
+						       : ((float *)out)[(size_t)r * N + n];
+				num += (got - want) * (got - want);
+				den += want * want;
+			}
+	const double r = sqrt(num / den);
+	print_message("moe gemm fp8 %s, %d experts, %d rows, N %d K %d: rel err %.3g\n", glu ? "glu" : "plain", E, P, N,
+		      K, r);
+	assert_true(r < (glu ? 6e-3 : 1e-5));
+	for (int m = 0; m < 2 * E; m++) {
+		cudaFree(dev_w[m]);
+		cudaFree(dev_s[m]);
+	}
+	void *dev[] = { dx, dq, dqs, dp0, dp1, ds0, ds1, doff, dout };
+	FREE_ALL(dev);
+	free(xh);
+	free(qh);
+	free(qsh);
+	free(wh);
+	free(sh);
+	free(shp);
+	free(out);
+}
+
 static void test_moe_gemm(void **st)
 {
 	(void)st;
+	check_moe_gemm_fp8(16, 1408, 2048, 1); /* V2-Lite's experts */
+	check_moe_gemm_fp8(16, 2048, 1408, 0);
+	check_moe_gemm_fp8(9, 208, 256, 1);    /* a partial 128-row weight block */
 	check_moe_gemm(16, 1408, 256, 1); /* V2-Lite's expert width; 22 column blocks */
 	check_moe_gemm(16, 256, 1408, 0);
 	check_moe_gemm(9, 144, 96, 1);    /* columns past the last block of 64 */
