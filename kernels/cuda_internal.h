@@ -72,7 +72,9 @@ struct ds_backend {
 		int s, t0, n, p0;
 	} *pf;
 	int n_pf, n_short, flash;
-	int moe_gemm; /* grouped expert GEMMs for host-planned bf16 experts (DS_CUDA_MOE_GEMM=0: off) */
+	int moe_gemm; /* grouped expert GEMMs for host-planned experts (DS_CUDA_MOE_GEMM=0: off) */
+	int moe_gemm_min_t; /* and for device-planned bf16 steps of at least this many tokens
+			     * (128; DS_CUDA_MOE_GEMM_MIN_T) */
 	void *pf_buf;
 	size_t pf_cap;
 	uint8_t *qx;     /* quantized MoE activations (device MoE path) */

@@ -333,7 +333,21 @@ static int moe(ds_backend *b, int li, int T, const struct next_norm *nn, ds_err 
 	 * expert (an expert with more takes another pass over its weights). */
 	int mr = (2 * T * K + E - 1) / E;
 	mr = mr > T ? T : mr;
-	if (d->dev_moe && T <= b->dev_moe_max_t) {
+	if (d->dev_moe && T <= b->dev_moe_max_t && T >= b->moe_gemm_min_t && !d->moe_fp8 && !d->moe_fp8_down &&
+	    dsk_moe_gemm_ok(E, I, H) && dsk_moe_gemm_ok(E, H, I)) {
+		/* Mid-sized bf16 steps: the grouped GEMMs on the device plan (no
+		 * gather: plan rows read their token's row of xn), still no host
+		 * round trip, so the step stays a graph. */
+		const int Pn = T * K + 15 * E;
+		ds_cuda_mark(b, 4);
+		dsk_moe_gemm_args g = { .x = b->xn, .row_src = b->row_tok, .off = b->off,
+					.w0 = (const void *const *)d->ew[0], .w1 = (const void *const *)d->ew[1],
+					.out = b->hp, .E = E, .N = I, .K = H, .ldo = I, .max_rows = Pn };
+		TRY(dsk_moe_gemm(&g, 1, b->s, e));
+		g = (dsk_moe_gemm_args){ .x = b->hp, .off = b->off, .w0 = (const void *const *)d->ew[2], .out = b->yp,
+					 .E = E, .N = H, .K = I, .ldo = H, .max_rows = Pn };
+		TRY(dsk_moe_gemm(&g, 0, b->s, e));
+	} else if (d->dev_moe && T <= b->dev_moe_max_t) {
 		/* Decode-sized steps: grouped GEMVs read the plan on the device. */
 		const int Pn = T * K + 15 * E, Tp = dsk_gemm_pad(T);
 		dsk_moe_gemv_args g = { .out = b->hp, .ldo = I, .x = b->xn, .xs = b->qxs, .xs_ld = Tp,

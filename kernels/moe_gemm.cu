@@ -92,14 +92,20 @@ static __global__ void __launch_bounds__(NT, FP8 ? 1 : 2) moe_gemm_k(dsk_moe_gem
 	const size_t rowb = (size_t)a.K * EB;
 	const int k16 = (tid % (RB / 16)) * 16, rt = tid / (RB / 16);
 	const int KT = a.K / BK;
+	int xrow[CH]; /* x row of each A chunk's row, -1: zeros */
+#pragma unroll
+	for (int i = 0; i < CH; i++) {
+		const int pr = r0 + rt + i * (NT / (RB / 16));
+		xrow[i] = pr >= r1 ? -1 : a.row_src ? a.row_src[pr] : pr;
+	}
 	auto load = [&](int kt, int st) {
 		char *as = As + st * BM * LD, *bs = Bs + st * BN * LD;
 		const size_t kb = (size_t)kt * RB + k16;
 #pragma unroll
 		for (int i = 0; i < CH; i++) {
 			const int r = rt + i * (NT / (RB / 16));
-			const bool ok = r0 + r < r1;
-			dsk_cp16(as + r * LD + k16, (const char *)a.x + (size_t)(ok ? r0 + r : r0) * rowb + kb, ok);
+			const bool ok = xrow[i] >= 0;
+			dsk_cp16(as + r * LD + k16, (const char *)a.x + (size_t)(ok ? xrow[i] : 0) * rowb + kb, ok);
 			int up;
 			const int n = wrow<GLU>(r, c0, &up);
 			const bool nok = n < a.N;
@@ -239,7 +245,7 @@ template <int GLU, int BK, int ST, int FP8> static void launch(const dsk_moe_gem
 extern "C" int dsk_moe_gemm(const dsk_moe_gemm_args *a, int glu, dsk_stream s, ds_err *e)
 {
 	if (!dsk_moe_gemm_ok(a->E, a->N, a->K) || a->ldo % 2 ||
-	    (a->fp8 && (a->K % 128 || !a->xs || a->xs_ld % 4 || a->max_rows > a->xs_ld)))
+	    (a->fp8 && (a->K % 128 || !a->xs || a->xs_ld % 4 || a->max_rows > a->xs_ld || a->row_src)))
 		return ds_errf(e, -EINVAL, "moe_gemm: %d experts of %dx%d (ldo %d) unsupported", a->E, a->N, a->K,
 			       a->ldo);
 	if (a->max_rows <= 0)

@@ -16,6 +16,7 @@
 
 typedef struct dsk_moe_gemm_args {
 	const void *x;                /* [rows][K] bf16, or e4m3 (fp8) */
+	const int32_t *row_src;       /* NULL, or device [rows]: plan row r reads x row row_src[r] (-1: zeros; bf16 only) */
 	const int32_t *off;           /* device [E + 1] */
 	const void *const *w0, *const *w1; /* device [E] pointers to [N][K] bf16 or e4m3 (w1: up, GLU only) */
 	void *out;                    /* GLU: bf16 [rows][ldo]; else float [rows][ldo] */

@@ -736,7 +736,7 @@ static void test_flash(void **st)
  * counts (some empty, some over one 128-row tile, one not a multiple of
  * 16), N not a multiple of the block's columns; GLU (SiLU(g) * u, bf16) and
  * plain (float). Rows past off[E] stay untouched. */
-static void check_moe_gemm(int E, int N, int K, int glu)
+static void check_moe_gemm(int E, int N, int K, int glu, int indirect)
 {
 	ds_err e = { { 0 } };
 	int32_t off[65];
@@ -744,6 +744,10 @@ static void check_moe_gemm(int E, int N, int K, int glu)
 	for (int x = 0; x < E; x++)
 		off[x + 1] = off[x] + (x % 5 == 3 ? 0 : x == 1 ? 300 : x == 2 ? 129 : 16 + 16 * (x % 4) + (x == 4));
 	const int P = off[E], R = P + 8;
+	/* indirect: plan row r reads x row src[r] of 50 (every 7th a padding row, -1) */
+	int32_t *src = malloc(sizeof(int32_t) * (size_t)P);
+	for (int r = 0; r < P; r++)
+		src[r] = !indirect ? r : r % 7 == 6 ? -1 : (r * 13) % 50;
 	uint16_t *xh = malloc(2 * (size_t)R * K), *wh = malloc(2 * (size_t)2 * E * N * K);
 	uint16_t *dx = rand_bf16(xh, (size_t)R * K, 1.0f), *dw = rand_bf16(wh, (size_t)2 * E * N * K, 1.0f / sqrtf((float)K));
 	const void *hp0[64], *hp1[64];
@@ -755,8 +759,9 @@ static void check_moe_gemm(int E, int N, int K, int glu)
 	int32_t *doff = dup_up(off, sizeof(int32_t) * (E + 1));
 	const size_t ob = glu ? 2 : 4;
 	void *dout = dup_up(NULL, ob * (size_t)R * N);
-	dsk_moe_gemm_args a = { .x = (const dsk_bf16 *)dx, .off = doff, .w0 = dp0, .w1 = dp1, .out = dout, .E = E,
-				.N = N, .K = K, .ldo = N, .max_rows = P };
+	int32_t *dsrc = dup_up(src, sizeof(int32_t) * (size_t)P);
+	dsk_moe_gemm_args a = { .x = (const dsk_bf16 *)dx, .row_src = indirect ? dsrc : NULL, .off = doff, .w0 = dp0,
+				.w1 = dp1, .out = dout, .E = E, .N = N, .K = K, .ldo = N, .max_rows = P };
 	assert_true(dsk_moe_gemm_ok(E, N, K));
 	if (dsk_moe_gemm(&a, glu, NULL, &e))
 		fail_msg("moe_gemm: %s", e.msg);
@@ -767,9 +772,9 @@ static void check_moe_gemm(int E, int N, int K, int glu)
 		for (int r = off[x]; r < off[x + 1]; r++)
 			for (int n = 0; n < N; n++) {
 				double g = 0, u = 0;
-				const uint16_t *xr = xh + (size_t)r * K, *w0 = wh + ((size_t)x * N + n) * K,
-					       *w1 = wh + ((size_t)(E + x) * N + n) * K;
-				for (int k = 0; k < K; k++) {
+				const uint16_t *xr = xh + (size_t)(src[r] < 0 ? 0 : src[r]) * K,
+					       *w0 = wh + ((size_t)x * N + n) * K, *w1 = wh + ((size_t)(E + x) * N + n) * K;
+				for (int k = 0; k < K && src[r] >= 0; k++) {
 					g += (double)ds_bf16_to_f32(xr[k]) * ds_bf16_to_f32(w0[k]);
 					if (glu)
 						u += (double)ds_bf16_to_f32(xr[k]) * ds_bf16_to_f32(w1[k]);
@@ -783,11 +788,14 @@ static void check_moe_gemm(int E, int N, int K, int glu)
 	for (size_t i = (size_t)P * N * ob; i < (size_t)R * N * ob; i++)
 		assert_int_equal(out[i], 0xff);
 	const double r = sqrt(num / den);
-	print_message("moe gemm %s, %d experts, %d rows, N %d K %d: rel err %.3g\n", glu ? "glu" : "plain", E, P, N, K, r);
+	print_message("moe gemm %s%s, %d experts, %d rows, N %d K %d: rel err %.3g\n", glu ? "glu" : "plain",
+		      indirect ? " (rows by index)" : "", E, P, N, K, r);
 	assert_true(r < (glu ? 6e-3 : 1e-4));
 	free(xh);
 	free(wh);
 	free(out);
+	free(src);
+	cudaFree(dsrc);
 	cudaFree(dx);
 	cudaFree(dw);
 	cudaFree(dp0);
@@ -885,10 +893,12 @@ static void test_moe_gemm(void **st)
 	check_moe_gemm_fp8(16, 1408, 2048, 1); /* V2-Lite's experts */
 	check_moe_gemm_fp8(16, 2048, 1408, 0);
 	check_moe_gemm_fp8(9, 208, 256, 1);    /* a partial 128-row weight block */
-	check_moe_gemm(16, 1408, 256, 1); /* V2-Lite's expert width; 22 column blocks */
-	check_moe_gemm(16, 256, 1408, 0);
-	check_moe_gemm(9, 144, 96, 1);    /* columns past the last block of 64 */
-	check_moe_gemm(64, 208, 128, 0);
+	check_moe_gemm(16, 1408, 256, 1, 0); /* V2-Lite's expert width; 22 column blocks */
+	check_moe_gemm(16, 256, 1408, 0, 0);
+	check_moe_gemm(9, 144, 96, 1, 0);    /* columns past the last block of 64 */
+	check_moe_gemm(64, 208, 128, 0, 0);
+	check_moe_gemm(16, 1408, 256, 1, 1); /* the device plan's rows: token rows by index */
+	check_moe_gemm(9, 144, 96, 1, 1);
 	assert_false(dsk_moe_gemm_ok(300, 128, 128));
 	assert_false(dsk_moe_gemm_ok(8, 128, 100));
 }
