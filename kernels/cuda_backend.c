@@ -559,12 +559,13 @@ static int create(const ds_model *m, ds_backend_config *cfg, ds_backend **out, d
 	b->flash = dsk_flash_ok(c->qk_nope_head_dim, c->qk_rope_head_dim, c->v_head_dim) && !(fl && !atoi(fl));
 	const char *mg = getenv("DS_CUDA_MOE_GEMM");
 	b->moe_gemm = !(mg && !atoi(mg));
-	/* device-planned steps from 128 tokens take the grouped GEMMs too: at
-	 * batch 256 they read each expert's weights once where the 16-row GEMV
-	 * passes read them twice (H100, V2-Lite bf16, ids 25.5 -> 20.1 ms);
-	 * at 64 they lose (14.4 -> 15.7) */
-	const char *mt = getenv("DS_CUDA_MOE_GEMM_MIN_T");
-	b->moe_gemm_min_t = !b->moe_gemm ? 1 << 30 : mt && atoi(mt) > 0 ? atoi(mt) : 128;
+	/* device-planned steps of 12 or more rows an expert on average take the
+	 * grouped GEMMs too: V2-Lite at batch 256 (24) reads each expert's
+	 * weights once where the 16-row GEMV passes read them twice (H100, bf16,
+	 * ids 25.5 -> 20.1 ms); at batch 64 (6) they lose (14.4 -> 15.7) */
+	const char *mr = getenv("DS_CUDA_MOE_GEMM_MIN_ROWS");
+	b->moe_gemm_min_rows = !b->moe_gemm ? 1 << 20 : mr && atoi(mr) > 0 ? atoi(mr) : 12;
+	b->moe_gemm_fp8_dev = getenv("DS_CUDA_MOE_GEMM_FP8_DEV") && atoi(getenv("DS_CUDA_MOE_GEMM_FP8_DEV"));
 	b->inv_freq = dalloc(b, sizeof(float) * 256, e, &rc);
 	if (!rc)
 		rc = upload(b->inv_freq, inv_freq, sizeof(float) * (size_t)(c->qk_rope_head_dim / 2), e);

@@ -73,8 +73,9 @@ struct ds_backend {
 	} *pf;
 	int n_pf, n_short, flash;
 	int moe_gemm; /* grouped expert GEMMs for host-planned experts (DS_CUDA_MOE_GEMM=0: off) */
-	int moe_gemm_min_t; /* and for device-planned bf16 steps of at least this many tokens
-			     * (128; DS_CUDA_MOE_GEMM_MIN_T) */
+	int moe_gemm_min_rows; /* and for device-planned steps of at least this many rows an
+				* expert on average (12; DS_CUDA_MOE_GEMM_MIN_ROWS) */
+	int moe_gemm_fp8_dev;  /* FP8 experts too there (DS_CUDA_MOE_GEMM_FP8_DEV=1; slower) */
 	void *pf_buf;
 	size_t pf_cap;
 	uint8_t *qx;     /* quantized MoE activations (device MoE path) */

@@ -333,23 +333,37 @@ static int moe(ds_backend *b, int li, int T, const struct next_norm *nn, ds_err 
 	 * expert (an expert with more takes another pass over its weights). */
 	int mr = (2 * T * K + E - 1) / E;
 	mr = mr > T ? T : mr;
-	if (d->dev_moe && T <= b->dev_moe_max_t && T >= b->moe_gemm_min_t && !d->moe_fp8 && !d->moe_fp8_down &&
-	    dsk_moe_gemm_ok(E, I, H) && dsk_moe_gemm_ok(E, H, I)) {
-		/* Mid-sized bf16 steps: the grouped GEMMs on the device plan (no
-		 * gather: plan rows read their token's row of xn), still no host
-		 * round trip, so the step stays a graph. */
-		const int Pn = T * K + 15 * E;
+	const int Pn = T * K + 15 * E;
+	/* FP8 experts stay on the GEMVs here unless b->moe_gemm_fp8_dev: the FP8
+	 * grouped kernel (one block an SM) lost to them at V2-Lite's batch 256
+	 * (ids 19.7 -> 23.4 ms, H100) */
+	if (d->dev_moe && T <= b->dev_moe_max_t && T * K >= b->moe_gemm_min_rows * E && d->moe_fp8 == d->moe_fp8_down &&
+	    dsk_moe_gemm_ok(E, I, H) && dsk_moe_gemm_ok(E, H, I) &&
+	    (!d->moe_fp8 || (b->moe_gemm_fp8_dev && H % 128 == 0 && I % 128 == 0 && Pn % 4 == 0))) {
+		/* Steps with enough rows an expert: the grouped GEMMs on the device
+		 * plan (no gather: plan rows read their token's row of xn, or of
+		 * its FP8 copy, by index), still no host round trip, so the step
+		 * stays a graph. */
+		const int Tp = dsk_gemm_pad(T), fp8 = d->moe_fp8;
 		ds_cuda_mark(b, 4);
-		dsk_moe_gemm_args g = { .x = b->xn, .row_src = b->row_tok, .off = b->off,
+		if (fp8)
+			TRY(dsk_quant_fp8(b->qx, b->qxs, b->xn, Tp, H, b->s, e));
+		dsk_moe_gemm_args g = { .x = fp8 ? (const void *)b->qx : b->xn, .row_src = b->row_tok, .off = b->off,
 					.w0 = (const void *const *)d->ew[0], .w1 = (const void *const *)d->ew[1],
-					.out = b->hp, .E = E, .N = I, .K = H, .ldo = I, .max_rows = Pn };
+					.out = b->hp, .E = E, .N = I, .K = H, .ldo = I, .max_rows = Pn, .fp8 = fp8,
+					.xs = b->qxs, .xs_ld = Tp, .s0 = (const float *const *)d->es[0],
+					.s1 = (const float *const *)d->es[1], .sld = d->esld[0] };
 		TRY(dsk_moe_gemm(&g, 1, b->s, e));
-		g = (dsk_moe_gemm_args){ .x = b->hp, .off = b->off, .w0 = (const void *const *)d->ew[2], .out = b->yp,
-					 .E = E, .N = H, .K = I, .ldo = H, .max_rows = Pn };
+		if (fp8) /* the plan's rows only (b->off[E] of at most Pn) */
+			TRY(dsk_quant_fp8_dev(b->qx, b->qxs, b->hp, b->off + E, Pn, I, b->s, e));
+		g = (dsk_moe_gemm_args){ .x = fp8 ? (const void *)b->qx : b->hp, .off = b->off,
+					 .w0 = (const void *const *)d->ew[2], .out = b->yp, .E = E, .N = H, .K = I,
+					 .ldo = H, .max_rows = Pn, .fp8 = fp8, .xs = b->qxs, .xs_ld = Pn,
+					 .s0 = (const float *const *)d->es[2], .sld = d->esld[2] };
 		TRY(dsk_moe_gemm(&g, 0, b->s, e));
 	} else if (d->dev_moe && T <= b->dev_moe_max_t) {
 		/* Decode-sized steps: grouped GEMVs read the plan on the device. */
-		const int Pn = T * K + 15 * E, Tp = dsk_gemm_pad(T);
+		const int Tp = dsk_gemm_pad(T);
 		dsk_moe_gemv_args g = { .out = b->hp, .ldo = I, .x = b->xn, .xs = b->qxs, .xs_ld = Tp,
 					.row_src = b->row_tok, .off = b->off, .cnt = b->cnt, .act = b->act,
 					.max_active = max_act, .max_rows = mr,

@@ -34,6 +34,13 @@ static __device__ __forceinline__ void dsk_cp16(void *dst, const void *src, bool
 	asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 16 : 0));
 }
 
+/* 4 bytes global -> shared by cp.async (through L1), zero-filled when !valid. */
+static __device__ __forceinline__ void dsk_cp4(void *dst, const void *src, bool valid)
+{
+	const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+	asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 4 : 0));
+}
+
 /* Shared-memory 8x8 b16 matrices into mma fragments: lanes 8m..8m+7 name
  * the rows of matrix m; lane (g, q) receives row g, columns 2q, 2q + 1 (A
  * and B fragments of row-major operands), or with .trans column g, rows

@@ -98,6 +98,8 @@ static __global__ void __launch_bounds__(NT, FP8 ? 1 : 2) moe_gemm_k(dsk_moe_gem
 		const int pr = r0 + rt + i * (NT / (RB / 16));
 		xrow[i] = pr >= r1 ? -1 : a.row_src ? a.row_src[pr] : pr;
 	}
+	/* FP8 with rows by index: this thread stages row r0 + tid's scale */
+	const int srow = FP8 && a.row_src && tid < BM && r0 + tid < r1 ? a.row_src[r0 + tid] : -1;
 	auto load = [&](int kt, int st) {
 		char *as = As + st * BM * LD, *bs = Bs + st * BN * LD;
 		const size_t kb = (size_t)kt * RB + k16;
@@ -111,7 +113,10 @@ static __global__ void __launch_bounds__(NT, FP8 ? 1 : 2) moe_gemm_k(dsk_moe_gem
 			const bool nok = n < a.N;
 			dsk_cp16(bs + r * LD + k16, (up ? W1 : W0) + (size_t)(nok ? n : 0) * rowb + kb, nok);
 		}
-		if (FP8 && tid < BM / 4) { /* the rows' scales of k block kt, 4 a chunk */
+		if (FP8 && a.row_src) { /* the rows' scales of k block kt, one a thread */
+			if (tid < BM)
+				dsk_cp4(Ss + st * BM + tid, a.xs + (size_t)kt * a.xs_ld + (srow >= 0 ? srow : 0), srow >= 0);
+		} else if (FP8 && tid < BM / 4) { /* the same, 4 a chunk */
 			const int rr = r0 + tid * 4;
 			dsk_cp16(Ss + st * BM + tid * 4, a.xs + (size_t)kt * a.xs_ld + (rr < r1 ? rr : r0), rr < r1);
 		}
@@ -245,7 +250,7 @@ template <int GLU, int BK, int ST, int FP8> static void launch(const dsk_moe_gem
 extern "C" int dsk_moe_gemm(const dsk_moe_gemm_args *a, int glu, dsk_stream s, ds_err *e)
 {
 	if (!dsk_moe_gemm_ok(a->E, a->N, a->K) || a->ldo % 2 ||
-	    (a->fp8 && (a->K % 128 || !a->xs || a->xs_ld % 4 || a->max_rows > a->xs_ld || a->row_src)))
+	    (a->fp8 && (a->K % 128 || !a->xs || a->xs_ld % 4 || (!a->row_src && a->max_rows > a->xs_ld))))
 		return ds_errf(e, -EINVAL, "moe_gemm: %d experts of %dx%d (ldo %d) unsupported", a->E, a->N, a->K,
 			       a->ldo);
 	if (a->max_rows <= 0)

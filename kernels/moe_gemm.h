@@ -16,15 +16,16 @@
 
 typedef struct dsk_moe_gemm_args {
 	const void *x;                /* [rows][K] bf16, or e4m3 (fp8) */
-	const int32_t *row_src;       /* NULL, or device [rows]: plan row r reads x row row_src[r] (-1: zeros; bf16 only) */
+	const int32_t *row_src;       /* NULL, or device [rows]: plan row r reads x row row_src[r] (-1: zeros) */
 	const int32_t *off;           /* device [E + 1] */
 	const void *const *w0, *const *w1; /* device [E] pointers to [N][K] bf16 or e4m3 (w1: up, GLU only) */
 	void *out;                    /* GLU: bf16 [rows][ldo]; else float [rows][ldo] */
 	int E, N, K, ldo;
 	int max_rows;                 /* >= off[E]: sizes the grid */
 	/* fp8: x per 1x128 group as dsk_quant_fp8 lays it out (scales
-	 * xs[K/128][xs_ld], xs_ld a multiple of 4 above every row used); every
-	 * off[e] a multiple of 4 (the routing plan pads experts to 16 rows);
+	 * xs[K/128][xs_ld], xs_ld a multiple of 4 above every x row used);
+	 * without row_src, every off[e] a multiple of 4 (the routing plan pads
+	 * experts to 16 rows);
 	 * the weights' 128x128 block scales s0/s1[e][N/128][sld] */
 	int fp8;
 	const float *xs;

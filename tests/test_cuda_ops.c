@@ -808,7 +808,7 @@ static void check_moe_gemm(int E, int N, int K, int glu, int indirect)
  * e4m3 weights with 128x128 block scales, activations quantized on the
  * device per 1x128 group (dsk_quant_fp8); experts padded to 16 rows as the
  * plan lays them out (some empty, one over two tiles); GLU and plain. */
-static void check_moe_gemm_fp8(int E, int N, int K, int glu)
+static void check_moe_gemm_fp8(int E, int N, int K, int glu, int indirect)
 {
 	ds_err e = { { 0 } };
 	int32_t off[65];
@@ -816,13 +816,19 @@ static void check_moe_gemm_fp8(int E, int N, int K, int glu)
 	for (int x = 0; x < E; x++)
 		off[x + 1] = off[x] + 16 * (x % 5 == 3 ? 0 : x == 1 ? 19 : 1 + x % 4);
 	const int P = off[E], sr = (N + 127) / 128, sc = K / 128, sld = (sc + 3) & ~3;
-	uint16_t *xh = malloc(2 * (size_t)P * K);
-	uint16_t *dx = rand_bf16(xh, (size_t)P * K, 2.0f);
-	uint8_t *dq = dup_up(NULL, (size_t)P * K), *qh = malloc((size_t)P * K);
-	float *dqs = dup_up(NULL, 4 * (size_t)P * sc), *qsh = malloc(4 * (size_t)P * sc);
-	assert_int_equal(dsk_quant_fp8(dq, dqs, (const dsk_bf16 *)dx, P, K, NULL, &e), 0);
-	down(qh, dq, (size_t)P * K);
-	down(qsh, dqs, 4 * (size_t)P * sc);
+	/* indirect: plan row r reads x row src[r] of X = 64 (every 7th -1) */
+	const int X = indirect ? 64 : P;
+	int32_t *src = malloc(sizeof(int32_t) * (size_t)P);
+	for (int r = 0; r < P; r++)
+		src[r] = !indirect ? r : r % 7 == 6 ? -1 : (r * 13) % X;
+	int32_t *dsrc = dup_up(src, sizeof(int32_t) * (size_t)P);
+	uint16_t *xh = malloc(2 * (size_t)X * K);
+	uint16_t *dx = rand_bf16(xh, (size_t)X * K, 2.0f);
+	uint8_t *dq = dup_up(NULL, (size_t)X * K), *qh = malloc((size_t)X * K);
+	float *dqs = dup_up(NULL, 4 * (size_t)X * sc), *qsh = malloc(4 * (size_t)X * sc);
+	assert_int_equal(dsk_quant_fp8(dq, dqs, (const dsk_bf16 *)dx, X, K, NULL, &e), 0);
+	down(qh, dq, (size_t)X * K);
+	down(qsh, dqs, 4 * (size_t)X * sc);
 	uint8_t *wh = malloc((size_t)2 * E * N * K);
 	float *sh = malloc(4 * (size_t)2 * E * sr * sc), *shp = malloc(4 * (size_t)2 * E * sr * sld);
 	const void *hp0[64], *hp1[64];
@@ -844,8 +850,9 @@ static void check_moe_gemm_fp8(int E, int N, int K, int glu)
 	int32_t *doff = dup_up(off, sizeof(int32_t) * (E + 1));
 	const size_t ob = glu ? 2 : 4;
 	void *dout = dup_up(NULL, ob * (size_t)P * N);
-	dsk_moe_gemm_args a = { .x = dq, .off = doff, .w0 = dp0, .w1 = dp1, .out = dout, .E = E, .N = N, .K = K,
-				.ldo = N, .max_rows = P, .fp8 = 1, .xs = dqs, .xs_ld = P, .s0 = ds0, .s1 = ds1, .sld = sld };
+	dsk_moe_gemm_args a = { .x = dq, .row_src = indirect ? dsrc : NULL, .off = doff, .w0 = dp0, .w1 = dp1,
+				.out = dout, .E = E, .N = N, .K = K, .ldo = N, .max_rows = P, .fp8 = 1, .xs = dqs,
+				.xs_ld = X, .s0 = ds0, .s1 = ds1, .sld = sld };
 	if (dsk_moe_gemm(&a, glu, NULL, &e))
 		fail_msg("moe_gemm fp8: %s", e.msg);
 	unsigned char *out = malloc(ob * (size_t)P * N);
@@ -855,12 +862,14 @@ static void check_moe_gemm_fp8(int E, int N, int K, int glu)
 		for (int r = off[x]; r < off[x + 1]; r++)
 			for (int n = 0; n < N; n++) {
 				double acc[2] = { 0, 0 };
-				for (int j = 0; j < (glu ? 2 : 1); j++) {
+				const int xr = src[r];
+				for (int j = 0; j < (glu ? 2 : 1) && xr >= 0; j++) {
 					const int m = j * E + x;
 					const uint8_t *wr = wh + ((size_t)m * N + n) * K;
 					for (int k = 0; k < K; k++)
-						acc[j] += (double)ds_fp8e4m3_lut[qh[(size_t)r * K + k]] * qsh[(size_t)(k / 128) * P + r] *
-							  ds_fp8e4m3_lut[wr[k]] * sh[((size_t)m * sr + n / 128) * sc + k / 128];
+						acc[j] += (double)ds_fp8e4m3_lut[qh[(size_t)xr * K + k]] *
+							  qsh[(size_t)(k / 128) * X + xr] * ds_fp8e4m3_lut[wr[k]] *
+							  sh[((size_t)m * sr + n / 128) * sc + k / 128];
 				}
 				const double want = glu ? acc[0] / (1 + exp(-acc[0])) * acc[1] : acc[0];
 				const double got = glu ? ds_bf16_to_f32(((uint16_t *)out)[(size_t)r * N + n])
@@ -869,15 +878,16 @@ static void check_moe_gemm_fp8(int E, int N, int K, int glu)
 				den += want * want;
 			}
 	const double r = sqrt(num / den);
-	print_message("moe gemm fp8 %s, %d experts, %d rows, N %d K %d: rel err %.3g\n", glu ? "glu" : "plain", E, P, N,
-		      K, r);
+	print_message("moe gemm fp8 %s%s, %d experts, %d rows, N %d K %d: rel err %.3g\n", glu ? "glu" : "plain",
+		      indirect ? " (rows by index)" : "", E, P, N, K, r);
 	assert_true(r < (glu ? 6e-3 : 1e-5));
 	for (int m = 0; m < 2 * E; m++) {
 		cudaFree(dev_w[m]);
 		cudaFree(dev_s[m]);
 	}
-	void *dev[] = { dx, dq, dqs, dp0, dp1, ds0, ds1, doff, dout };
+	void *dev[] = { dx, dq, dqs, dp0, dp1, ds0, ds1, doff, dout, dsrc };
 	FREE_ALL(dev);
+	free(src);
 	free(xh);
 	free(qh);
 	free(qsh);
@@ -890,9 +900,10 @@ static void check_moe_gemm_fp8(int E, int N, int K, int glu)
 static void test_moe_gemm(void **st)
 {
 	(void)st;
-	check_moe_gemm_fp8(16, 1408, 2048, 1); /* V2-Lite's experts */
-	check_moe_gemm_fp8(16, 2048, 1408, 0);
-	check_moe_gemm_fp8(9, 208, 256, 1);    /* a partial 128-row weight block */
+	check_moe_gemm_fp8(16, 1408, 2048, 1, 0); /* V2-Lite's experts */
+	check_moe_gemm_fp8(16, 2048, 1408, 0, 0);
+	check_moe_gemm_fp8(9, 208, 256, 1, 0);    /* a partial 128-row weight block */
+	check_moe_gemm_fp8(9, 208, 256, 1, 1);    /* the device plan's rows: token rows by index */
 	check_moe_gemm(16, 1408, 256, 1, 0); /* V2-Lite's expert width; 22 column blocks */
 	check_moe_gemm(16, 256, 1408, 0, 0);
 	check_moe_gemm(9, 144, 96, 1, 0);    /* columns past the last block of 64 */
