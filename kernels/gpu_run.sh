@@ -10,6 +10,7 @@ tests)
 	python3 tools/make_bench_models.py --tiny /tmp/gm || exit 1
 	fail=0
 	$B/tests/test_cuda_ops || fail=1
+	$B/tests/test_cuda_prefill || fail=1
 	DS_GPU_MODELS=/tmp/gm $B/tests/test_cuda_backend || fail=1
 	exit $fail ;;
 bench-v2)
