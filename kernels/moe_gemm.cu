@@ -7,8 +7,8 @@
  * memory from off). GLU: the 128 weight rows are 64 gate and 64 up rows
  * interleaved by 16, so each warp holds the gate and up products of the
  * same 16 output columns and applies SiLU(g) * u in registers. Shared rows
- * are 40 elements (80 bytes) apart: the 8 rows of an ldmatrix fall in
- * different banks (72 for 64-wide steps). */
+ * are their bytes + 16 apart (80 or 144): the 8 rows of an ldmatrix fall in
+ * different banks. */
 #include <cuda_runtime.h>
 #include <math.h>
 #include <stdint.h>

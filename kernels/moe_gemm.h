@@ -1,7 +1,8 @@
-/* moe_gemm.h — the routed experts of a large step as two grouped GEMM
- * launches (bf16): the rows of x sorted by expert (expert e's rows
+/* moe_gemm.h — the routed experts of a step as two grouped GEMM launches
+ * (bf16, or FP8 e4m3): the rows of x sorted by expert (expert e's rows
  * off[e] .. off[e+1] - 1, as the routing plan lays them out), each range
- * times its expert's weight [N][K]. GLU: out (bf16) = SiLU(x Wg^T) * (x Wu^T)
+ * times its expert's weight [N][K] (x's rows read directly, or by index
+ * through row_src: the device plan's token rows). GLU: out (bf16) = SiLU(x Wg^T) * (x Wu^T)
  * in one launch; otherwise out (float32) = x W^T. Blocks find their expert
  * and rows from off on the device, so one launch covers every expert
  * (cuBLASLt a GEMM an expert ran the V2-Lite 4096-token prefill's experts
