@@ -297,6 +297,43 @@ static int attention(ds_backend *b, int li, int T, int max_len, const dsk_kv_geo
 
 static int moe_host_planned(ds_backend *b, const dlayer *d, int T, ds_err *e);
 
+/* Whether layer d's routed experts take the grouped GEMMs of
+ * kernels/moe_gemm.h over a plan of at most rows rows: one type for gate/up
+ * and down, FP8 in whole scale blocks. */
+static int grouped_ok(const ds_backend *b, const dlayer *d, int rows)
+{
+	const ds_config *c = &b->m->cfg;
+	const int H = c->hidden_size, E = c->n_routed_experts, I = c->moe_intermediate_size;
+	return b->moe_gemm && d->dev_moe && d->moe_fp8 == d->moe_fp8_down && dsk_moe_gemm_ok(E, I, H) &&
+	       dsk_moe_gemm_ok(E, H, I) && (!d->moe_fp8 || (H % 128 == 0 && I % 128 == 0 && rows % 4 == 0));
+}
+
+/* The routed experts in two grouped launches over the plan in b->off (at
+ * most rows rows): SiLU(gate) * up into hp, then down into yp. x holds the
+ * plan's rows in order, or with row_src the rows they read by index; FP8: x
+ * is quantized (scales b->qxs, row stride xs_ld), and hp's plan rows are
+ * quantized into b->qx between the two. */
+static int moe_grouped(ds_backend *b, const dlayer *d, const void *x, const int32_t *row_src, int xs_ld, int rows,
+		       ds_err *e)
+{
+	const ds_config *c = &b->m->cfg;
+	const int H = c->hidden_size, E = c->n_routed_experts, I = c->moe_intermediate_size, fp8 = d->moe_fp8;
+	int rc;
+	dsk_moe_gemm_args g = { .x = x, .row_src = row_src, .off = b->off, .w0 = (const void *const *)d->ew[0],
+				.w1 = (const void *const *)d->ew[1], .out = b->hp, .E = E, .N = I, .K = H, .ldo = I,
+				.max_rows = rows, .fp8 = fp8, .xs = b->qxs, .xs_ld = xs_ld,
+				.s0 = (const float *const *)d->es[0], .s1 = (const float *const *)d->es[1],
+				.sld = d->esld[0] };
+	TRY(dsk_moe_gemm(&g, 1, b->s, e));
+	if (fp8)
+		TRY(dsk_quant_fp8_dev(b->qx, b->qxs, b->hp, b->off + E, rows, I, b->s, e));
+	g = (dsk_moe_gemm_args){ .x = fp8 ? (const void *)b->qx : b->hp, .off = b->off,
+				 .w0 = (const void *const *)d->ew[2], .out = b->yp, .E = E, .N = H, .K = I, .ldo = H,
+				 .max_rows = rows, .fp8 = fp8, .xs = b->qxs, .xs_ld = rows,
+				 .s0 = (const float *const *)d->es[2], .sld = d->esld[2] };
+	return dsk_moe_gemm(&g, 0, b->s, e);
+}
+
 
 static int moe(ds_backend *b, int li, int T, const struct next_norm *nn, ds_err *e)
 {
@@ -334,33 +371,19 @@ static int moe(ds_backend *b, int li, int T, const struct next_norm *nn, ds_err 
 	int mr = (2 * T * K + E - 1) / E;
 	mr = mr > T ? T : mr;
 	const int Pn = T * K + 15 * E;
-	/* FP8 experts stay on the GEMVs here unless b->moe_gemm_fp8_dev: the FP8
+	/* Steps with enough rows an expert: the grouped GEMMs on the device plan
+	 * (no gather: plan rows read their token's row of xn, or of its FP8
+	 * copy, by index), still no host round trip, so the step stays a graph.
+	 * FP8 experts stay on the GEMVs here unless b->moe_gemm_fp8_dev: the FP8
 	 * grouped kernel (one block an SM) lost to them at V2-Lite's batch 256
-	 * (ids 19.7 -> 23.4 ms, H100) */
-	if (d->dev_moe && T <= b->dev_moe_max_t && T * K >= b->moe_gemm_min_rows * E && d->moe_fp8 == d->moe_fp8_down &&
-	    dsk_moe_gemm_ok(E, I, H) && dsk_moe_gemm_ok(E, H, I) &&
-	    (!d->moe_fp8 || (b->moe_gemm_fp8_dev && H % 128 == 0 && I % 128 == 0 && Pn % 4 == 0))) {
-		/* Steps with enough rows an expert: the grouped GEMMs on the device
-		 * plan (no gather: plan rows read their token's row of xn, or of
-		 * its FP8 copy, by index), still no host round trip, so the step
-		 * stays a graph. */
-		const int Tp = dsk_gemm_pad(T), fp8 = d->moe_fp8;
+	 * (ids 19.7 -> 23.4 ms, H100). */
+	if (d->dev_moe && T <= b->dev_moe_max_t && T * K >= b->moe_gemm_min_rows * E && grouped_ok(b, d, Pn) &&
+	    (!d->moe_fp8 || b->moe_gemm_fp8_dev)) {
+		const int Tp = dsk_gemm_pad(T);
 		ds_cuda_mark(b, 4);
-		if (fp8)
+		if (d->moe_fp8)
 			TRY(dsk_quant_fp8(b->qx, b->qxs, b->xn, Tp, H, b->s, e));
-		dsk_moe_gemm_args g = { .x = fp8 ? (const void *)b->qx : b->xn, .row_src = b->row_tok, .off = b->off,
-					.w0 = (const void *const *)d->ew[0], .w1 = (const void *const *)d->ew[1],
-					.out = b->hp, .E = E, .N = I, .K = H, .ldo = I, .max_rows = Pn, .fp8 = fp8,
-					.xs = b->qxs, .xs_ld = Tp, .s0 = (const float *const *)d->es[0],
-					.s1 = (const float *const *)d->es[1], .sld = d->esld[0] };
-		TRY(dsk_moe_gemm(&g, 1, b->s, e));
-		if (fp8) /* the plan's rows only (b->off[E] of at most Pn) */
-			TRY(dsk_quant_fp8_dev(b->qx, b->qxs, b->hp, b->off + E, Pn, I, b->s, e));
-		g = (dsk_moe_gemm_args){ .x = fp8 ? (const void *)b->qx : b->hp, .off = b->off,
-					 .w0 = (const void *const *)d->ew[2], .out = b->yp, .E = E, .N = H, .K = I,
-					 .ldo = H, .max_rows = Pn, .fp8 = fp8, .xs = b->qxs, .xs_ld = Pn,
-					 .s0 = (const float *const *)d->es[2], .sld = d->esld[2] };
-		TRY(dsk_moe_gemm(&g, 0, b->s, e));
+		TRY(moe_grouped(b, d, d->moe_fp8 ? (const void *)b->qx : b->xn, b->row_tok, Tp, Pn, e));
 	} else if (d->dev_moe && T <= b->dev_moe_max_t) {
 		/* Decode-sized steps: grouped GEMVs read the plan on the device. */
 		const int Tp = dsk_gemm_pad(T);
@@ -433,33 +456,11 @@ static int moe_host_planned(ds_backend *b, const dlayer *d, int T, ds_err *e)
 	const int P = hoff[E];
 	ds_cuda_mark(b, 4);
 	TRY(dsk_moe_gather(b->xp, b->xn, b->row_tok, P, H, b->s, e));
-	if (b->moe_gemm && d->dev_moe && !d->moe_fp8 && !d->moe_fp8_down && dsk_moe_gemm_ok(E, I, H) &&
-	    dsk_moe_gemm_ok(E, H, I)) {
-		/* bf16: every expert in one launch each for gate/up + SiLU and down */
-		dsk_moe_gemm_args g = { .x = b->xp, .off = b->off, .w0 = (const void *const *)d->ew[0],
-					.w1 = (const void *const *)d->ew[1], .out = b->hp, .E = E, .N = I, .K = H,
-					.ldo = I, .max_rows = P };
-		TRY(dsk_moe_gemm(&g, 1, b->s, e));
-		g = (dsk_moe_gemm_args){ .x = b->hp, .off = b->off, .w0 = (const void *const *)d->ew[2], .out = b->yp,
-					 .E = E, .N = H, .K = I, .ldo = H, .max_rows = P };
-		return dsk_moe_gemm(&g, 0, b->s, e);
-	}
-	if (b->moe_gemm && d->dev_moe && d->moe_fp8 && d->moe_fp8_down && H % 128 == 0 && I % 128 == 0 &&
-	    P % 4 == 0 && dsk_moe_gemm_ok(E, I, H) && dsk_moe_gemm_ok(E, H, I)) {
-		/* FP8: the plan's rows quantized once (not once an expert and
-		 * weight), every expert in one launch each as for bf16 */
-		TRY(dsk_quant_fp8(b->qx, b->qxs, b->xp, P, H, b->s, e));
-		dsk_moe_gemm_args g = { .x = b->qx, .off = b->off, .w0 = (const void *const *)d->ew[0],
-					.w1 = (const void *const *)d->ew[1], .out = b->hp, .E = E, .N = I, .K = H,
-					.ldo = I, .max_rows = P, .fp8 = 1, .xs = b->qxs, .xs_ld = P,
-					.s0 = (const float *const *)d->es[0], .s1 = (const float *const *)d->es[1],
-					.sld = d->esld[0] };
-		TRY(dsk_moe_gemm(&g, 1, b->s, e));
-		TRY(dsk_quant_fp8(b->qx, b->qxs, b->hp, P, I, b->s, e));
-		g = (dsk_moe_gemm_args){ .x = b->qx, .off = b->off, .w0 = (const void *const *)d->ew[2], .out = b->yp,
-					 .E = E, .N = H, .K = I, .ldo = H, .max_rows = P, .fp8 = 1, .xs = b->qxs,
-					 .xs_ld = P, .s0 = (const float *const *)d->es[2], .sld = d->esld[2] };
-		return dsk_moe_gemm(&g, 0, b->s, e);
+	if (grouped_ok(b, d, P)) {
+		/* FP8: the plan's rows quantized once (not once an expert and weight) */
+		if (d->moe_fp8)
+			TRY(dsk_quant_fp8(b->qx, b->qxs, b->xp, P, H, b->s, e));
+		return moe_grouped(b, d, d->moe_fp8 ? (const void *)b->qx : b->xp, NULL, P, P, e);
 	}
 	/* Every expert's gate and up, one SiLU-mul over all P rows (the
 	 * experts' row ranges tile them, padding rows included: their zero
