@@ -25,19 +25,13 @@
 #define BN 64 /* keys a tile */
 #define NT 128
 
-static __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi)
-{
-	__nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-	return *(uint32_t *)&v;
-}
-
 /* (x, y) as a bf16 pair hi + lo: ~16 mantissa bits. */
 static __device__ __forceinline__ void split_bf16x2(float x, float y, uint32_t *hi, uint32_t *lo)
 {
 	__nv_bfloat162 h = __floats2bfloat162_rn(x, y);
 	const float2 f = __bfloat1622float2(h);
 	*hi = *(uint32_t *)&h;
-	*lo = pack_bf16(x - f.x, y - f.y);
+	*lo = dsk_pack_bf16(x - f.x, y - f.y);
 }
 
 template <int NOPE, int ROPE, int VD> struct fl {
@@ -198,9 +192,9 @@ template <int NOPE, int ROPE, int VD> static __global__ void __launch_bounds__(N
 #pragma unroll
 	for (int v = 0; v < NV; v++) {
 		if (r0 < a.n)
-			*(uint32_t *)(out + v * 8) = pack_bf16(o[v][0] * inv0, o[v][1] * inv0);
+			*(uint32_t *)(out + v * 8) = dsk_pack_bf16(o[v][0] * inv0, o[v][1] * inv0);
 		if (r0 + 8 < a.n)
-			*(uint32_t *)(out + (size_t)8 * a.o_ld + v * 8) = pack_bf16(o[v][2] * inv1, o[v][3] * inv1);
+			*(uint32_t *)(out + (size_t)8 * a.o_ld + v * 8) = dsk_pack_bf16(o[v][2] * inv1, o[v][3] * inv1);
 	}
 }
 

@@ -6,6 +6,7 @@
 #ifndef DSK_MMA_CUH
 #define DSK_MMA_CUH
 
+#include <cuda_bf16.h>
 #include <stdint.h>
 
 static __device__ __forceinline__ void dsk_mma_bf16(float c[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
@@ -24,6 +25,13 @@ static __device__ __forceinline__ void dsk_mma_e4m3(float c[4], uint32_t a0, uin
 		     "{%0,%1,%2,%3};\n"
 		     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
 		     : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+/* Two floats as the bf16 pair of an mma fragment register (lo first). */
+static __device__ __forceinline__ uint32_t dsk_pack_bf16(float lo, float hi)
+{
+	__nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+	return *(uint32_t *)&v;
 }
 
 /* 16 bytes global -> shared by cp.async, zero-filled when !valid (src must

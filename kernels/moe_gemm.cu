@@ -22,12 +22,6 @@
 #define NT 256
 #define MAXE 256
 
-static __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi)
-{
-	__nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-	return *(uint32_t *)&v;
-}
-
 /* Weight row j (0 .. BN - 1) of the block's tile: its output column. */
 template <int GLU> static __device__ __forceinline__ int wrow(int j, int c0, int *up)
 {
@@ -219,7 +213,7 @@ static __global__ void __launch_bounds__(NT, FP8 ? 1 : 2) moe_gemm_k(dsk_moe_gem
 					const float g0 = acc[mt][nt][2 * h], g1 = acc[mt][nt][2 * h + 1];
 					const float u0 = acc[mt][nt + 2][2 * h], u1 = acc[mt][nt + 2][2 * h + 1];
 					*(uint32_t *)(o + col) =
-						pack_bf16(g0 / (1.0f + expf(-g0)) * u0, g1 / (1.0f + expf(-g1)) * u1);
+						dsk_pack_bf16(g0 / (1.0f + expf(-g0)) * u0, g1 / (1.0f + expf(-g1)) * u1);
 				}
 			} else {
 				float *o = (float *)a.out + (size_t)row * a.ldo;
