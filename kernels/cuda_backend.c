@@ -33,10 +33,11 @@
 #define PF_MIN_TOKENS 64
 #define BLAS_WS_BYTES (32u << 20)
 /* Steps of up to this many tokens run the routed experts as grouped GEMVs
- * planned on the device (no host round trip, so decode steps stay graphs);
- * larger ones as a GEMM triple per expert. Crossover on 4-layer V2-Lite
- * shapes (H100, prefill of P tokens, docs/PERFORMANCE.md): bf16 even at
- * ~1024, FP8 at ~2048; below, the device path is up to 3.5x faster. */
+ * (or, with enough rows an expert, grouped GEMMs) planned on the device and
+ * can become graphs; larger ones run the grouped GEMMs on the device plan
+ * too where the layer takes them (cuda_layer.c moe()), else plan on the
+ * host. The GEMV/GEMM crossover on 4-layer V2-Lite shapes (H100, prefill
+ * of P tokens, docs/PERFORMANCE.md): bf16 ~1024, FP8 ~2048. */
 #define DEV_MOE_MAX_T 1024
 /* Decode shapes kept as graphs: token counts x rounded lengths in use. */
 #define GRAPHS_KEPT 128
@@ -79,6 +80,7 @@ void ds_cuda_mark(ds_backend *b, int phase)
 }
 int ds_cuda_backend_kv_blocks(const ds_backend *b) { return b->kv_blocks; }
 void ds_cuda_backend_set_device_moe(ds_backend *b, int max_tokens) { b->dev_moe_max_t = max_tokens; }
+void ds_cuda_backend_set_host_plan(ds_backend *b, int on) { b->moe_host_plan = on; }
 void ds_cuda_backend_set_gemv(ds_backend *b, int on)
 {
 	dsk_gemm_set_gemv(b->gemm, on);
@@ -566,6 +568,7 @@ static int create(const ds_model *m, ds_backend_config *cfg, ds_backend **out, d
 	const char *mr = getenv("DS_CUDA_MOE_GEMM_MIN_ROWS");
 	b->moe_gemm_min_rows = !b->moe_gemm ? 1 << 20 : mr && atoi(mr) > 0 ? atoi(mr) : 12;
 	b->moe_gemm_fp8_dev = getenv("DS_CUDA_MOE_GEMM_FP8_DEV") && atoi(getenv("DS_CUDA_MOE_GEMM_FP8_DEV"));
+	b->moe_host_plan = getenv("DS_CUDA_MOE_HOST_PLAN") && atoi(getenv("DS_CUDA_MOE_HOST_PLAN"));
 	b->inv_freq = dalloc(b, sizeof(float) * 256, e, &rc);
 	if (!rc)
 		rc = upload(b->inv_freq, inv_freq, sizeof(float) * (size_t)(c->qk_rope_head_dim / 2), e);

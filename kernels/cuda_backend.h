@@ -15,6 +15,11 @@ int ds_cuda_backend_kv_blocks(const ds_backend *b);
  * host round trip (grouped GEMVs; only such steps become CUDA graphs); 0
  * turns that path off. */
 void ds_cuda_backend_set_device_moe(ds_backend *b, int max_tokens);
+/* Steps over that bound run the routed experts as grouped GEMMs on the
+ * device's plan where the layer takes them (default), or, on, plan them on
+ * the host (row offsets copied back each layer, rows gathered; the path
+ * every other layer takes). DS_CUDA_MOE_HOST_PLAN=1 at creation: on. */
+void ds_cuda_backend_set_host_plan(ds_backend *b, int on);
 /* Decode-sized GEMMs through the GEMV kernel (default) or cuBLASLt. */
 void ds_cuda_backend_set_gemv(ds_backend *b, int on);
 

@@ -72,10 +72,13 @@ struct ds_backend {
 		int s, t0, n, p0;
 	} *pf;
 	int n_pf, n_short, flash;
-	int moe_gemm; /* grouped expert GEMMs for host-planned experts (DS_CUDA_MOE_GEMM=0: off) */
+	int moe_gemm; /* grouped expert GEMMs for large steps (DS_CUDA_MOE_GEMM=0: off) */
 	int moe_gemm_min_rows; /* and for device-planned steps of at least this many rows an
 				* expert on average (12; DS_CUDA_MOE_GEMM_MIN_ROWS) */
 	int moe_gemm_fp8_dev;  /* FP8 experts too there (DS_CUDA_MOE_GEMM_FP8_DEV=1; slower) */
+	int moe_host_plan;     /* steps over dev_moe_max_t tokens plan on the host
+				* (DS_CUDA_MOE_HOST_PLAN=1; else the grouped GEMMs on the
+				* device plan where they take the layer) */
 	void *pf_buf;
 	size_t pf_cap;
 	uint8_t *qx;     /* quantized MoE activations (device MoE path) */

@@ -1,10 +1,11 @@
 /* cuda_layer.c — one decoder layer's launches on the CUDA backend (see
  * cuda_internal.h): MLA (projections, prep, split-KV attention, the flash
  * or GEMM prefill attention, W_UV, o_proj), the MoE (shared experts beside
- * the router, the device-planned grouped GEMVs or, for large steps, a GEMM
- * triple per expert, the combine with the next norm) or the dense MLP. All launches go
- * to the backend's streams; nothing here synchronizes except the
- * host-planned experts' row offsets. */
+ * the router, the device-planned grouped GEMVs or grouped GEMMs, or the
+ * host-planned GEMMs, the combine with the next norm) or the dense MLP. All
+ * launches go to the backend's streams; nothing here synchronizes except the
+ * host-planned experts' row offsets (layers the grouped GEMMs do not take,
+ * or DS_CUDA_MOE_HOST_PLAN=1). */
 #include <cuda_runtime_api.h>
 #include <errno.h>
 
@@ -373,12 +374,15 @@ static int moe(ds_backend *b, int li, int T, const struct next_norm *nn, ds_err 
 	const int Pn = T * K + 15 * E;
 	/* Steps with enough rows an expert: the grouped GEMMs on the device plan
 	 * (no gather: plan rows read their token's row of xn, or of its FP8
-	 * copy, by index), still no host round trip, so the step stays a graph.
-	 * FP8 experts stay on the GEMVs here unless b->moe_gemm_fp8_dev: the FP8
+	 * copy, by index), no host round trip, so a decode step stays a graph
+	 * and a prefill step does not wait on the host each layer. Decode-sized
+	 * FP8 experts stay on the GEMVs unless b->moe_gemm_fp8_dev: the FP8
 	 * grouped kernel (one block an SM) lost to them at V2-Lite's batch 256
-	 * (ids 19.7 -> 23.4 ms, H100). */
-	if (d->dev_moe && T <= b->dev_moe_max_t && T * K >= b->moe_gemm_min_rows * E && grouped_ok(b, d, Pn) &&
-	    (!d->moe_fp8 || b->moe_gemm_fp8_dev)) {
+	 * (ids 19.7 -> 23.4 ms, H100). Larger steps took the host-planned path
+	 * (offsets to the host, gather) before; b->moe_host_plan keeps that. */
+	const int large = T > b->dev_moe_max_t;
+	if (d->dev_moe && T * K >= b->moe_gemm_min_rows * E && grouped_ok(b, d, Pn) &&
+	    (large ? !b->moe_host_plan : !d->moe_fp8 || b->moe_gemm_fp8_dev)) {
 		const int Tp = dsk_gemm_pad(T);
 		ds_cuda_mark(b, 4);
 		if (d->moe_fp8)

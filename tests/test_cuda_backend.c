@@ -246,9 +246,14 @@ static void check_long_prefill(const char *name, int n1, int n2)
 static void test_long_prefill(void **st)
 {
 	(void)st;
-	/* v3: a first step of more than 1024 tokens (DEV_MOE_MAX_T) takes the
-	 * host-planned experts; v2: the device-planned ones */
+	/* v3: a first step of more than 1024 tokens (DEV_MOE_MAX_T): the grouped
+	 * GEMMs on the device's plan, then the same with the plan taken to the
+	 * host (DS_CUDA_MOE_HOST_PLAN, read when the backend is created); v2:
+	 * decode-sized device-planned steps */
 	check_long_prefill("v3-bf16", 1100, 500);
+	setenv("DS_CUDA_MOE_HOST_PLAN", "1", 1);
+	check_long_prefill("v3-bf16", 1100, 500);
+	unsetenv("DS_CUDA_MOE_HOST_PLAN");
 	check_long_prefill("v2-bf16", 600, 500);
 }
 
@@ -379,12 +384,16 @@ static void test_paths(void **st)
 		int32_t ids[70];
 		prompt(ids, 70, m->cfg.vocab_size, 11);
 		double worst = 0;
-		for (int cfgi = 0; cfgi < 4; cfgi++) {
+		/* device moe off: every step over the bound (0), planned on the
+		 * device (grouped GEMMs where rows suffice) or on the host */
+		for (int cfgi = 0; cfgi < 6; cfgi++) {
 			ds_cuda_backend_set_gemv(b, cfgi & 1);
 			ds_cuda_backend_set_device_moe(b, cfgi & 2 ? 64 : 0);
+			ds_cuda_backend_set_host_plan(b, (cfgi & 4) != 0);
 			double r = decode_vs_full(&ds_cuda_backend, b, m, ids, 70, 13);
-			print_message("%s: decode vs full (gemv %s, device moe %s): median row rel err %.3g\n", names[k],
-				      cfgi & 1 ? "on" : "off", cfgi & 2 ? "on" : "off", r);
+			print_message("%s: decode vs full (gemv %s, device moe %s, host plan %s): median row rel err "
+				      "%.3g\n", names[k], cfgi & 1 ? "on" : "off", cfgi & 2 ? "on" : "off",
+				      cfgi & 4 ? "on" : "off", r);
 			if (!(r <= worst))
 				worst = r;
 		}
