@@ -66,8 +66,10 @@ struct ds_batcher {
 	int stepping;            /* inside step(): finished requests stay until its end */
 	float *logits, *probs, *hidden;
 	int32_t *ids; /* argmax of each logit row */
-	int32_t *mids; /* chained items' MTP argmax rows (ds_engine_step_chain) */
+	int32_t *mids; /* chained items' MTP argmax rows, then the deeper passes' (ds_engine_step_chain) */
+	size_t mids_cap;
 	int n_chain;   /* items [0, n_chain) of a step are chained */
+	int chain_rows; /* their rows */
 	int chain;     /* chained steps in use (cfg.mtp_chain) */
 	/* Host-sampled rows, drawn before the step's tokens are emitted: per
 	 * item its logit row (-1: none) and token; one probs row a thread. */
@@ -695,10 +697,14 @@ static int grow(ds_batcher *b, int n, size_t rows, size_t hrows)
 		if (!d)
 			return -ENOMEM;
 		b->ids = d;
-		if (!(d = realloc(b->mids, sizeof(int32_t) * rows)))
+		b->logits_rows = rows;
+	}
+	if (rows + (size_t)n * DS_SPEC_MAX_DEPTH > b->mids_cap) {
+		int32_t *d = realloc(b->mids, sizeof(int32_t) * (rows + (size_t)n * DS_SPEC_MAX_DEPTH));
+		if (!d)
 			return -ENOMEM;
 		b->mids = d;
-		b->logits_rows = rows;
+		b->mids_cap = rows + (size_t)n * DS_SPEC_MAX_DEPTH;
 	}
 	if (hrows > b->hidden_rows) {
 		float *h = realloc(b->hidden, sizeof(float) * hrows * (size_t)b->m->cfg.hidden_size);
@@ -768,13 +774,13 @@ static int is_decode(const ds_req *r)
 /* Greedy without penalties or logprobs: the step's argmax ids are all r needs. */
 static int ids_only(const ds_req *r) { return ds_sampling_plain_greedy(&r->sp) && !r->logprobs; }
 
-/* Verifying greedy requests without penalties or logprobs at depth 1 draft
- * in the same engine call (ds_engine_step_chain): no host round trip between
- * the main model and the MTP module. */
+/* Verifying greedy requests without penalties or logprobs at the
+ * configured depth draft in the same engine call (ds_engine_step_chain): no
+ * host round trip between the main model and the MTP module. */
 static int chains(const ds_batcher *b, const ds_req *r, int verify)
 {
-	return verify && b->chain && r->spec.n_draft > 0 && is_decode(r) && r->spec.depth == 1 && r->mtp &&
-	       ids_only(r) && ds_seq_mtp_len(r->seq) == ds_seq_len(r->seq);
+	return verify && b->chain && r->spec.n_draft > 0 && is_decode(r) && r->spec.depth == b->cfg.mtp_depth &&
+	       r->mtp && ids_only(r) && ds_spec_chainable(&r->spec, b->m->cfg.max_position_embeddings);
 }
 
 /* Builds the step's items, chained ones first (b->n_chain of them); a
@@ -784,7 +790,7 @@ static int build_items(ds_batcher *b, const ds_sched_plan *plan, int verify, siz
 {
 	int n = 0;
 	*rows = *hrows = 0;
-	b->n_chain = 0;
+	b->n_chain = b->chain_rows = 0;
 	for (int pass = 0; pass < 2; pass++)
 		for (int i = 0; i < plan->n_items; i++) {
 			ds_req *r = plan->items[i]->user;
@@ -792,7 +798,10 @@ static int build_items(ds_batcher *b, const ds_sched_plan *plan, int verify, siz
 				continue; /* paused: its client has not read yet */
 			if (chains(b, r, verify) != !pass)
 				continue;
+			if (!pass) /* drafts chained through the host ran the MTP KV ahead */
+				ds_seq_mtp_truncate(r->seq, ds_seq_len(r->seq));
 			b->n_chain += !pass;
+			b->chain_rows += !pass ? 1 + r->spec.n_draft : 0;
 			ds_sched_req *s = &r->sr;
 			if (verify && r->spec.n_draft > 0 && is_decode(r)) {
 				r->vin[0] = r->tokens[s->n_cached];
@@ -887,8 +896,8 @@ static int step(ds_batcher *b)
 			return progress;
 		if (grow(b, n, rows, mtp ? hrows : 0))
 			return progress;
-		rc = rows ? ds_engine_step_chain(b->eng, b->items, n, b->n_chain, b->logits, b->ids, b->mids,
-						 mtp ? b->hidden : NULL, &e)
+		rc = rows ? ds_engine_step_chain(b->eng, b->items, n, b->n_chain, b->cfg.mtp_depth > 0 ? b->cfg.mtp_depth : 1,
+						 b->logits, b->ids, b->mids, mtp ? b->hidden : NULL, &e)
 			  : ds_engine_step(b->eng, b->items, n, b->logits, mtp ? b->hidden : NULL, &e);
 		dt = ds_now() - t0;
 		if (rc != -ENOSPC || !verify)
@@ -925,6 +934,7 @@ static int step(ds_batcher *b)
 			if (i < b->n_chain) /* chained items draft in verification */
 				r->spec.want = r->mtp && want;
 			if (i < b->n_chain ? ds_spec_verify_chained(&r->spec, b->ids + row, b->mids + row,
+								     b->mids + b->chain_rows + i, b->n_chain,
 								     b->m->cfg.max_position_embeddings)
 			    : it->argmax_only ? ds_spec_verify_ids(&r->spec, b->ids + row)
 					      : ds_spec_verify(&r->spec, b->logits + (size_t)row * b->V, b->V, b->probs)) {

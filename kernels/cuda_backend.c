@@ -12,6 +12,7 @@
 #include <time.h>
 
 #include "kernels/attn.h"
+#include "kernels/chain.h"
 #include "kernels/cuda_backend.h"
 #include "kernels/cuda_internal.h"
 #include "kernels/flash.h"
@@ -705,6 +706,7 @@ static int ensure_ws(ds_backend *b, int T, int n_seqs, int mb, ds_err *e)
 	CARVE(row_tok, int32_t, P);
 	CARVE(alist, int32_t, Tp);
 	CARVE(act, int32_t, E + 1);
+	CARVE(chn, int32_t, 2 * (size_t)cs);
 	{
 		const size_t wmax = (size_t)(H > c->moe_intermediate_size ? H : c->moe_intermediate_size);
 		const size_t rmax = (size_t)(P > Tp ? P : Tp);
@@ -736,7 +738,7 @@ static int ensure_ws(ds_backend *b, int T, int n_seqs, int mb, ds_err *e)
 	FIX(moe_w); FIX(gp); FIX(up); FIX(yp); FIX(ysh); FIX(attn_ws); FIX(xn); FIX(qan); FIX(qb); FIX(lat); FIX(o);
 	FIX(h); FIX(xp); FIX(hp); FIX(sel); FIX(tok); FIX(pos); FIX(seq); FIX(sel_idx); FIX(tables); FIX(ids);
 	FIX(cnt); FIX(off); FIX(ppos); FIX(row_tok); FIX(qx); FIX(qxs); FIX(qn); FIX(qns); FIX(alist);
-	FIX(act);
+	FIX(act); FIX(chn);
 #undef FIX
 	b->moe_rows = P;
 	b->attn_ws_n = attn_n;
@@ -856,27 +858,50 @@ static int run_body(ds_backend *b, struct step *st, int first, int last, const i
 }
 
 /* MTP layer 0 over the first Tc tokens of the main step `main` just ran
- * (its chained sequences come first): tokens from the main step's argmax,
- * hidden input its final-normed rows; their MTP argmax rows go to ids. The
- * chained sequences are decode-sized: all go through the split-KV kernel. */
-static int chain_step(ds_backend *b, const struct step *main, int Tc, int mb, int32_t *ids, ds_err *e)
+ * (its nc chained sequences come first): tokens from the main step's
+ * argmax, hidden input its final-normed rows; their MTP argmax rows go to
+ * ids. Then depth - 1 passes of one position a sequence (kernels/chain.h),
+ * their argmaxes after those rows. The chained sequences are decode-sized:
+ * all go through the split-KV kernel. */
+static int chain_step(ds_backend *b, const struct step *main, int Tc, int nc, int depth, int mb, int32_t *ids,
+		      ds_err *e)
 {
 	struct step st = *main;
 	st.mtp = 1;
 	st.T = st.rows = Tc;
 	st.tok = b->amax;
 	st.hin = b->of;
-	const int n_pf = b->n_pf, n_short = b->n_short, li = b->m->n_layers;
+	const int n_pf = b->n_pf, n_short = b->n_short, li = b->m->n_layers, H = b->m->cfg.hidden_size;
+	int32_t *crow = b->chn, *cpos = b->chn + b->cap_seqs;
 	b->n_pf = 0;
 	b->n_short = Tc;
+	int rc = 0;
+	/* The main step's inputs and argmax are overwritten below: where each
+	 * sequence's accepted prefix ends goes first. */
+	if (depth > 1)
+		rc = dsk_chain_accept(crow, cpos, b->amax, b->tok, b->pos, b->seq, Tc, nc, b->s, e);
 	const int key[DSK_GRAPH_KEY] = { 1, Tc, Tc, st.max_len, mb, 1 };
-	int rc = run_body(b, &st, li, li + 1, key, e);
-	b->n_pf = n_pf;
-	b->n_short = n_short;
+	if (!rc)
+		rc = run_body(b, &st, li, li + 1, key, e);
 	cudaError_t err;
 	if (!rc && (err = cudaMemcpyAsync(ids, b->amax, sizeof(int32_t) * (size_t)Tc, cudaMemcpyDeviceToHost, b->s)) !=
 			   cudaSuccess)
 		rc = ds_cuda_cerr(e, err, "MTP argmax download");
+	int32_t *out = ids + Tc;
+	for (int k = 2; !rc && k <= depth; k++, out += nc) {
+		b->n_short = nc;
+		st.T = st.rows = nc;
+		st.tok = b->tok;
+		st.hin = b->hin;
+		const int key2[DSK_GRAPH_KEY] = { 1, nc, nc, st.max_len, mb, 2 };
+		if (!(rc = dsk_chain_next(b->tok, b->hin, b->pos, b->seq, b->amax, b->x, crow, cpos, k, nc, H, b->s, e)))
+			rc = run_body(b, &st, li, li + 1, key2, e);
+		if (!rc && (err = cudaMemcpyAsync(out, b->amax, sizeof(int32_t) * (size_t)nc, cudaMemcpyDeviceToHost,
+						  b->s)) != cudaSuccess)
+			rc = ds_cuda_cerr(e, err, "MTP argmax download");
+	}
+	b->n_pf = n_pf;
+	b->n_short = n_short;
 	return rc;
 }
 
@@ -886,11 +911,12 @@ static int forward(ds_backend *b, const ds_batch *bt, ds_step_out *out, ds_err *
 	const ds_config *c = &m->cfg;
 	const int H = c->hidden_size, V = c->vocab_size;
 	int T = 0, max_len = 1, rc;
+	const int depth = bt->chain_depth > 1 ? bt->chain_depth : 1;
 	for (int s = 0; s < bt->n_seqs; s++) {
 		if (bt->n_new[s] < 1 || bt->pos0[s] < 0 || bt->logits_from[s] < 0 || bt->logits_from[s] > bt->n_new[s])
 			return ds_errf(e, -EINVAL, "cuda backend: bad batch entry %d", s);
 		T += bt->n_new[s];
-		int len = bt->pos0[s] + bt->n_new[s];
+		int len = bt->pos0[s] + bt->n_new[s] + (s < bt->n_chain ? depth - 1 : 0);
 		if (len > max_len)
 			max_len = len;
 	}
@@ -902,6 +928,8 @@ static int forward(ds_backend *b, const ds_batch *bt, ds_step_out *out, ds_err *
 		return ds_errf(e, -EINVAL, "cuda backend: an MTP step needs hidden_in");
 	int Tc = 0; /* tokens of the chained sequences (ds_batch.n_chain) */
 	if (bt->n_chain) {
+		if (depth > DS_MTP_MAX_AHEAD + 1)
+			return ds_errf(e, -EINVAL, "cuda backend: chained drafting depth %d", depth);
 		if (bt->mtp || bt->n_chain < 0 || bt->n_chain > bt->n_seqs || m->n_mtp < 1 || !out->mtp_argmax ||
 		    !out->logits)
 			return ds_errf(e, -EINVAL, "cuda backend: bad chained MTP step");
@@ -918,7 +946,8 @@ static int forward(ds_backend *b, const ds_batch *bt, ds_step_out *out, ds_err *
 		if (bt->tokens[t] < 0 || bt->tokens[t] >= V)
 			return ds_errf(e, -EINVAL, "cuda backend: token id %d outside the vocabulary (%d)", bt->tokens[t], V);
 	for (int s = 0; s < bt->n_seqs; s++) {
-		int nb = (bt->pos0[s] + bt->n_new[s] + b->block_tokens - 1) / b->block_tokens;
+		int nb = (bt->pos0[s] + bt->n_new[s] + (s < bt->n_chain ? depth - 1 : 0) + b->block_tokens - 1) /
+			 b->block_tokens;
 		for (int i = 0; i < nb; i++)
 			if (bt->block_tables[s][i] < 0 || bt->block_tables[s][i] >= b->kv_blocks)
 				return ds_errf(e, -EINVAL, "cuda backend: sequence %d names KV block %d of %d", s,
@@ -964,7 +993,8 @@ static int forward(ds_backend *b, const ds_batch *bt, ds_step_out *out, ds_err *
 			if (j >= bt->logits_from[s])
 				h_sel[rows++] = t;
 		}
-		int nb = (bt->pos0[s] + bt->n_new[s] + b->block_tokens - 1) / b->block_tokens;
+		int nb = (bt->pos0[s] + bt->n_new[s] + (s < bt->n_chain ? depth - 1 : 0) + b->block_tokens - 1) /
+			 b->block_tokens;
 		memcpy(h_tab + (size_t)s * mb, bt->block_tables[s], sizeof(int32_t) * (size_t)nb);
 	}
 	if (!out->logits)
@@ -1061,7 +1091,7 @@ static int forward(ds_backend *b, const ds_batch *bt, ds_step_out *out, ds_err *
 #undef NEEDED
 	/* The chained MTP step reuses amax, lg and of, and overwrites them: the
 	 * downloads above are queued before it on the same stream. */
-	if (Tc && (rc = chain_step(b, &st, Tc, mb, out->mtp_argmax, e)))
+	if (Tc && (rc = chain_step(b, &st, Tc, bt->n_chain, depth, mb, out->mtp_argmax, e)))
 		return rc;
 	if ((err = cudaStreamSynchronize(b->s)) != cudaSuccess)
 		return ds_cuda_cerr(e, err, "step");

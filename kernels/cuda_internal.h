@@ -65,6 +65,7 @@ struct ds_backend {
 	int32_t *tok, *pos, *seq, *tables, *ids, *cnt, *off, *ppos, *row_tok, *sel_idx;
 	int32_t *alist;  /* tokens the split-KV kernel attends for */
 	int32_t *act;    /* experts with rows in this layer's plan */
+	int32_t *chn;    /* [2][cap_seqs]: chained drafting's rows and positions (kernels/chain.h) */
 	/* Long prefill chunks go through the flash kernel where it takes the
 	 * head shapes (flash; DS_CUDA_FLASH=0 turns it off), else GEMM
 	 * attention (see attention()). */

@@ -55,7 +55,16 @@ typedef struct ds_batch {
 	 * final-normed hidden state there. Their rows come first, so the MTP's
 	 * rows are rows 0 .. sum of their n_new - 1. */
 	int n_chain;
+	/* With n_chain: 1 + the chained MTP passes of one position each that
+	 * follow (model/engine.h, ds_engine_step_chain's depth; kernels/chain.h);
+	 * their KV positions lie up to chain_depth - 1 past each chained
+	 * sequence's new positions, in blocks its table already holds. 0 = 1. */
+	int chain_depth;
 } ds_batch;
+
+/* How far MTP KV may run past the main KV: chained drafts (the MTP module
+ * on its own output) of depth up to DS_MTP_MAX_AHEAD + 1. */
+#define DS_MTP_MAX_AHEAD 3
 
 /* A token drawn by the backend from one logit row (see kernels/sample.h
  * for the exact rule): softmax(l / temperature) filtered by top-k, top-p and
@@ -82,7 +91,8 @@ typedef struct ds_step_out {
 	 * is not written to logits. */
 	const ds_draw *draw;
 	/* With n_chain: [rows of the chained sequences], the argmax of each
-	 * of their MTP logit rows. */
+	 * of their MTP logit rows, then [chain_depth - 1][n_chain] those of
+	 * the deeper passes. */
 	int32_t *mtp_argmax;
 } ds_step_out;
 

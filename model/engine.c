@@ -304,10 +304,22 @@ static int grow_scratch(ds_engine *eng, int n_seqs, int n_tokens)
 	return 0;
 }
 
+/* A chained item's accepted count: its leading rows whose argmax is the
+ * item's next token (its drafts, checked greedily). Deeper chained passes
+ * continue from the row after them (kernels/chain.h computes the same on
+ * the device). */
+static int chain_accepted(const ds_step_item *it, const int32_t *ids)
+{
+	int j = 0;
+	while (j + 1 < it->n && ids[j] == it->tokens[j + 1])
+		j++;
+	return j;
+}
+
 /* n_chain > 0 (main steps on a backend with `chain`): the first n_chain
  * items' MTP KV grows with their main KV (ds_engine_step_chain). */
 static int run_step(ds_engine *eng, int mtp, const ds_step_item *items, int n_items, const float *hidden_in,
-		    float *logits, int32_t *ids, float *hidden, int n_chain, int32_t *mtp_ids, ds_err *e)
+		    float *logits, int32_t *ids, float *hidden, int n_chain, int depth, int32_t *mtp_ids, ds_err *e)
 {
 	const ds_model *m = eng->m;
 	int total = 0;
@@ -320,12 +332,14 @@ static int run_step(ds_engine *eng, int mtp, const ds_step_item *items, int n_it
 		int base = mtp ? s->n_mtp : s->n_tokens;
 		/* The MTP module may run ahead of the main model by chained drafts;
 		 * those positions are rolled back before the main model gets there. */
-		if (mtp && base > s->n_tokens)
+		if (mtp && base > s->n_tokens + DS_MTP_MAX_AHEAD)
 			return ds_errf(e, -EINVAL, "step item %d: MTP position %d is beyond the cached %d", i, base,
 				       s->n_tokens);
-		if (base + items[i].n > m->cfg.max_position_embeddings)
+		/* deeper chained passes write MTP KV up to depth - 1 positions on */
+		const int ahead = i < n_chain ? depth - 1 : 0;
+		if (base + items[i].n + ahead > m->cfg.max_position_embeddings)
 			return ds_errf(e, -E2BIG, "step item %d: %d positions exceed the model's context (%d)", i,
-				       base + items[i].n, m->cfg.max_position_embeddings);
+				       base + items[i].n + ahead, m->cfg.max_position_embeddings);
 		for (int j = 0; j < i; j++)
 			if (items[j].seq == s)
 				return ds_errf(e, -EINVAL, "step items %d and %d name the same sequence", j, i);
@@ -341,7 +355,7 @@ static int run_step(ds_engine *eng, int mtp, const ds_step_item *items, int n_it
 	for (int i = 0; i < n_items; i++) {
 		ds_seq *s = items[i].seq;
 		int base = mtp ? s->n_mtp : s->n_tokens;
-		rc = prepare_blocks(s, base, base + items[i].n, &added[i]);
+		rc = prepare_blocks(s, base, base + items[i].n + (i < n_chain ? depth - 1 : 0), &added[i]);
 		if (rc) {
 			for (int j = 0; j <= i; j++)
 				drop_blocks_after(items[j].seq, items[j].seq->n_blocks - added[j]);
@@ -371,6 +385,7 @@ static int run_step(ds_engine *eng, int mtp, const ds_step_item *items, int n_it
 		.mtp = mtp,
 		.hidden_in = hidden_in,
 		.n_chain = n_chain,
+		.chain_depth = depth,
 	};
 	ds_step_out o = { .logits = logits, .hidden = hidden, .argmax = ids, .mtp_argmax = mtp_ids };
 	if (ids) {
@@ -394,13 +409,13 @@ static int run_step(ds_engine *eng, int mtp, const ds_step_item *items, int n_it
 		return rc;
 	}
 	free(added);
-	for (int i = 0; i < n_items; i++) {
+	for (int i = 0, row = 0; i < n_items; row += items[i].n, i++) {
 		if (mtp)
 			items[i].seq->n_mtp += items[i].n;
 		else
 			items[i].seq->n_tokens += items[i].n;
 		if (i < n_chain)
-			items[i].seq->n_mtp += items[i].n;
+			items[i].seq->n_mtp += depth > 1 ? chain_accepted(&items[i], ids + row) + 1 : items[i].n;
 	}
 	return 0;
 }
@@ -408,28 +423,89 @@ static int run_step(ds_engine *eng, int mtp, const ds_step_item *items, int n_it
 int ds_engine_step(ds_engine *eng, const ds_step_item *items, int n_items, float *logits, float *hidden,
 		   ds_err *e)
 {
-	return run_step(eng, 0, items, n_items, NULL, logits, NULL, hidden, 0, NULL, e);
+	return run_step(eng, 0, items, n_items, NULL, logits, NULL, hidden, 0, 1, NULL, e);
 }
 
 int ds_engine_draws(const ds_engine *eng) { return eng->ops->draws; }
 
-int ds_engine_chains(const ds_engine *eng) { return eng->ops->chain || eng->force_chain; }
-void ds_engine_force_chain(ds_engine *eng, int on) { eng->force_chain = on != 0; }
+int ds_engine_chains(const ds_engine *eng) { return eng->force_chain > 0 || (eng->ops->chain && !eng->force_chain); }
+void ds_engine_force_chain(ds_engine *eng, int on) { eng->force_chain = on > 0 ? 1 : on < 0 ? -1 : 0; }
 
 int ds_engine_step_ids(ds_engine *eng, const ds_step_item *items, int n_items, float *logits, int32_t *ids,
 		       float *hidden, ds_err *e)
 {
-	return ds_engine_step_chain(eng, items, n_items, 0, logits, ids, NULL, hidden, e);
+	return ds_engine_step_chain(eng, items, n_items, 0, 1, logits, ids, NULL, hidden, e);
 }
 
-int ds_engine_step_chain(ds_engine *eng, const ds_step_item *items, int n_items, int n_chain, float *logits,
-			 int32_t *ids, int32_t *mtp_ids, float *hidden, ds_err *e)
+/* ds_engine_step_chain where the backend cannot chain (or must not): the
+ * steps one by one, the hidden states through the host (chained rows come
+ * first in ids and hidden). */
+static int chain_on_host(ds_engine *eng, const ds_step_item *items, int n_items, int n_chain, int depth,
+			 float *logits, int32_t *ids, int32_t *mtp_ids, float *hidden, ds_err *e)
+{
+	const int H = eng->m->cfg.hidden_size;
+	int total = 0, tc = 0;
+	for (int i = 0; i < n_items; i++)
+		total += items[i].n > 0 ? items[i].n : 0;
+	for (int i = 0; i < n_chain; i++)
+		tc += items[i].n;
+	float *h = hidden ? hidden : malloc(sizeof(float) * (size_t)H * (size_t)(total > 0 ? total : 1));
+	float *ho = malloc(sizeof(float) * (size_t)H * (size_t)tc);
+	float *hi = malloc(sizeof(float) * (size_t)H * (size_t)n_chain);
+	ds_step_item *mi = malloc(sizeof(*mi) * (size_t)n_chain);
+	int *row = malloc(sizeof(int) * (size_t)n_chain);
+	int rc = h && ho && hi && mi && row ? 0 : -ENOMEM;
+	if (!rc)
+		rc = run_step(eng, 0, items, n_items, NULL, logits, ids, h, 0, 1, NULL, e);
+	if (rc)
+		goto out;
+	for (int i = 0, off = 0; i < n_chain; off += items[i].n, i++)
+		mi[i] = (ds_step_item){ .seq = items[i].seq, .tokens = ids + off, .n = items[i].n, .logits = DS_LOGITS_ALL,
+					.argmax_only = 1 };
+	/* The chained items' logit rows are the caller's don't-care rows. */
+	rc = run_step(eng, 1, mi, n_chain, h, logits, mtp_ids, ho, 0, 1, NULL, e);
+	/* Deeper passes: one position a sequence, after its accepted row, fed
+	 * the previous pass's token and output there; the MTP KV ends level
+	 * with the accepted prefix, as on the device. */
+	for (int i = 0, off = 0; !rc && depth > 1 && i < n_chain; off += items[i].n, i++) {
+		row[i] = off + chain_accepted(&items[i], ids + off);
+		ds_seq_mtp_truncate(items[i].seq, items[i].seq->n_tokens - items[i].n + row[i] - off + 1);
+		memcpy(hi + (size_t)i * H, ho + (size_t)row[i] * H, sizeof(float) * (size_t)H);
+	}
+	int32_t *deep = mtp_ids + tc;
+	for (int k = 2; !rc && k <= depth; k++, deep += n_chain) {
+		const int32_t *prev = k == 2 ? mtp_ids : deep - n_chain;
+		for (int i = 0; i < n_chain; i++)
+			mi[i] = (ds_step_item){ .seq = items[i].seq, .tokens = prev + (k == 2 ? row[i] : i), .n = 1,
+						.logits = DS_LOGITS_ALL, .argmax_only = 1 };
+		rc = run_step(eng, 1, mi, n_chain, hi, logits, deep, ho, 0, 1, NULL, e);
+		memcpy(hi, ho, sizeof(float) * (size_t)H * n_chain);
+	}
+	for (int i = 0, off = 0; !rc && depth > 1 && i < n_chain; off += items[i].n, i++)
+		ds_seq_mtp_truncate(items[i].seq, items[i].seq->n_tokens - items[i].n + row[i] - off + 1);
+	if (rc) /* as if the step had not run */
+		for (int i = 0; i < n_items; i++)
+			ds_seq_truncate(items[i].seq, items[i].seq->n_tokens - items[i].n);
+out:
+	if (h != hidden)
+		free(h);
+	free(ho);
+	free(hi);
+	free(mi);
+	free(row);
+	return rc;
+}
+
+int ds_engine_step_chain(ds_engine *eng, const ds_step_item *items, int n_items, int n_chain, int depth,
+			 float *logits, int32_t *ids, int32_t *mtp_ids, float *hidden, ds_err *e)
 {
 	if (!ids || !logits || (n_chain && !mtp_ids))
 		return ds_errf(e, -EINVAL, "a step with ids needs logits and ids (and MTP ids to chain)");
 	if (n_chain < 0 || n_chain > n_items || (n_chain && eng->m->n_mtp < 1))
 		return ds_errf(e, -EINVAL, "cannot chain %d of %d items (the model has %d MTP layers)", n_chain, n_items,
 			       eng->m->n_mtp);
+	if (depth < 1 || depth > DS_MTP_MAX_AHEAD + 1)
+		return ds_errf(e, -EINVAL, "chained drafting depth %d outside 1..%d", depth, DS_MTP_MAX_AHEAD + 1);
 	for (int i = 0; i < n_items; i++) {
 		const ds_step_item *it = &items[i];
 		if (it->draw && (!eng->ops->draws || it->logits != DS_LOGITS_LAST))
@@ -443,33 +519,9 @@ int ds_engine_step_chain(ds_engine *eng, const ds_step_item *items, int n_items,
 				       "step item %d: a chained item takes the argmax of all its rows and has its MTP KV "
 				       "level with its main KV", i);
 	}
-	if (!n_chain || eng->ops->chain)
-		return run_step(eng, 0, items, n_items, NULL, logits, ids, hidden, n_chain, mtp_ids, e);
-	/* The backend cannot: the two steps here, the hidden states through the
-	 * host (chained rows come first in ids and hidden). */
-	const int H = eng->m->cfg.hidden_size;
-	int total = 0;
-	for (int i = 0; i < n_items; i++)
-		total += items[i].n > 0 ? items[i].n : 0;
-	float *h = hidden ? hidden : malloc(sizeof(float) * (size_t)H * (size_t)(total > 0 ? total : 1));
-	ds_step_item *mi = malloc(sizeof(*mi) * (size_t)n_chain);
-	int rc = h && mi ? 0 : -ENOMEM;
-	if (!rc)
-		rc = run_step(eng, 0, items, n_items, NULL, logits, ids, h, 0, NULL, e);
-	if (!rc) {
-		for (int i = 0, off = 0; i < n_chain; off += items[i].n, i++)
-			mi[i] = (ds_step_item){ .seq = items[i].seq, .tokens = ids + off, .n = items[i].n,
-						.logits = DS_LOGITS_ALL, .argmax_only = 1 };
-		/* The chained items' logit rows are the caller's don't-care rows. */
-		rc = run_step(eng, 1, mi, n_chain, h, logits, mtp_ids, NULL, 0, NULL, e);
-		if (rc)
-			for (int i = 0; i < n_items; i++)
-				ds_seq_truncate(items[i].seq, items[i].seq->n_tokens - items[i].n);
-	}
-	if (h != hidden)
-		free(h);
-	free(mi);
-	return rc;
+	if (!n_chain || (eng->ops->chain && eng->force_chain >= 0))
+		return run_step(eng, 0, items, n_items, NULL, logits, ids, hidden, n_chain, depth, mtp_ids, e);
+	return chain_on_host(eng, items, n_items, n_chain, depth, logits, ids, mtp_ids, hidden, e);
 }
 
 int ds_engine_mtp_step(ds_engine *eng, int depth, const ds_step_item *items, int n_items, const float *hidden_in,
@@ -479,7 +531,7 @@ int ds_engine_mtp_step(ds_engine *eng, int depth, const ds_step_item *items, int
 		return ds_errf(e, -EINVAL, "the model has %d MTP layers; depth %d asked", eng->m->n_mtp, depth);
 	if (!hidden_in)
 		return ds_errf(e, -EINVAL, "an MTP step needs the main model's hidden states");
-	return run_step(eng, depth + 1, items, n_items, hidden_in, logits, NULL, hidden_out, 0, NULL, e);
+	return run_step(eng, depth + 1, items, n_items, hidden_in, logits, NULL, hidden_out, 0, 1, NULL, e);
 }
 
 int ds_engine_mtp_step_ids(ds_engine *eng, int depth, const ds_step_item *items, int n_items, const float *hidden_in,
@@ -492,5 +544,5 @@ int ds_engine_mtp_step_ids(ds_engine *eng, int depth, const ds_step_item *items,
 	for (int i = 0; i < n_items; i++)
 		if (items[i].draw)
 			return ds_errf(e, -EINVAL, "step item %d: MTP steps do not draw on the device", i);
-	return run_step(eng, depth + 1, items, n_items, hidden_in, logits, ids, hidden_out, 0, NULL, e);
+	return run_step(eng, depth + 1, items, n_items, hidden_in, logits, ids, hidden_out, 0, 1, NULL, e);
 }

@@ -45,7 +45,8 @@ int ds_seq_new(ds_engine *eng, ds_seq **out);
 ds_seq *ds_seq_free(ds_seq *s);
 /* Positions whose main-model KV is cached. */
 int ds_seq_len(const ds_seq *s);
-/* Positions whose MTP-layer KV is cached (lags the main model by one). */
+/* Positions whose MTP-layer KV is cached (lags the main model by one, or
+ * runs up to DS_MTP_MAX_AHEAD past it while chained drafts are pending). */
 int ds_seq_mtp_len(const ds_seq *s);
 /* Forget KV beyond position n (rollback of rejected draft tokens); blocks
  * no longer needed go back to the pool. */
@@ -94,16 +95,28 @@ int ds_engine_step_ids(ds_engine *eng, const ds_step_item *items, int n_items, f
  * j is ids[its row j], the hidden input its final-normed hidden state
  * there. Afterwards both KV lengths have grown by n; mtp_ids[r] is the
  * argmax of the MTP logit row of row r (< the chained items' rows, which
- * come first). The chained items' rows of logits are unspecified. On a
- * backend that cannot chain the engine runs the two steps itself (hidden
- * states through the host): the same ids. */
-int ds_engine_step_chain(ds_engine *eng, const ds_step_item *items, int n_items, int n_chain, float *logits,
-			 int32_t *ids, int32_t *mtp_ids, float *hidden, ds_err *e);
+ * come first). The chained items' rows of logits are unspecified.
+ * depth > 1 (up to DS_MTP_MAX_AHEAD + 1) chains depth - 1 more MTP passes
+ * of one position per chained item: its accepted count j is the number of
+ * its leading rows whose argmax equals its next token (its drafts, checked
+ * greedily); pass 2 runs at the position after row j, on the token
+ * mtp_ids[row j] and the MTP output there, each later pass one position on
+ * from the one before. Their argmaxes follow the rows in mtp_ids:
+ * mtp_ids[Tc + (k - 2) * n_chain + i] for pass k and chained item i (Tc its
+ * rows). The MTP KV of a chained item then ends level with its accepted
+ * prefix (position of row j + 1), what greedy verification keeps.
+ * On a backend that cannot chain, or with ds_engine_force_chain(-1), the
+ * engine runs the steps itself (hidden states through the host): the same
+ * ids. */
+int ds_engine_step_chain(ds_engine *eng, const ds_step_item *items, int n_items, int n_chain, int depth,
+			 float *logits, int32_t *ids, int32_t *mtp_ids, float *hidden, ds_err *e);
 /* 1 when callers should chain (ds_engine_step_chain): the backend runs the
- * MTP step on the device (CUDA). Elsewhere the engine's two steps do more
+ * MTP step on the device (CUDA). Elsewhere the engine's steps do more
  * work than the unchained path (the MTP layer over rejected positions, MTP
- * logits for every row), so callers chain only when forced: tests of the
- * chained path on the CPU. */
+ * logits for every row), so callers chain only when forced (on = 1): tests
+ * of the chained path on the CPU. on = -1: never (the engine's own steps
+ * even where the backend chains, a second code path for tests); 0: the
+ * backend decides. */
 int ds_engine_chains(const ds_engine *eng);
 void ds_engine_force_chain(ds_engine *eng, int on);
 /* 1 when the backend draws tokens itself (ds_step_item.draw): CUDA. */

@@ -334,24 +334,31 @@ int ds_spec_verify_ids(ds_spec_req *r, const int32_t *ids)
 	return settle(r, L, j, ids[j], L);
 }
 
-int ds_spec_chainable(const ds_spec_req *r)
+int ds_spec_chainable(const ds_spec_req *r, int max_pos)
 {
-	return r->depth == 1 && r->want && plain(r) && ds_seq_mtp_len(r->seq) == ds_seq_len(r->seq);
+	/* the verify step's positions and the deeper passes' ones ahead */
+	return r->depth >= 1 && r->want && plain(r) && ds_seq_mtp_len(r->seq) >= ds_seq_len(r->seq) &&
+	       ds_seq_len(r->seq) + 1 + r->n_draft + r->depth - 1 <= max_pos;
 }
 
-int ds_spec_verify_chained(ds_spec_req *r, const int32_t *ids, const int32_t *mtp_ids, int max_pos)
+int ds_spec_verify_chained(ds_spec_req *r, const int32_t *ids, const int32_t *mtp_ids, const int32_t *deep,
+			   int deep_stride, int max_pos)
 {
 	const int L = ds_seq_len(r->seq) - 1 - r->n_draft;
-	if (L < 0 || !plain(r) || r->depth != 1 || ds_seq_mtp_len(r->seq) != ds_seq_len(r->seq))
+	if (L < 0 || !plain(r) || r->depth < 1)
 		return -EINVAL;
 	const int j = accept_ids(r, ids);
+	if (ds_seq_mtp_len(r->seq) < L + 1 + j)
+		return -EINVAL;
 	/* MTP position L + j took x = ids[j], the token after it: its row
-	 * drafts the token after x */
+	 * drafts the token after x, the deeper passes the ones after that */
 	int rc = settle(r, L, j, ids[j], L + 1 + j);
 	if (!rc && drafts_now(r, max_pos)) {
 		r->draft[0] = mtp_ids[j];
-		r->n_draft = 1;
-		r->drafted++;
+		for (int k = 1; k < r->depth; k++)
+			r->draft[k] = deep[(size_t)(k - 1) * deep_stride];
+		r->n_draft = r->depth;
+		r->drafted += (uint64_t)r->depth;
 	}
 	return rc;
 }
@@ -391,7 +398,7 @@ int ds_spec_step(ds_engine *eng, ds_spec_req **reqs, int n, ds_err *e)
 		return -ENOMEM;
 	}
 	int32_t *in = malloc(sizeof(int32_t) * (size_t)rows);
-	int32_t *mids = malloc(sizeof(int32_t) * (size_t)rows);
+	int32_t *mids = malloc(sizeof(int32_t) * (size_t)(rows + DS_SPEC_MAX_DEPTH * n));
 	float *hid = malloc(sizeof(float) * (size_t)H * rows);
 	ds_spec_req **rest = malloc(sizeof(*rest) * (size_t)n);
 	int *ord = malloc(sizeof(int) * (size_t)n);
@@ -399,15 +406,24 @@ int ds_spec_step(ds_engine *eng, ds_spec_req **reqs, int n, ds_err *e)
 	if (rc)
 		goto out;
 	/* Chainable requests first: the engine drafts for them in the same
-	 * call (ds_engine_step_chain); the others draft below. */
-	int nc = 0, k = 0;
-	const int chain = ds_engine_chains(eng);
+	 * call (ds_engine_step_chain), at one depth, the first one's; the
+	 * others draft below. */
+	int nc = 0, k = 0, depth = 0, tc = 0;
+	const int chain = ds_engine_chains(eng), max_pos = m->cfg.max_position_embeddings;
 	for (int pass = 0; pass < 2; pass++)
-		for (int i = 0; i < n; i++)
-			if ((chain && ds_spec_chainable(reqs[i])) == !pass) {
+		for (int i = 0; i < n; i++) {
+			ds_spec_req *r = reqs[i];
+			const int c = chain && ds_spec_chainable(r, max_pos) && (!depth || r->depth == depth);
+			if (c && !depth)
+				depth = r->depth;
+			if (c && pass == 0) /* host-chained drafts ran the MTP KV ahead: pass 1 redoes it */
+				ds_seq_mtp_truncate(r->seq, ds_seq_len(r->seq));
+			if (c == !pass) {
 				ord[k++] = i;
 				nc += !pass;
+				tc += c ? 1 + r->n_draft : 0;
 			}
+		}
 	for (int k2 = 0, off = 0; k2 < n; k2++) {
 		ds_spec_req *r = reqs[ord[k2]];
 		in[off] = r->last;
@@ -416,7 +432,7 @@ int ds_spec_step(ds_engine *eng, ds_spec_req **reqs, int n, ds_err *e)
 					      .logits = DS_LOGITS_ALL, .argmax_only = plain(r) };
 		off += 1 + r->n_draft;
 	}
-	if ((rc = ds_engine_step_chain(eng, s.items, n, nc, s.logits, s.ids, mids, hid, e)))
+	if ((rc = ds_engine_step_chain(eng, s.items, n, nc, depth ? depth : 1, s.logits, s.ids, mids, hid, e)))
 		goto out;
 	const int32_t **tk = s.tk;
 	int *nt = s.nt;
@@ -426,7 +442,7 @@ int ds_spec_step(ds_engine *eng, ds_spec_req **reqs, int n, ds_err *e)
 		ds_spec_req *r = reqs[ord[k2]];
 		const int rows_i = s.items[k2].n;
 		if (k2 < nc) {
-			rc = ds_spec_verify_chained(r, s.ids + off, mids + off, m->cfg.max_position_embeddings);
+			rc = ds_spec_verify_chained(r, s.ids + off, mids + off, mids + tc + k2, nc, max_pos);
 		} else {
 			rc = plain(r) ? ds_spec_verify_ids(r, s.ids + off)
 				      : ds_spec_verify(r, s.logits + (size_t)off * V, V, s.probs);

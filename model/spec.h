@@ -14,6 +14,7 @@
 #include "model/sampler.h"
 
 #define DS_SPEC_MAX_DEPTH 4
+_Static_assert(DS_SPEC_MAX_DEPTH - 1 <= DS_MTP_MAX_AHEAD, "chained drafts run the MTP module ahead");
 
 typedef struct ds_spec_req {
 	ds_seq *seq;
@@ -67,15 +68,21 @@ int ds_spec_verify(ds_spec_req *r, const float *logits, int vocab, float *probs)
  * from ids[j] = the argmax of row j (the engine's ids; the rows themselves
  * are not needed): the same result. -EINVAL for other requests. */
 int ds_spec_verify_ids(ds_spec_req *r, const int32_t *ids);
-/* Greedy requests without penalties at depth 1 whose MTP KV is level with
- * the main KV verify and draft in one engine call (ds_engine_step_chain)
- * where the engine chains (ds_engine_chains):
- * ds_spec_chainable says whether r can; ds_spec_verify_chained is
+/* Greedy requests without penalties whose MTP KV is level with the main
+ * KV verify and draft in one engine call (ds_engine_step_chain) where the
+ * engine chains (ds_engine_chains), all chained requests of a call at one
+ * depth: ds_spec_chainable says whether r can (its drafts and the deeper
+ * passes' positions fit max_pos; MTP KV ahead of the main KV, from drafts
+ * chained through the host, is cut back to level by the caller: the
+ * chained step writes those positions again); ds_spec_verify_chained is
  * ds_spec_verify_ids for such a step, which keeps the MTP KV the step wrote
- * for the kept positions and drafts from mtp_ids (the MTP argmax rows of
- * r's step rows) when r wants a draft and it fits max_pos. */
-int ds_spec_chainable(const ds_spec_req *r);
-int ds_spec_verify_chained(ds_spec_req *r, const int32_t *ids, const int32_t *mtp_ids, int max_pos);
+ * for the kept positions and, when r wants drafts and they fit max_pos,
+ * drafts from mtp_ids (the MTP argmax rows of r's step rows) and, at depth
+ * > 1, deep[(k - 2) * deep_stride] for pass k (r's column of the deeper
+ * passes' argmaxes). */
+int ds_spec_chainable(const ds_spec_req *r, int max_pos);
+int ds_spec_verify_chained(ds_spec_req *r, const int32_t *ids, const int32_t *mtp_ids, const int32_t *deep,
+			   int deep_stride, int max_pos);
 /* ds_spec_extend's buffers, kept across calls (created on first use). */
 typedef struct ds_spec_ws ds_spec_ws;
 int ds_spec_extend(ds_engine *eng, ds_spec_ws **ws, ds_spec_req **reqs, int n, const int32_t *const *toks,

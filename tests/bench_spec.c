@@ -4,8 +4,12 @@
  *     Greedy decoding of English prompts (the model's tokenizer) at each batch
  *     size (below 8, the 8 prompts in rounds), three ways in the same run: MTP off (depth 0), the MTP KV kept
  *     up to date without drafting (what the daemon does above mtp_max_batch),
- *     and drafting at depth 1. Decode tokens/s (median of 3 runs), acceptance
+ *     and drafting at --depth N (default 1). Decode tokens/s (median of 3 runs), acceptance
  *     rate and tokens per step, and the speed-up of drafting over off.
+ *   bench_spec --steps [--backend B] [--batches ...] [--context N] MODEL
+ *     Step times: the main model with 1-4 tokens a sequence, and chained
+ *     verify steps (ds_engine_step_chain, the MTP passes in the same call)
+ *     at depths 1-4; median of 10 each.
  *   bench_spec --ratio [--backend B] [--batches ...] [--context N] MODEL
  *     The time of a main-model step verifying 2 tokens per sequence over a
  *     1-token step (median of 10 each, context N, KV rolled back after each),
@@ -40,9 +44,10 @@ typedef struct {
 	uint64_t drafted, accepted;
 } result;
 
-/* mode 0: MTP off; 1: MTP KV kept, no drafts; 2: drafting at depth 1.
+/* mode 0: MTP off; 1: MTP KV kept, no drafts; 2: drafting at `depth`.
  * Sequence i decodes prompt (first + i) % N_PROMPTS. */
-static int run_spec(ds_engine *eng, ds_tok *tok, int batch, int tokens, int mode, int first, result *res, ds_err *e)
+static int run_spec(ds_engine *eng, ds_tok *tok, int batch, int tokens, int mode, int depth, int first, result *res,
+		    ds_err *e)
 {
 	const ds_model *m = ds_engine_model(eng);
 	ds_seq **seqs = calloc((size_t)batch, sizeof(*seqs));
@@ -64,7 +69,7 @@ static int run_spec(ds_engine *eng, ds_tok *tok, int batch, int tokens, int mode
 		lens[i] = (int)n;
 		if ((rc = ds_seq_new(eng, &seqs[i])) || (rc = ds_sampler_new(&sp, m->cfg.vocab_size, &smp[i])))
 			break;
-		if ((rc = ds_spec_req_init(&rq[i], eng, seqs[i], smp[i], 1, mode ? 1 : 0)))
+		if ((rc = ds_spec_req_init(&rq[i], eng, seqs[i], smp[i], 1, mode ? depth : 0)))
 			break;
 		rq[i].want = mode == 2;
 		rp[i] = &rq[i];
@@ -120,12 +125,12 @@ static int run_spec(ds_engine *eng, ds_tok *tok, int batch, int tokens, int mode
 /* Batches smaller than the prompt list run it in rounds, so that every
  * batch size decodes every prompt (batch 1 on a single prompt measured that
  * prompt's acceptance, not the model's); figures are over all rounds. */
-static int run_all(ds_engine *eng, ds_tok *tok, int batch, int tokens, int mode, result *res, ds_err *e)
+static int run_all(ds_engine *eng, ds_tok *tok, int batch, int tokens, int mode, int depth, result *res, ds_err *e)
 {
 	memset(res, 0, sizeof(*res));
 	int rc = 0;
 	for (int first = 0; first < N_PROMPTS && !rc; first += batch)
-		rc = run_spec(eng, tok, batch, tokens, mode, first, res, e);
+		rc = run_spec(eng, tok, batch, tokens, mode, mode == 2 ? depth : 1, first, res, e);
 	res->tps = res->sec > 0 ? res->tokens / res->sec : 0;
 	res->accept = res->drafted ? (double)res->accepted / (double)res->drafted : 0;
 	res->per_step = res->steps ? (double)res->tokens / (double)res->steps : 0;
@@ -199,16 +204,100 @@ static int run_ratio(ds_engine *eng, int batch, int ctx, double *t1, double *t2,
 	return rc;
 }
 
+/* Seconds of one chained verify step (ds_engine_step_chain) at `depth`:
+ * 1 + depth tokens for each of `batch` sequences, all chained; KV rolled
+ * back to ctx afterwards (the MTP KV with it). */
+static int time_chain(ds_engine *eng, ds_seq **seqs, int batch, int depth, int ctx, float *logits, int32_t *ids,
+		      int32_t *mids, double *sec, ds_err *e)
+{
+	const int per = 1 + depth, V = ds_engine_model(eng)->cfg.vocab_size;
+	ds_step_item *it = calloc((size_t)batch, sizeof(*it));
+	int32_t *toks = malloc(sizeof(int32_t) * (size_t)batch * per);
+	if (!it || !toks) {
+		free(it);
+		free(toks);
+		return -ENOMEM;
+	}
+	for (int i = 0; i < batch * per; i++)
+		toks[i] = (int32_t)((i * 7919u + 11u) % (unsigned)V);
+	for (int i = 0; i < batch; i++)
+		it[i] = (ds_step_item){ .seq = seqs[i], .tokens = toks + (size_t)i * per, .n = per,
+					.logits = DS_LOGITS_ALL, .argmax_only = 1 };
+	double t0 = now();
+	int rc = ds_engine_step_chain(eng, it, batch, batch, depth, logits, ids, mids, NULL, e);
+	*sec = now() - t0;
+	for (int i = 0; !rc && i < batch; i++)
+		rc = ds_seq_truncate(seqs[i], ctx);
+	free(it);
+	free(toks);
+	return rc;
+}
+
+/* --steps: main-model steps of 1-4 tokens a sequence and chained verify
+ * steps at depths 1-4 (1 + depth tokens, the MTP passes inside), median of
+ * 10 each, context ctx: what each depth costs against a plain step. */
+static int run_steps(ds_engine *eng, int batch, int ctx, double t[4], double c[4], ds_err *e)
+{
+	const ds_model *m = ds_engine_model(eng);
+	const int V = m->cfg.vocab_size, H = m->cfg.hidden_size;
+	enum { reps = 10 };
+	ds_seq **seqs = calloc((size_t)batch, sizeof(*seqs));
+	int32_t *ids = malloc(sizeof(int32_t) * (size_t)(ctx > 8 * batch ? ctx : 8 * batch));
+	int32_t *mids = malloc(sizeof(int32_t) * (size_t)batch * 8);
+	float *logits = malloc(sizeof(float) * (size_t)V * 5 * batch);
+	float *hid = malloc(sizeof(float) * (size_t)H * ctx);
+	int rc = seqs && ids && mids && logits && hid ? 0 : -ENOMEM;
+	unsigned x = 12345;
+	for (int i = 0; i < batch && !rc; i++) {
+		for (int j = 0; j < ctx; j++)
+			ids[j] = (int32_t)(((x = x * 1103515245u + 12345u) >> 8) % (unsigned)V);
+		if ((rc = ds_seq_new(eng, &seqs[i])))
+			break;
+		ds_step_item it = { .seq = seqs[i], .tokens = ids, .n = ctx, .logits = DS_LOGITS_NONE };
+		if ((rc = ds_engine_step(eng, &it, 1, NULL, hid, e)))
+			break;
+		/* the MTP KV level with the main KV, as chaining needs */
+		it.tokens = ids + 1;
+		it.n = ctx - 1;
+		if ((rc = ds_engine_mtp_step(eng, 0, &it, 1, hid, NULL, NULL, e)))
+			break;
+		it.tokens = ids;
+		it.n = 1;
+		rc = ds_engine_mtp_step(eng, 0, &it, 1, hid + (size_t)(ctx - 1) * H, NULL, NULL, e);
+	}
+	double a[4][reps], b[4][reps], sec;
+	for (int r = -2; r < reps && !rc; r++) /* two rounds of warm-up */
+		for (int k = 0; k < 4 && !rc; k++) {
+			if (!(rc = time_step(eng, seqs, batch, k + 1, ctx, logits, &sec, e)) && r >= 0)
+				a[k][r] = sec;
+			if (!rc && !(rc = time_chain(eng, seqs, batch, k + 1, ctx, logits, ids, mids, &sec, e)) && r >= 0)
+				b[k][r] = sec;
+		}
+	for (int k = 0; k < 4 && !rc; k++) {
+		t[k] = median(a[k], reps);
+		c[k] = median(b[k], reps);
+	}
+	for (int i = 0; seqs && i < batch; i++)
+		ds_seq_free(seqs[i]);
+	free(seqs);
+	free(ids);
+	free(mids);
+	free(logits);
+	free(hid);
+	return rc;
+}
+
 int main(int argc, char **argv)
 {
 	const char *backend = "cpu";
-	int threads = 0, tokens = 64, ratio = 0, ctx = 512, eager = 0;
+	int threads = 0, tokens = 64, ratio = 0, ctx = 512, eager = 0, depth = 1, steps = 0;
 	int batches[16] = { 1, 4, 16, 64 }, nb = 4;
 	static const struct option lo[] = {
 		{ "backend", required_argument, 0, 'b' }, { "threads", required_argument, 0, 't' },
 		{ "batches", required_argument, 0, 'B' }, { "tokens", required_argument, 0, 'n' },
 		{ "ratio", no_argument, 0, 'r' },         { "context", required_argument, 0, 'c' },
-		{ "eager", no_argument, 0, 'e' },
+		{ "eager", no_argument, 0, 'e' },         { "depth", required_argument, 0, 'd' },
+		{ "steps", no_argument, 0, 's' },
 		{ 0 }
 	};
 	int c;
@@ -220,6 +309,8 @@ int main(int argc, char **argv)
 		case 'r': ratio = 1; break;
 		case 'e': eager = 1; break;
 		case 'c': ctx = atoi(optarg); break;
+		case 'd': depth = atoi(optarg); break;
+		case 's': steps = 1; break;
 		case 'B':
 			nb = parse_ints(optarg, batches, 16);
 			break;
@@ -227,8 +318,8 @@ int main(int argc, char **argv)
 		}
 	}
 	if (optind != argc - 1) {
-		fprintf(stderr, "usage: bench_spec [--ratio] [--eager] [--backend cpu|cuda] [--threads N] [--batches LIST] "
-				"[--tokens N] [--context N] MODEL\n");
+		fprintf(stderr, "usage: bench_spec [--ratio|--steps] [--eager] [--backend cpu|cuda] [--threads N] "
+				"[--batches LIST] [--tokens N] [--context N] [--depth N] MODEL\n");
 		return 2;
 	}
 	const char *dir = argv[optind];
@@ -250,7 +341,20 @@ int main(int argc, char **argv)
 		return 1;
 	}
 	int rc = 0;
-	if (ratio) {
+	if (steps) {
+		printf("# %s on %s%s, context %d: step ms, main model with 1-4 tokens a sequence, chained verify "
+		       "steps at depth 1-4 (median of 10)\n", dir, backend, eager ? " (eager)" : "", ctx);
+		printf("%6s %8s %8s %8s %8s %9s %9s %9s %9s\n", "batch", "main 1", "main 2", "main 3", "main 4", "chain d1",
+		       "chain d2", "chain d3", "chain d4");
+		for (int i = 0; i < nb && !rc; i++) {
+			double t[4], ch[4];
+			if ((rc = run_steps(eng, batches[i], ctx, t, ch, &e)))
+				break;
+			printf("%6d %8.3f %8.3f %8.3f %8.3f %9.3f %9.3f %9.3f %9.3f\n", batches[i], t[0] * 1e3, t[1] * 1e3,
+			       t[2] * 1e3, t[3] * 1e3, ch[0] * 1e3, ch[1] * 1e3, ch[2] * 1e3, ch[3] * 1e3);
+			fflush(stdout);
+		}
+	} else if (ratio) {
 		printf("# %s on %s%s, context %d: main-model step time, 2 tokens per sequence vs 1 (median of 10)\n", dir,
 		       backend, eager ? " (eager)" : "", ctx);
 		printf("%6s %12s %12s %8s\n", "batch", "1-token ms", "2-token ms", "ratio");
@@ -282,7 +386,7 @@ int main(int argc, char **argv)
 			for (int rep = 0; rep < 3 && !rc; rep++)
 				for (int mode = 0; mode < 3 && !rc; mode++) {
 					result r;
-					if ((rc = run_all(eng, tok, batches[i], tokens, mode, &r, &e)))
+					if ((rc = run_all(eng, tok, batches[i], tokens, mode, depth, &r, &e)))
 						break;
 					v[mode][rep] = r.tps;
 					if (mode == 2)

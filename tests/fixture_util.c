@@ -229,17 +229,53 @@ static int chain_prefill(ds_engine *eng, ds_seq *s, const int32_t *p, int len, i
 	return rc;
 }
 
-int fx_check_step_chain(ds_engine *eng, const int32_t *ids, int n, char *why, size_t whylen)
+/* The reference of ds_engine_step_chain's deeper passes (depth > 1), MTP
+ * step by MTP step on the twins b: each chained item's accepted row (ib
+ * against its next token in), its MTP KV cut back to it, then one position
+ * a pass from the previous pass's argmax and output. mb: the MTP argmax rows
+ * (2 a chained item), then [depth - 1][nc] here; ho: the first MTP step's
+ * output rows. */
+static int chain_deep_ref(ds_engine *eng, ds_seq **b, int nc, int depth, const int32_t *in, const int32_t *ib,
+			  int32_t *mb, float *ho, float *lg, ds_err *e)
+{
+	const int H = ds_engine_model(eng)->cfg.hidden_size;
+	float *hi = malloc(sizeof(float) * (size_t)nc * H);
+	int rc = hi ? 0 : -ENOMEM;
+	int32_t tk[8];
+	for (int i = 0; !rc && i < nc; i++) {
+		const int acc = ib[2 * i] == in[2 * i + 1];
+		rc = ds_seq_mtp_truncate(b[i], ds_seq_len(b[i]) - 1 + acc);
+		tk[i] = mb[2 * i + acc];
+		memcpy(hi + (size_t)i * H, ho + (size_t)(2 * i + acc) * H, sizeof(float) * (size_t)H);
+	}
+	for (int k = 2; !rc && k <= depth; k++) {
+		int32_t *out = mb + 2 * nc + (k - 2) * nc;
+		ds_step_item it[8];
+		for (int i = 0; i < nc; i++)
+			it[i] = (ds_step_item){ .seq = b[i], .tokens = &tk[i], .n = 1, .logits = DS_LOGITS_ALL,
+						.argmax_only = 1 };
+		rc = ds_engine_mtp_step_ids(eng, 0, it, nc, hi, lg, out, ho, e);
+		memcpy(tk, out, sizeof(int32_t) * (size_t)nc);
+		memcpy(hi, ho, sizeof(float) * (size_t)nc * H);
+	}
+	for (int i = 0; !rc && i < nc; i++) /* level with the accepted prefix */
+		rc = ds_seq_mtp_truncate(b[i], ds_seq_len(b[i]) - 1 + (ib[2 * i] == in[2 * i + 1]));
+	free(hi);
+	return rc;
+}
+
+int fx_check_step_chain(ds_engine *eng, const int32_t *ids, int n, int depth, char *why, size_t whylen)
 {
 	const ds_model *m = ds_engine_model(eng);
 	const int V = m->cfg.vocab_size, H = m->cfg.hidden_size;
-	enum { NS = 4, NC = 3, T = 2 * NC + 1 };
+	enum { NS = 4, NC = 3, T = 2 * NC + 1, MR = 2 * NC + 3 * NC };
 	ds_seq *a[NS] = { 0 }, *b[NS] = { 0 };
-	int32_t last[NS], draft0 = ids[1], in[T], ia[T], ib[T], ma[T], mb[T];
+	int32_t last[NS], draft0 = ids[1], in[T], ia[T], ib[T], ma[MR], mb[MR];
 	float *la = malloc(sizeof(float) * (size_t)T * V), *lb = malloc(sizeof(float) * (size_t)T * V);
 	float *ha = malloc(sizeof(float) * (size_t)T * H), *hb = malloc(sizeof(float) * (size_t)T * H);
+	float *ho = malloc(sizeof(float) * (size_t)T * H);
 	ds_err e = { { 0 } };
-	int rc = la && lb && ha && hb && n >= 32 && m->n_mtp > 0 ? 0 : -1;
+	int rc = la && lb && ha && hb && ho && n >= 32 && m->n_mtp > 0 && depth >= 1 && depth <= 4 ? 0 : -1;
 	if (rc)
 		snprintf(why, whylen, "out of memory, short prompt or no MTP layer");
 	for (int i = 0; !rc && i < NS; i++) {
@@ -265,27 +301,29 @@ int fx_check_step_chain(ds_engine *eng, const int32_t *ids, int n, char *why, si
 		for (int i = 0; i < NS; i++)
 			itb[i] = (ds_step_item){ .seq = b[i], .tokens = ita[i].tokens, .n = ita[i].n, .logits = ita[i].logits,
 						 .argmax_only = ita[i].argmax_only };
-		rc = ds_engine_step_chain(eng, ita, NS, NC, la, ia, ma, ha, &e);
+		rc = ds_engine_step_chain(eng, ita, NS, NC, depth, la, ia, ma, ha, &e);
 		if (!rc)
 			rc = ds_engine_step_ids(eng, itb, NS, lb, ib, hb, &e);
 		for (int i = 0; !rc && i < NC; i++)
 			mi[i] = (ds_step_item){ .seq = b[i], .tokens = ib + 2 * i, .n = 2, .logits = DS_LOGITS_ALL,
 						.argmax_only = 1 };
 		if (!rc)
-			rc = ds_engine_mtp_step_ids(eng, 0, mi, NC, hb, lb + (size_t)T * 0, mb, NULL, &e);
+			rc = ds_engine_mtp_step_ids(eng, 0, mi, NC, hb, lb + (size_t)T * 0, mb, ho, &e);
+		if (!rc && depth > 1)
+			rc = chain_deep_ref(eng, b, NC, depth, in, ib, mb, ho, lb, &e);
 		if (rc) {
 			snprintf(why, whylen, "step %d: %s", step, e.msg[0] ? e.msg : "failed");
 			break;
 		}
 		const char *what = memcmp(ia, ib, sizeof(ia)) ? "main ids"
-				   : memcmp(ma, mb, sizeof(int32_t) * 2 * NC) ? "MTP ids"
+				   : memcmp(ma, mb, sizeof(int32_t) * (size_t)(2 * NC + (depth - 1) * NC)) ? "MTP ids"
 				   : memcmp(ha, hb, sizeof(float) * (size_t)T * H) ? "hidden rows"
 				   : memcmp(la + (size_t)(T - 1) * V, lb + (size_t)(T - 1) * V, sizeof(float) * (size_t)V)
 					   ? "the plain item's logits"
 					   : NULL;
 		for (int i = 0; !what && i < NS; i++)
 			if (ds_seq_len(a[i]) != ds_seq_len(b[i]) || ds_seq_mtp_len(a[i]) != ds_seq_mtp_len(b[i]) ||
-			    ds_seq_mtp_len(a[i]) != ds_seq_len(a[i]) - (i == NC))
+			    ds_seq_mtp_len(a[i]) != ds_seq_len(a[i]) - (i == NC ? 1 : depth > 1 ? ia[2 * i] != in[2 * i + 1] : 0))
 				what = "KV lengths";
 		if (what) {
 			snprintf(why, whylen, "step %d: %s differ from the two steps", step, what);
@@ -320,5 +358,6 @@ int fx_check_step_chain(ds_engine *eng, const int32_t *ids, int n, char *why, si
 	free(lb);
 	free(ha);
 	free(hb);
+	free(ho);
 	return rc ? -1 : 0;
 }

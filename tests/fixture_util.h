@@ -46,8 +46,9 @@ int fx_check_step_ids(struct ds_engine *eng, const int32_t *ids, int n, char *wh
  * hidden = its hidden rows), on twin sets of 4 sequences (prompts from
  * ids[0..n), n >= 32; 3 chained items of 2 tokens, 1 plain item) for 3
  * steps: main ids, MTP ids, hidden rows, the plain item's logits row and
- * the KV lengths equal bit for bit. Needs a model with an MTP layer. 0, or
- * -1 with why. */
-int fx_check_step_chain(struct ds_engine *eng, const int32_t *ids, int n, char *why, size_t whylen);
+ * the KV lengths equal bit for bit. With depth > 1 the deeper passes too,
+ * against MTP steps of one position from each item's accepted row. Needs a
+ * model with an MTP layer. 0, or -1 with why. */
+int fx_check_step_chain(struct ds_engine *eng, const int32_t *ids, int n, int depth, char *why, size_t whylen);
 
 #endif

@@ -642,10 +642,11 @@ static void test_step_ids(void **st)
 	}
 }
 
-/* ds_engine_step_chain on the GPU (the MTP step inside the same call, its
- * tokens and hidden input taken on the device) against the two steps run
- * one after the other through the host (tests/fixture_util.c), bit for bit,
- * graphs on (the second and third steps replay them) and off. */
+/* ds_engine_step_chain on the GPU (the MTP steps inside the same call, their
+ * tokens, hidden inputs and positions taken on the device) against the steps
+ * run one after the other through the host (tests/fixture_util.c), bit for
+ * bit, at depths 1-4, graphs on (the second and third steps replay them)
+ * and off. */
 static void test_step_chain(void **st)
 {
 	(void)st;
@@ -657,8 +658,9 @@ static void test_step_chain(void **st)
 			int32_t ids[32];
 			prompt(ids, 32, v.m->cfg.vocab_size, 11 + k);
 			char why[256] = "";
-			if (fx_check_step_chain(v.gpu, ids, 32, why, sizeof(why)))
-				fail_msg("%s%s: %s", names[k], eager ? " eager" : "", why);
+			for (int depth = 1; depth <= 4; depth++)
+				if (fx_check_step_chain(v.gpu, ids, 32, depth, why, sizeof(why)))
+					fail_msg("%s%s depth %d: %s", names[k], eager ? " eager" : "", depth, why);
 			env_close(&v);
 		}
 }

@@ -234,8 +234,8 @@ static void test_step_ids(void **st)
 	fx_close(f);
 }
 
-/* ds_engine_step_chain on the CPU: the engine runs the two steps itself;
- * the same ids and KV bookkeeping as the caller running them. */
+/* ds_engine_step_chain on the CPU: the engine runs the steps itself; the
+ * same ids and KV bookkeeping as the caller running them, at depths 1-4. */
 static void test_step_chain(void **st)
 {
 	(void)st;
@@ -244,8 +244,9 @@ static void test_step_chain(void **st)
 	for (int i = 0; i < 32; i++)
 		ids[i] = (int32_t)((i * 7919u + 13u) % (unsigned)f->m->cfg.vocab_size);
 	char why[256] = "";
-	if (fx_check_step_chain(f->eng, ids, 32, why, sizeof(why)))
-		fail_msg("%s", why);
+	for (int depth = 1; depth <= 4; depth++)
+		if (fx_check_step_chain(f->eng, ids, 32, depth, why, sizeof(why)))
+			fail_msg("depth %d: %s", depth, why);
 	fx_close(f);
 }
 

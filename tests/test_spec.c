@@ -107,16 +107,17 @@ static void run_together(env *v, gen *gs, int n, const int32_t *prompt, int plen
 	}
 }
 
-/* Greedy with sp (temperature 0): alone at depth 1 and 2, then three
- * together at depths 0, 1, 2, each equal to plain decoding. Plain greedy
- * checks drafts by token ids, penalized greedy by logit rows. */
+/* Greedy with sp (temperature 0): alone at depths 1-4, then three
+ * together at depths 0, 1, 2 and at 3, 2, 4 (a chained step takes one
+ * depth: the others draft through the host), each equal to plain decoding.
+ * Plain greedy checks drafts by token ids, penalized greedy by logit rows. */
 static void greedy_run(env *v, const ds_sampling *sp, const int32_t *prompt, int plen, int want, uint64_t *drafted,
 		       uint64_t *accepted)
 {
 	gen plain;
 	gen_init(v, &plain, sp, 0);
 	run_together(v, &plain, 1, prompt, plen, want);
-	for (int depth = 1; depth <= 2; depth++) {
+	for (int depth = 1; depth <= DS_SPEC_MAX_DEPTH; depth++) {
 		gen g;
 		gen_init(v, &g, sp, depth);
 		run_together(v, &g, 1, prompt, plen, want);
@@ -127,13 +128,16 @@ static void greedy_run(env *v, const ds_sampling *sp, const int32_t *prompt, int
 		*accepted += g.r.accepted;
 		gen_free(&g);
 	}
-	gen trio[3];
-	for (int i = 0; i < 3; i++)
-		gen_init(v, &trio[i], sp, i);
-	run_together(v, trio, 3, prompt, plen, want);
-	for (int i = 0; i < 3; i++) {
-		assert_memory_equal(trio[i].out, plain.out, sizeof(int32_t) * want);
-		gen_free(&trio[i]);
+	static const int depths[2][3] = { { 0, 1, 2 }, { 3, 2, 4 } };
+	for (int k = 0; k < 2; k++) {
+		gen trio[3];
+		for (int i = 0; i < 3; i++)
+			gen_init(v, &trio[i], sp, depths[k][i]);
+		run_together(v, trio, 3, prompt, plen, want);
+		for (int i = 0; i < 3; i++) {
+			assert_memory_equal(trio[i].out, plain.out, sizeof(int32_t) * want);
+			gen_free(&trio[i]);
+		}
 	}
 	gen_free(&plain);
 }
