@@ -654,7 +654,8 @@ static int ensure_ws(ds_backend *b, int T, int n_seqs, int mb, ds_err *e)
 		I = SI;
 	if (c->moe_intermediate_size > I)
 		I = c->moe_intermediate_size;
-	const int P = cT * K + 15 * E;
+	/* plan rows: a multiple of 4, the FP8 scales' row stride (cuda_layer.c) */
+	const int P = (cT * K + 15 * E + 3) & ~3;
 	const int nsplit_max = 64;
 	size_t attn_n = dsk_attn_ws_floats(cT, nh, kvl, dsk_attn_splits(cT, nh, 1 << 30, b->sms));
 	size_t alt = dsk_attn_ws_floats(1, nh, kvl, nsplit_max);
@@ -691,7 +692,6 @@ static int ensure_ws(ds_backend *b, int T, int n_seqs, int mb, ds_err *e)
 	CARVE(lat, dsk_bf16, (size_t)Tp * nh * kvl);
 	CARVE(o, dsk_bf16, (size_t)Tp * nh * vd);
 	CARVE(h, dsk_bf16, (size_t)Tp * I);
-	CARVE(xp, dsk_bf16, (size_t)P * H);
 	CARVE(hp, dsk_bf16, (size_t)P * c->moe_intermediate_size);
 	CARVE(sel, dsk_bf16, (size_t)Tp * H);
 	CARVE(tok, int32_t, Tp);
@@ -740,6 +740,12 @@ static int ensure_ws(ds_backend *b, int T, int n_seqs, int mb, ds_err *e)
 	FIX(cnt); FIX(off); FIX(ppos); FIX(row_tok); FIX(qx); FIX(qxs); FIX(qn); FIX(qns); FIX(alist);
 	FIX(act); FIX(chn);
 #undef FIX
+	/* The host-planned experts' gathered rows (P x H bf16) live in yp's
+	 * memory (P x H float): read by the gate/up GEMMs (or quantized) before
+	 * the down projections write yp, on one stream. Large steps run on the
+	 * device plan and gather nothing; a buffer of its own cost 104 MB at
+	 * V2-Lite's 4096-token step. */
+	b->xp = (dsk_bf16 *)b->yp;
 	b->moe_rows = P;
 	b->attn_ws_n = attn_n;
 	b->cap_T = cT;

@@ -371,7 +371,9 @@ static int moe(ds_backend *b, int li, int T, const struct next_norm *nn, ds_err 
 	 * expert (an expert with more takes another pass over its weights). */
 	int mr = (2 * T * K + E - 1) / E;
 	mr = mr > T ? T : mr;
-	const int Pn = T * K + 15 * E;
+	/* the plan's row bound, a multiple of 4: the FP8 scales' row stride
+	 * (16-byte aligned columns, grouped_ok) */
+	const int Pn = (T * K + 15 * E + 3) & ~3;
 	/* Steps with enough rows an expert: the grouped GEMMs on the device plan
 	 * (no gather: plan rows read their token's row of xn, or of its FP8
 	 * copy, by index), no host round trip, so a decode step stays a graph

@@ -286,6 +286,9 @@ def main():
         write_model(os.path.join(out, "v3-bf16"), v3_config(True), False, 1, False)
         write_model(os.path.join(out, "v3-fp8"), v3_config(True), True, 1, False)
         write_model(os.path.join(out, "v2-bf16"), v2_config(True), False, 2, False)
+        # FP8 with 6 experts a token (V2-Lite's): plan bounds T * 6 + 15 E
+        # that are not multiples of 4 for odd T (the FP8 scales' stride)
+        write_model(os.path.join(out, "v2-fp8-k6"), dict(v2_config(True), num_experts_per_tok=6), True, 5, False)
     else:
         write_model(os.path.join(out, "v2lite-bf16"), v2_config(False), False, 3, True)
         write_model(os.path.join(out, "v2lite-fp8"), v2_config(False), True, 3, True)
