@@ -824,8 +824,13 @@ static int step_body(void *ctx, ds_err *e)
 		TRY(ds_cuda_block(b, li, T, st->max_len, &st->geo, &nn, e));
 	}
 	if (st->rows > 0) {
-		TRY(dsk_gather_rows(b->sel, b->xn, b->sel_idx, st->rows, H, b->s, e));
-		TRY(ds_cuda_gemm(b, b->lg, V, b->sel, st->rows, head, e));
+		/* every row, in order (a decode step): the head reads xn itself */
+		const dsk_bf16 *hx = b->xn;
+		if (st->rows < T) {
+			TRY(dsk_gather_rows(b->sel, b->xn, b->sel_idx, st->rows, H, b->s, e));
+			hx = b->sel;
+		}
+		TRY(ds_cuda_gemm(b, b->lg, V, hx, st->rows, head, e));
 		TRY(dsk_draw_rows(b->amax, b->lg, st->rows, V, V, b->drawp, b->s, e));
 	}
 	return 0;
