@@ -54,6 +54,9 @@ spec)
 	timeout 120 $B/bench/bench_spec --backend cuda --batches 1,4,16,64 models/dsv3-tiny/bf16
 	timeout 120 $B/bench/bench_spec --eager --backend cuda --batches 1,4,16,64 models/dsv3-tiny/bf16
 	timeout 120 $B/bench/bench_spec --backend cuda --batches 1,4,16,64 models/dsv3-tiny/fp8
+	# depth 2 (chained on the device), and what each depth's step costs
+	timeout 120 $B/bench/bench_spec --backend cuda --depth 2 --batches 1,4,16,64 models/dsv3-tiny/bf16
+	timeout 120 $B/bench/bench_spec --steps --backend cuda --batches 1,4,16 --context 256 models/dsv3-tiny/bf16
 	DS_BUILD=$B DS_BACKEND=cuda DS_MTP_SAMPLES=100 timeout 150 bash tests/integration/mtp.sh
 	python3 - <<'PY' || exit 1
 import sys
@@ -62,5 +65,13 @@ m.write_model("/tmp/dsd-bench-models/v2lite-bf16", m.v2_config(False), False, 3,
 PY
 	timeout 240 $B/bench/bench_spec --ratio --backend cuda --batches 1,4,16,64 $M/v2lite-bf16
 	timeout 240 $B/bench/bench_spec --ratio --eager --backend cuda --batches 1,4,16,64 $M/v2lite-bf16
-	rm -rf $M/v2lite-bf16 ;;
+	rm -rf $M/v2lite-bf16
+	# the same shape with an MTP layer: chained steps at depths 1-4
+	python3 - <<'PY' || exit 1
+import sys
+sys.path.insert(0, "tools"); import make_bench_models as m
+m.write_model("/tmp/dsd-bench-models/v2lite-mtp", dict(m.v2_config(False), num_nextn_predict_layers=1), False, 3, True)
+PY
+	timeout 240 $B/bench/bench_spec --steps --backend cuda --batches 1,4,16 --context 512 $M/v2lite-mtp
+	rm -rf $M/v2lite-mtp ;;
 esac
