@@ -18,7 +18,11 @@ DSK_EXTERN_C int dsk_chain_accept(int32_t *crow, int32_t *cpos, const int32_t *a
 /* Inputs of MTP pass k >= 2 from pass k-1's argmax rows amax and output
  * rows x ([rows][H]): row r = crow[s] for k == 2 (pass 1 ran over all the
  * step's rows), s after (one row a sequence). tok[s] = amax[r], hin row s =
- * x row r, pos[s] = cpos[s] + k - 2, seq[s] = s, for s < nc. */
+ * x row r, pos[s] = cpos[s] + k - 2, seq[s] = s, for s < nc.
+ * The pass's kernels that read positions and sequences before their PDL
+ * wait (attention, the latent prep: kernels/launch.cuh allows that for host
+ * uploads) run several launches after this one; with at most two kernels
+ * in flight it has finished, and its writes are visible, before they start. */
 DSK_EXTERN_C int dsk_chain_next(int32_t *tok, float *hin, int32_t *pos, int32_t *seq, const int32_t *amax,
 				const float *x, const int32_t *crow, const int32_t *cpos, int k, int nc, int H,
 				dsk_stream s, ds_err *e);
