@@ -518,6 +518,10 @@ int ds_engine_step_chain(ds_engine *eng, const ds_step_item *items, int n_items,
 			return ds_errf(e, -EINVAL,
 				       "step item %d: a chained item takes the argmax of all its rows and has its MTP KV "
 				       "level with its main KV", i);
+		/* the deeper passes' positions, whatever is accepted (on every backend) */
+		if (it->n > 0 && it->seq->n_tokens + it->n + depth - 1 > eng->m->cfg.max_position_embeddings)
+			return ds_errf(e, -E2BIG, "step item %d: chained drafts at depth %d exceed the model's context (%d)",
+				       i, depth, eng->m->cfg.max_position_embeddings);
 	}
 	if (!n_chain || (eng->ops->chain && eng->force_chain >= 0))
 		return run_step(eng, 0, items, n_items, NULL, logits, ids, hidden, n_chain, depth, mtp_ids, e);

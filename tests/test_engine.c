@@ -250,6 +250,52 @@ static void test_step_chain(void **st)
 	fx_close(f);
 }
 
+/* Chained passes past depth 1 write MTP KV ahead of the step's positions:
+ * at the end of the context a depth whose positions do not fit is refused
+ * (-E2BIG) with nothing changed, and the deepest that fits runs. */
+static void test_step_chain_context_end(void **st)
+{
+	(void)st;
+	fx *f = fx_open("v3", 0, 16);
+	const int V = f->m->cfg.vocab_size, H = f->m->cfg.hidden_size, P = f->m->cfg.max_position_embeddings;
+	const int n = P - 3; /* positions 0 .. P-4 cached; the step feeds 2 */
+	int32_t *ids = malloc(sizeof(int32_t) * (size_t)(n + 1));
+	float *hid = malloc(sizeof(float) * (size_t)n * H), *lg = malloc(sizeof(float) * (size_t)2 * V);
+	assert_non_null(ids);
+	assert_non_null(hid);
+	assert_non_null(lg);
+	for (int i = 0; i <= n; i++)
+		ids[i] = (int32_t)((i * 7919u + 13u) % (unsigned)V);
+	ds_seq *s;
+	ds_err e = { { 0 } };
+	assert_int_equal(ds_seq_new(f->eng, &s), 0);
+	ds_step_item it = { .seq = s, .tokens = ids, .n = n, .logits = DS_LOGITS_NONE };
+	assert_int_equal(ds_engine_step(f->eng, &it, 1, NULL, hid, &e), 0);
+	it.tokens = ids + 1; /* the MTP KV level with the main KV */
+	assert_int_equal(ds_engine_mtp_step(f->eng, 0, &it, 1, hid, NULL, NULL, &e), 0);
+	int nb;
+	ds_seq_blocks(s, &nb);
+	int32_t out[2], mids[2 + 3];
+	ds_step_item c = { .seq = s, .tokens = ids + n - 1, .n = 2, .logits = DS_LOGITS_ALL, .argmax_only = 1 };
+	/* positions P-3, P-2 and depth - 1 ahead: depth 3 reaches P */
+	assert_int_equal(ds_engine_step_chain(f->eng, &c, 1, 1, 3, lg, out, mids, NULL, &e), -E2BIG);
+	int nb2;
+	ds_seq_blocks(s, &nb2);
+	assert_int_equal(ds_seq_len(s), n);
+	assert_int_equal(ds_seq_mtp_len(s), n);
+	assert_int_equal(nb2, nb);
+	e.msg[0] = 0;
+	assert_int_equal(ds_engine_step_chain(f->eng, &c, 1, 1, 2, lg, out, mids, NULL, &e), 0);
+	assert_int_equal(ds_seq_len(s), n + 2);
+	/* level with the accepted prefix: row 0's argmax against the draft */
+	assert_int_equal(ds_seq_mtp_len(s), n + 1 + (out[0] == ids[n]));
+	ds_seq_free(s);
+	free(ids);
+	free(hid);
+	free(lg);
+	fx_close(f);
+}
+
 static void test_batch_equals_alone(void **st)
 {
 	(void)st;
@@ -478,6 +524,7 @@ int main(void)
 		cmocka_unit_test(test_batch_equals_alone),
 		cmocka_unit_test(test_step_ids),
 		cmocka_unit_test(test_step_chain),
+		cmocka_unit_test(test_step_chain_context_end),
 		cmocka_unit_test(test_truncate_rollback),
 		cmocka_unit_test(test_pool_full),
 		cmocka_unit_test(test_adopt_shared_prefix),
