@@ -916,6 +916,13 @@ static int chain_step(ds_backend *b, const struct step *main, int Tc, int nc, in
 	return rc;
 }
 
+/* Positions sequence s of the step covers: its new ones, and for a chained
+ * sequence the deeper MTP passes' up to depth - 1 beyond. */
+static int seq_end(const ds_batch *bt, int s, int depth)
+{
+	return bt->pos0[s] + bt->n_new[s] + (s < bt->n_chain ? depth - 1 : 0);
+}
+
 static int forward(ds_backend *b, const ds_batch *bt, ds_step_out *out, ds_err *e)
 {
 	const ds_model *m = b->m;
@@ -927,7 +934,7 @@ static int forward(ds_backend *b, const ds_batch *bt, ds_step_out *out, ds_err *
 		if (bt->n_new[s] < 1 || bt->pos0[s] < 0 || bt->logits_from[s] < 0 || bt->logits_from[s] > bt->n_new[s])
 			return ds_errf(e, -EINVAL, "cuda backend: bad batch entry %d", s);
 		T += bt->n_new[s];
-		int len = bt->pos0[s] + bt->n_new[s] + (s < bt->n_chain ? depth - 1 : 0);
+		int len = seq_end(bt, s, depth);
 		if (len > max_len)
 			max_len = len;
 	}
@@ -957,8 +964,7 @@ static int forward(ds_backend *b, const ds_batch *bt, ds_step_out *out, ds_err *
 		if (bt->tokens[t] < 0 || bt->tokens[t] >= V)
 			return ds_errf(e, -EINVAL, "cuda backend: token id %d outside the vocabulary (%d)", bt->tokens[t], V);
 	for (int s = 0; s < bt->n_seqs; s++) {
-		int nb = (bt->pos0[s] + bt->n_new[s] + (s < bt->n_chain ? depth - 1 : 0) + b->block_tokens - 1) /
-			 b->block_tokens;
+		int nb = (seq_end(bt, s, depth) + b->block_tokens - 1) / b->block_tokens;
 		for (int i = 0; i < nb; i++)
 			if (bt->block_tables[s][i] < 0 || bt->block_tables[s][i] >= b->kv_blocks)
 				return ds_errf(e, -EINVAL, "cuda backend: sequence %d names KV block %d of %d", s,
@@ -1004,8 +1010,7 @@ static int forward(ds_backend *b, const ds_batch *bt, ds_step_out *out, ds_err *
 			if (j >= bt->logits_from[s])
 				h_sel[rows++] = t;
 		}
-		int nb = (bt->pos0[s] + bt->n_new[s] + (s < bt->n_chain ? depth - 1 : 0) + b->block_tokens - 1) /
-			 b->block_tokens;
+		int nb = (seq_end(bt, s, depth) + b->block_tokens - 1) / b->block_tokens;
 		memcpy(h_tab + (size_t)s * mb, bt->block_tables[s], sizeof(int32_t) * (size_t)nb);
 	}
 	if (!out->logits)

@@ -335,11 +335,9 @@ static int run_step(ds_engine *eng, int mtp, const ds_step_item *items, int n_it
 		if (mtp && base > s->n_tokens + DS_MTP_MAX_AHEAD)
 			return ds_errf(e, -EINVAL, "step item %d: MTP position %d is beyond the cached %d", i, base,
 				       s->n_tokens);
-		/* deeper chained passes write MTP KV up to depth - 1 positions on */
-		const int ahead = i < n_chain ? depth - 1 : 0;
-		if (base + items[i].n + ahead > m->cfg.max_position_embeddings)
+		if (base + items[i].n > m->cfg.max_position_embeddings)
 			return ds_errf(e, -E2BIG, "step item %d: %d positions exceed the model's context (%d)", i,
-				       base + items[i].n + ahead, m->cfg.max_position_embeddings);
+				       base + items[i].n, m->cfg.max_position_embeddings);
 		for (int j = 0; j < i; j++)
 			if (items[j].seq == s)
 				return ds_errf(e, -EINVAL, "step items %d and %d name the same sequence", j, i);
@@ -355,6 +353,8 @@ static int run_step(ds_engine *eng, int mtp, const ds_step_item *items, int n_it
 	for (int i = 0; i < n_items; i++) {
 		ds_seq *s = items[i].seq;
 		int base = mtp ? s->n_mtp : s->n_tokens;
+		/* deeper chained passes write MTP KV up to depth - 1 positions on
+		 * (ds_engine_step_chain checked they fit the context) */
 		rc = prepare_blocks(s, base, base + items[i].n + (i < n_chain ? depth - 1 : 0), &added[i]);
 		if (rc) {
 			for (int j = 0; j <= i; j++)
@@ -450,11 +450,13 @@ static int chain_on_host(ds_engine *eng, const ds_step_item *items, int n_items,
 	for (int i = 0; i < n_chain; i++)
 		tc += items[i].n;
 	float *h = hidden ? hidden : malloc(sizeof(float) * (size_t)H * (size_t)(total > 0 ? total : 1));
-	float *ho = malloc(sizeof(float) * (size_t)H * (size_t)tc);
-	float *hi = malloc(sizeof(float) * (size_t)H * (size_t)n_chain);
+	/* depth > 1: the MTP outputs, the next pass's inputs, and each item's
+	 * accepted row and MTP length */
+	float *ho = depth > 1 ? malloc(sizeof(float) * (size_t)H * (size_t)tc) : NULL;
+	float *hi = depth > 1 ? malloc(sizeof(float) * (size_t)H * (size_t)n_chain) : NULL;
 	ds_step_item *mi = malloc(sizeof(*mi) * (size_t)n_chain);
-	int *row = malloc(sizeof(int) * (size_t)n_chain);
-	int rc = h && ho && hi && mi && row ? 0 : -ENOMEM;
+	int *row = malloc(sizeof(int) * (size_t)n_chain * 2), *level = row ? row + n_chain : NULL;
+	int rc = h && mi && row && (depth == 1 || (ho && hi)) ? 0 : -ENOMEM;
 	if (!rc)
 		rc = run_step(eng, 0, items, n_items, NULL, logits, ids, h, 0, 1, NULL, e);
 	if (rc)
@@ -468,8 +470,10 @@ static int chain_on_host(ds_engine *eng, const ds_step_item *items, int n_items,
 	 * the previous pass's token and output there; the MTP KV ends level
 	 * with the accepted prefix, as on the device. */
 	for (int i = 0, off = 0; !rc && depth > 1 && i < n_chain; off += items[i].n, i++) {
-		row[i] = off + chain_accepted(&items[i], ids + off);
-		ds_seq_mtp_truncate(items[i].seq, items[i].seq->n_tokens - items[i].n + row[i] - off + 1);
+		const int j = chain_accepted(&items[i], ids + off);
+		row[i] = off + j;
+		level[i] = items[i].seq->n_tokens - items[i].n + j + 1;
+		ds_seq_mtp_truncate(items[i].seq, level[i]);
 		memcpy(hi + (size_t)i * H, ho + (size_t)row[i] * H, sizeof(float) * (size_t)H);
 	}
 	int32_t *deep = mtp_ids + tc;
@@ -481,8 +485,8 @@ static int chain_on_host(ds_engine *eng, const ds_step_item *items, int n_items,
 		rc = run_step(eng, 1, mi, n_chain, hi, logits, deep, ho, 0, 1, NULL, e);
 		memcpy(hi, ho, sizeof(float) * (size_t)H * n_chain);
 	}
-	for (int i = 0, off = 0; !rc && depth > 1 && i < n_chain; off += items[i].n, i++)
-		ds_seq_mtp_truncate(items[i].seq, items[i].seq->n_tokens - items[i].n + row[i] - off + 1);
+	for (int i = 0; !rc && depth > 1 && i < n_chain; i++)
+		ds_seq_mtp_truncate(items[i].seq, level[i]);
 	if (rc) /* as if the step had not run */
 		for (int i = 0; i < n_items; i++)
 			ds_seq_truncate(items[i].seq, items[i].seq->n_tokens - items[i].n);

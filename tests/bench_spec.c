@@ -138,9 +138,12 @@ static int run_all(ds_engine *eng, ds_tok *tok, int batch, int tokens, int mode,
 }
 
 /* Seconds of one main-model step feeding `per` tokens to each of `batch`
- * sequences holding `ctx` positions; the KV is rolled back afterwards. */
-static int time_step(ds_engine *eng, ds_seq **seqs, int batch, int per, int ctx, float *logits, double *sec,
-		     ds_err *e)
+ * sequences holding `ctx` positions; the KV is rolled back afterwards (the
+ * MTP KV with it). With depth > 0 a chained verify step
+ * (ds_engine_step_chain) at that depth, every item chained; ids and mids
+ * then take its argmaxes. */
+static int time_step(ds_engine *eng, ds_seq **seqs, int batch, int per, int ctx, float *logits, int depth,
+		     int32_t *ids, int32_t *mids, double *sec, ds_err *e)
 {
 	ds_step_item *it = calloc((size_t)batch, sizeof(*it));
 	int32_t *toks = malloc(sizeof(int32_t) * (size_t)batch * per);
@@ -154,9 +157,11 @@ static int time_step(ds_engine *eng, ds_seq **seqs, int batch, int per, int ctx,
 	for (int i = 0; i < batch * per; i++)
 		toks[i] = (int32_t)((i * 7919u + 11u) % (unsigned)V);
 	for (int i = 0; i < batch; i++)
-		it[i] = (ds_step_item){ .seq = seqs[i], .tokens = toks + (size_t)i * per, .n = per, .logits = DS_LOGITS_ALL };
+		it[i] = (ds_step_item){ .seq = seqs[i], .tokens = toks + (size_t)i * per, .n = per,
+					.logits = DS_LOGITS_ALL, .argmax_only = depth > 0 };
 	double t0 = now();
-	int rc = ds_engine_step(eng, it, batch, logits, NULL, e);
+	int rc = depth ? ds_engine_step_chain(eng, it, batch, batch, depth, logits, ids, mids, NULL, e)
+		       : ds_engine_step(eng, it, batch, logits, NULL, e);
 	*sec = now() - t0;
 	for (int i = 0; !rc && i < batch; i++)
 		rc = ds_seq_truncate(seqs[i], ctx);
@@ -186,11 +191,11 @@ static int run_ratio(ds_engine *eng, int batch, int ctx, double *t1, double *t2,
 	}
 	double a[reps], b[reps], s;
 	for (int w = 0; w < 2 && !rc; w++) /* warm-up: both shapes once */
-		if (!(rc = time_step(eng, seqs, batch, 1, ctx, logits, &s, e)))
-			rc = time_step(eng, seqs, batch, 2, ctx, logits, &s, e);
+		if (!(rc = time_step(eng, seqs, batch, 1, ctx, logits, 0, NULL, NULL, &s, e)))
+			rc = time_step(eng, seqs, batch, 2, ctx, logits, 0, NULL, NULL, &s, e);
 	for (int r = 0; r < reps && !rc; r++) {
-		if (!(rc = time_step(eng, seqs, batch, 1, ctx, logits, &a[r], e)))
-			rc = time_step(eng, seqs, batch, 2, ctx, logits, &b[r], e);
+		if (!(rc = time_step(eng, seqs, batch, 1, ctx, logits, 0, NULL, NULL, &a[r], e)))
+			rc = time_step(eng, seqs, batch, 2, ctx, logits, 0, NULL, NULL, &b[r], e);
 	}
 	if (!rc) {
 		*t1 = median(a, reps);
@@ -201,35 +206,6 @@ static int run_ratio(ds_engine *eng, int batch, int ctx, double *t1, double *t2,
 	free(seqs);
 	free(ids);
 	free(logits);
-	return rc;
-}
-
-/* Seconds of one chained verify step (ds_engine_step_chain) at `depth`:
- * 1 + depth tokens for each of `batch` sequences, all chained; KV rolled
- * back to ctx afterwards (the MTP KV with it). */
-static int time_chain(ds_engine *eng, ds_seq **seqs, int batch, int depth, int ctx, float *logits, int32_t *ids,
-		      int32_t *mids, double *sec, ds_err *e)
-{
-	const int per = 1 + depth, V = ds_engine_model(eng)->cfg.vocab_size;
-	ds_step_item *it = calloc((size_t)batch, sizeof(*it));
-	int32_t *toks = malloc(sizeof(int32_t) * (size_t)batch * per);
-	if (!it || !toks) {
-		free(it);
-		free(toks);
-		return -ENOMEM;
-	}
-	for (int i = 0; i < batch * per; i++)
-		toks[i] = (int32_t)((i * 7919u + 11u) % (unsigned)V);
-	for (int i = 0; i < batch; i++)
-		it[i] = (ds_step_item){ .seq = seqs[i], .tokens = toks + (size_t)i * per, .n = per,
-					.logits = DS_LOGITS_ALL, .argmax_only = 1 };
-	double t0 = now();
-	int rc = ds_engine_step_chain(eng, it, batch, batch, depth, logits, ids, mids, NULL, e);
-	*sec = now() - t0;
-	for (int i = 0; !rc && i < batch; i++)
-		rc = ds_seq_truncate(seqs[i], ctx);
-	free(it);
-	free(toks);
 	return rc;
 }
 
@@ -268,9 +244,9 @@ static int run_steps(ds_engine *eng, int batch, int ctx, double t[4], double c[4
 	double a[4][reps], b[4][reps], sec;
 	for (int r = -2; r < reps && !rc; r++) /* two rounds of warm-up */
 		for (int k = 0; k < 4 && !rc; k++) {
-			if (!(rc = time_step(eng, seqs, batch, k + 1, ctx, logits, &sec, e)) && r >= 0)
+			if (!(rc = time_step(eng, seqs, batch, k + 1, ctx, logits, 0, NULL, NULL, &sec, e)) && r >= 0)
 				a[k][r] = sec;
-			if (!rc && !(rc = time_chain(eng, seqs, batch, k + 1, ctx, logits, ids, mids, &sec, e)) && r >= 0)
+			if (!rc && !(rc = time_step(eng, seqs, batch, k + 2, ctx, logits, k + 1, ids, mids, &sec, e)) && r >= 0)
 				b[k][r] = sec;
 		}
 	for (int k = 0; k < 4 && !rc; k++) {

@@ -4,7 +4,8 @@
  * persistent kernel. Each step streams `kb` KiB of a weight-like buffer
  * (distinct bytes every step, beyond L2 in total) split over the blocks and
  * reads one value the step before wrote, so steps are truly dependent.
- *   nvcc -O3 -arch=sm_90a -o bench_sync tools/bench_sync.cu && ./bench_sync
+ *   nvcc -O3 -arch=sm_90a -I. -o bench_sync tools/bench_sync.cu && ./bench_sync
+ * Kernels launch as dsd's do (kernels/launch.cuh).
  * Prints us a step for each way, median of 7 timed runs of 256 steps:
  * kernels in a graph, with PDL (wait first), with PDL and the weights
  * streamed before the wait, and one persistent kernel with a barrier. */
@@ -14,14 +15,12 @@
 #include <algorithm>
 #include <vector>
 
+#include "kernels/launch.cuh"
+
 #define STEPS 256
 #define THREADS 256
 
-static __device__ __forceinline__ void pdl_wait(void)
-{
-	asm volatile("griddepcontrol.wait;\n" ::: "memory");
-	asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-}
+int dsk_pdl_on = 1; /* kernels/dsk.cu's switch, which this tool does not link */
 
 /* One step's work for block b of nb: sum its slice of w (bytes of step s),
  * plus the value step s-1 left in link; block 0 writes the next link. */
@@ -52,11 +51,11 @@ static __global__ void k_step(const float4 *w, size_t n4, float *link, int s, in
 	float t = 0;
 	if (pdl == 2) {
 		t = step_work(w, n4, blockIdx.x, gridDim.x, 0);
-		pdl_wait();
+		dsk_pdl_enter();
 		t += link[s];
 	} else {
 		if (pdl)
-			pdl_wait();
+			dsk_pdl_enter();
 		t = step_work(w, n4, blockIdx.x, gridDim.x, link[s]);
 	}
 	if (threadIdx.x == 0 && blockIdx.x == 0)
@@ -94,10 +93,23 @@ static __global__ void k_persist(const float4 *w, size_t n4, float *link, unsign
 	}
 }
 
-static double med(std::vector<double> v)
+/* us a step of what run() queues on st: the median of 7 runs after 2. */
+template <typename F>
+static double time_steps(cudaStream_t st, cudaEvent_t e0, cudaEvent_t e1, F run)
 {
-	std::sort(v.begin(), v.end());
-	return v[v.size() / 2];
+	std::vector<double> t;
+	for (int r = 0; r < 9; r++) {
+		cudaEventRecord(e0, st);
+		run();
+		cudaEventRecord(e1, st);
+		cudaEventSynchronize(e1);
+		float ms;
+		cudaEventElapsedTime(&ms, e0, e1);
+		if (r >= 2)
+			t.push_back(ms * 1e3 / STEPS);
+	}
+	std::sort(t.begin(), t.end());
+	return t[t.size() / 2];
 }
 
 int main(void)
@@ -129,48 +141,17 @@ int main(void)
 		for (int way = 0; way < 3; way++) {
 			cudaGraph_t g;
 			cudaGraphExec_t ge;
+			dsk_pdl_on = way > 0;
 			cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal);
-			for (int s = 0; s < STEPS; s++) {
-				cudaLaunchConfig_t c = {};
-				cudaLaunchAttribute at[1];
-				at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-				at[0].val.programmaticStreamSerializationAllowed = 1;
-				c.gridDim = sms;
-				c.blockDim = THREADS;
-				c.stream = st;
-				c.attrs = at;
-				c.numAttrs = way ? 1 : 0;
-				cudaLaunchKernelEx(&c, k_step, (const float4 *)(w + (size_t)s * n4), n4, link, s, way);
-			}
+			for (int s = 0; s < STEPS; s++)
+				dsk_launch(k_step, sms, THREADS, 0, st, (const float4 *)(w + (size_t)s * n4), n4, link, s, way);
 			cudaStreamEndCapture(st, &g);
 			cudaGraphInstantiate(&ge, g, 0);
-			std::vector<double> t;
-			for (int r = 0; r < 9; r++) {
-				cudaEventRecord(e0, st);
-				cudaGraphLaunch(ge, st);
-				cudaEventRecord(e1, st);
-				cudaEventSynchronize(e1);
-				float ms;
-				cudaEventElapsedTime(&ms, e0, e1);
-				if (r >= 2)
-					t.push_back(ms * 1e3 / STEPS);
-			}
-			res[way] = med(t);
+			res[way] = time_steps(st, e0, e1, [&] { cudaGraphLaunch(ge, st); });
 			cudaGraphExecDestroy(ge);
 			cudaGraphDestroy(g);
 		}
-		std::vector<double> t;
-		for (int r = 0; r < 9; r++) {
-			cudaEventRecord(e0, st);
-			k_persist<<<sms, THREADS, 0, st>>>(w, n4, link, bar, STEPS);
-			cudaEventRecord(e1, st);
-			cudaEventSynchronize(e1);
-			float ms;
-			cudaEventElapsedTime(&ms, e0, e1);
-			if (r >= 2)
-				t.push_back(ms * 1e3 / STEPS);
-		}
-		res[3] = med(t);
+		res[3] = time_steps(st, e0, e1, [&] { k_persist<<<sms, THREADS, 0, st>>>(w, n4, link, bar, STEPS); });
 		cudaError_t err = cudaGetLastError();
 		if (err != cudaSuccess) {
 			printf("cuda: %s\n", cudaGetErrorString(err));
